@@ -1,0 +1,173 @@
+"""``ken_select``: the KEN rule of ../KEN_ALGORITHM.md over whole tensors, batched over rows."""
+
+from __future__ import annotations
+
+from collections.abc import Iterator, Mapping
+from dataclasses import dataclass
+
+import torch
+from tqdm.auto import tqdm
+
+from .density import even_grid, priority_order, rounded_densities, silverman_bandwidth
+from .matching import greedy_match
+from .rows import (
+    DEFAULT_MAX_MEMORY,
+    as_rows,
+    check_finite,
+    check_k,
+    check_same_shape,
+    row_chunks,
+)
+
+
+def ken_select(
+    weight: torch.Tensor,
+    k: int,
+    *,
+    compat: bool = False,
+    name: str = "weight",
+    max_memory: int = DEFAULT_MAX_MEMORY,
+) -> torch.Tensor:
+    """Mask of the positions KEN keeps in one fine-tuned tensor.
+
+    Args:
+        weight: the fine-tuned tensor, any shape, float32/float16/bfloat16, CPU or CUDA.
+            Rank >= 2: each dim-0 slice, flattened, is a row; rank <= 1: one row.
+        k: values kept per row (``min(k, n)`` in the default mode).
+        compat: reproduce the published code bit for bit: every position whose value equals
+            a matched value is kept, and kept exact zeros are dropped.
+        name: what error messages call the tensor.
+        max_memory: bytes of working memory, beyond input and output, per chunk of rows.
+
+    Returns:
+        Bool tensor of ``weight``'s shape and device: True where the fine-tuned value is kept.
+    """
+    return ken_select_many({name: weight}, k, compat=compat, max_memory=max_memory)[name]
+
+
+def ken_prune(
+    pretrained: torch.Tensor,
+    finetuned: torch.Tensor,
+    k: int,
+    *,
+    compat: bool = False,
+    name: str = "weight",
+    max_memory: int = DEFAULT_MAX_MEMORY,
+) -> torch.Tensor:
+    """The KEN result for one tensor: fine-tuned values where KEN keeps, pre-trained elsewhere.
+
+    Both tensors must have the same shape; the result has ``finetuned``'s dtype and device.
+    """
+    check_same_shape(pretrained, finetuned, name)
+    mask = ken_select(finetuned, k, compat=compat, name=name, max_memory=max_memory)
+    return torch.where(mask, finetuned, pretrained.to(finetuned.device, finetuned.dtype))
+
+
+def ken_select_many(
+    weights: Mapping[str, torch.Tensor],
+    k: int,
+    *,
+    compat: bool = False,
+    max_memory: int = DEFAULT_MAX_MEMORY,
+    progress: bool = False,
+) -> dict[str, torch.Tensor]:
+    """``ken_select`` over many tensors at once: rows of equal width from different tensors
+    share chunks, so small tensors (biases, LayerNorm vectors) cost no more than their rows.
+
+    Returns ``{name: bool mask of that tensor's shape}``.
+    """
+    k = check_k(k)
+    for name, weight in weights.items():
+        check_finite(weight, name)
+    masks = {
+        name: torch.zeros(weight.shape, dtype=torch.bool, device=weight.device)
+        for name, weight in weights.items()
+    }
+    by_width: dict[int, list[str]] = {}
+    for name, weight in weights.items():
+        by_width.setdefault(as_rows(weight).shape[1], []).append(name)
+
+    total_rows = sum(as_rows(w).shape[0] for w in weights.values())
+    with tqdm(total=total_rows, desc="KEN selection", unit="row", disable=not progress) as bar:
+        for width, names in by_width.items():
+            rows_of = {name: as_rows(weights[name]) for name in names}
+            for pieces in _chunks_across(rows_of, width, max_memory):
+                chunk = torch.cat([rows_of[p.name][p.rows] for p in pieces]).to(torch.float32)
+                kept = select_rows(chunk, k, compat=compat)
+                offset = 0
+                for p in pieces:
+                    count = p.rows.stop - p.rows.start
+                    as_rows(masks[p.name])[p.rows] = kept[offset : offset + count].to(
+                        masks[p.name].device
+                    )
+                    offset += count
+                bar.update(chunk.shape[0])
+    return masks
+
+
+def select_rows(rows: torch.Tensor, k: int, *, compat: bool = False) -> torch.Tensor:
+    """KEN on a block of rows: float32 ``[R, n]`` -> bool mask ``[R, n]``.
+
+    Edge cases as the spec answers them, in both modes: ``k >= n`` keeps the row, a row
+    with zero standard deviation keeps positions ``0 .. min(k, n) - 1``.
+    """
+    num_rows, n = rows.shape
+    mask = torch.zeros(rows.shape, dtype=torch.bool, device=rows.device)
+    if k >= n:
+        mask[:] = True
+        return mask
+    h = silverman_bandwidth(rows)
+    constant = h == 0
+    mask[constant, :k] = True
+    varied = (~constant).nonzero().flatten()
+    if varied.numel() == 0:
+        return mask
+    x = rows[varied]
+    grid = even_grid(x, k)
+    order = priority_order(rounded_densities(x, grid, h[varied]))
+    positions = greedy_match(x, grid.gather(1, order))
+    matched = torch.zeros(x.shape, dtype=torch.bool, device=rows.device)
+    matched.scatter_(1, positions, True)
+    if compat:
+        matched = _keep_equal_values(x, matched) & (x != 0)
+    mask[varied] = matched
+    return mask
+
+
+def _keep_equal_values(rows: torch.Tensor, matched: torch.Tensor) -> torch.Tensor:
+    """The published code's value-based keeping: bool ``[R, n]``, True wherever the value
+    equals the value of any matched position of the same row."""
+    values, order = torch.sort(rows, dim=1, stable=True)
+    new_value = torch.ones(values.shape, dtype=torch.int64, device=rows.device)
+    new_value[:, 1:] = (values[:, 1:] != values[:, :-1]).long()
+    group = new_value.cumsum(dim=1) - 1
+    hit = torch.zeros(values.shape, dtype=torch.bool, device=rows.device)
+    hit.scatter_reduce_(1, group, matched.gather(1, order), reduce="amax")
+    return torch.zeros_like(matched).scatter_(1, order, hit.gather(1, group))
+
+
+@dataclass(frozen=True)
+class _Piece:
+    name: str
+    rows: slice
+
+
+def _chunks_across(
+    rows_of: Mapping[str, torch.Tensor], width: int, max_memory: int
+) -> Iterator[list[_Piece]]:
+    """Chunks of rows, each at most what ``row_chunks`` allows, spanning tensor boundaries."""
+    limit = next(row_chunks(1 << 62, width, max_memory)).stop
+    pieces: list[_Piece] = []
+    filled = 0
+    for name, rows in rows_of.items():
+        start = 0
+        while start < rows.shape[0]:
+            stop = min(rows.shape[0], start + limit - filled)
+            pieces.append(_Piece(name, slice(start, stop)))
+            filled += stop - start
+            start = stop
+            if filled == limit:
+                yield pieces
+                pieces, filled = [], 0
+    if pieces:
+        yield pieces

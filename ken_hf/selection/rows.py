@@ -1,0 +1,60 @@
+"""How KEN sees a tensor: as rows, validated, and processed a memory-bounded chunk at a time."""
+
+from __future__ import annotations
+
+import numbers
+from collections.abc import Iterator
+
+import torch
+
+# Extra bytes held per row element while a chunk is selected: the sorted copy, group
+# arrays and bookkeeping of ``greedy_match`` (measured by benchmarks/bench_select.py).
+BYTES_PER_ELEMENT = 64
+DEFAULT_MAX_MEMORY = 256 * 2**20
+
+
+def check_k(k: object, name: str = "k") -> int:
+    """Return ``k`` as an int, or raise ``ValueError`` unless it is a positive integer."""
+    if isinstance(k, bool) or not isinstance(k, numbers.Integral):
+        raise ValueError(f"{name} must be a positive integer, got {k!r} ({type(k).__name__})")
+    if k < 1:
+        raise ValueError(f"{name} must be a positive integer, got {k}")
+    return int(k)
+
+
+def check_finite(weight: torch.Tensor, name: str) -> None:
+    """Raise ``ValueError`` naming ``name`` unless ``weight`` is floating point and finite."""
+    if not weight.is_floating_point():
+        raise ValueError(
+            f"tensor {name!r} has dtype {weight.dtype}; KEN selects on floating-point tensors"
+        )
+    if not bool(torch.isfinite(weight).all()):
+        bad = int((~torch.isfinite(weight)).sum())
+        raise ValueError(f"tensor {name!r} holds {bad} NaN/Inf value(s); KEN cannot select on it")
+
+
+def check_same_shape(pretrained: torch.Tensor, finetuned: torch.Tensor, name: str) -> None:
+    """Raise ``ValueError`` naming ``name`` if the two tensors differ in shape."""
+    if pretrained.shape != finetuned.shape:
+        raise ValueError(
+            f"tensor {name!r}: pre-trained shape {tuple(pretrained.shape)} differs from "
+            f"fine-tuned shape {tuple(finetuned.shape)}"
+        )
+
+
+def as_rows(weight: torch.Tensor) -> torch.Tensor:
+    """View ``weight`` as KEN rows ``[rows, n]``.
+
+    Rank >= 2: slices along dim 0, flattened (a Linear ``[out, in]`` gives ``out`` rows of
+    length ``in``). Rank 0 or 1: a single row.
+    """
+    if weight.dim() <= 1:
+        return weight.reshape(1, -1)
+    return weight.reshape(weight.shape[0], -1)
+
+
+def row_chunks(num_rows: int, row_width: int, max_memory: int) -> Iterator[slice]:
+    """Slices of at most as many rows as fit ``max_memory`` bytes of working memory."""
+    per_chunk = max(1, max_memory // max(1, BYTES_PER_ELEMENT * row_width))
+    for start in range(0, num_rows, per_chunk):
+        yield slice(start, min(num_rows, start + per_chunk))

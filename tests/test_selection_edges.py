@@ -1,0 +1,163 @@
+"""Edge cases of the spec, half precision, chunking, and the tie rules that need care."""
+
+from __future__ import annotations
+
+import numpy as np
+import pytest
+import torch
+from sklearn.neighbors import KernelDensity
+
+from ken_hf import ken_prune, ken_select, ken_select_many
+from ken_hf.selection.density import even_grid, rounded_densities, silverman_bandwidth
+from ken_hf.selection.matching import greedy_match
+from oracle import oracle_select
+
+
+def _real_rows(minilm_weights, count=64):
+    return minilm_weights["encoder.layer.2.attention.self.value.weight"][:count].clone()
+
+
+@pytest.mark.parametrize("dtype", [torch.float16, torch.bfloat16])
+def test_half_precision_rows_match_oracle_on_upcast_values(minilm_weights, dtype):
+    weight = _real_rows(minilm_weights).to(dtype)
+    for k in (96, 192):
+        expected, expected_compat = oracle_select(weight.float().numpy(), k)
+        mask = ken_select(weight, k)
+        assert mask.dtype == torch.bool and mask.shape == weight.shape
+        assert (mask.numpy() == expected).all()
+        assert (ken_select(weight, k, compat=True).numpy() == expected_compat).all()
+
+
+def test_half_precision_compat_keeps_more_than_k(minilm_weights):
+    weight = _real_rows(minilm_weights).to(torch.bfloat16)
+    compat = ken_select(weight, 96, compat=True)
+    # bf16 rows repeat values, and value-based keeping keeps every copy of a matched value.
+    assert (compat.sum(dim=1) > 96).float().mean() > 0.9
+    assert (ken_select(weight, 96).sum(dim=1) == 96).all()
+
+
+def test_constant_rows_keep_the_first_k_positions():
+    weight = torch.full((3, 10), 0.25)
+    weight[1] = 0.0
+    mask = ken_select(weight, 4)
+    assert mask[:, :4].all() and not mask[:, 4:].any()
+    assert torch.equal(ken_select(weight, 4, compat=True), mask)
+
+
+def test_k_at_least_row_width_keeps_everything(minilm_weights):
+    weight = _real_rows(minilm_weights, 4)
+    assert ken_select(weight, weight.shape[1]).all()
+    assert ken_select(weight, 10 * weight.shape[1], compat=True).all()
+
+
+@pytest.mark.parametrize("n,k", [(1, 1), (2, 1), (2, 2), (3, 1), (3, 2)])
+def test_tiny_rows_match_oracle(n, k):
+    rng = np.random.default_rng(n * 10 + k)
+    weight = torch.from_numpy(rng.standard_normal((50, n)).astype(np.float32))
+    expected, expected_compat = oracle_select(weight.numpy(), k)
+    assert (ken_select(weight, k).numpy() == expected).all()
+    assert (ken_select(weight, k, compat=True).numpy() == expected_compat).all()
+
+
+def test_rank_one_tensor_is_one_row(minilm_weights):
+    bias = minilm_weights["encoder.layer.0.intermediate.dense.bias"]
+    mask = ken_select(bias, 100)
+    assert mask.shape == bias.shape and int(mask.sum()) == 100
+    assert (mask.numpy() == oracle_select(bias.numpy(), 100)[0]).all()
+
+
+def test_rank_three_tensor_rows_are_flattened_dim0_slices(minilm_weights):
+    weight = _real_rows(minilm_weights, 16).reshape(16, 12, 32)
+    mask = ken_select(weight, 50)
+    assert mask.shape == weight.shape
+    assert (mask.reshape(16, -1).sum(dim=1) == 50).all()
+    flat = ken_select(weight.reshape(16, -1), 50)
+    assert torch.equal(mask.reshape(16, -1), flat)
+
+
+@pytest.mark.parametrize("bad_k", [0, -3, 2.5, "7", True, None])
+def test_bad_k_is_a_value_error(bad_k):
+    with pytest.raises(ValueError, match="k must be a positive integer"):
+        ken_select(torch.randn(4, 8), bad_k)
+
+
+@pytest.mark.parametrize("bad", [float("nan"), float("inf"), -float("inf")])
+def test_non_finite_values_name_the_tensor(bad):
+    weight = torch.randn(4, 8)
+    weight[2, 3] = bad
+    with pytest.raises(ValueError, match="'encoder.query'.*NaN/Inf"):
+        ken_select(weight, 3, name="encoder.query")
+    with pytest.raises(ValueError, match="'layer.7'"):
+        ken_select_many({"ok": torch.randn(3, 3), "layer.7": weight}, 2)
+
+
+def test_integer_tensor_is_refused_by_name():
+    with pytest.raises(ValueError, match="'position_ids' has dtype torch.int64"):
+        ken_select(torch.arange(10), 3, name="position_ids")
+
+
+def test_shape_mismatch_names_the_tensor():
+    with pytest.raises(ValueError, match="'classifier.weight'.*\\(2, 8\\).*\\(3, 8\\)"):
+        ken_prune(torch.zeros(2, 8), torch.zeros(3, 8), 2, name="classifier.weight")
+
+
+def test_prune_takes_kept_from_finetuned_and_the_rest_from_pretrained(minilm_weights):
+    finetuned = _real_rows(minilm_weights, 8)
+    pretrained = finetuned + 1.0
+    mask = ken_select(finetuned, 100)
+    result = ken_prune(pretrained, finetuned, 100)
+    assert torch.equal(result[mask], finetuned[mask])
+    assert torch.equal(result[~mask], pretrained[~mask])
+
+
+def test_chunking_and_batching_across_tensors_do_not_change_results(minilm_weights):
+    tensors = {
+        "a": minilm_weights["encoder.layer.1.attention.self.key.weight"][:40],
+        "b": minilm_weights["encoder.layer.1.attention.output.LayerNorm.weight"],
+        "c": minilm_weights["embeddings.position_embeddings.weight"][:30],
+    }
+    together = ken_select_many(tensors, 120)
+    tiny_chunks = ken_select_many(tensors, 120, max_memory=1)  # one row per chunk
+    for name, weight in tensors.items():
+        alone = ken_select(weight, 120)
+        assert torch.equal(together[name], alone)
+        assert torch.equal(tiny_chunks[name], alone)
+
+
+def test_densities_equal_sklearn_rounding_including_near_half_points(minilm_weights):
+    rows = minilm_weights["encoder.layer.4.intermediate.dense.weight"][:200].contiguous()
+    k = 192
+    h = silverman_bandwidth(rows)
+    grid = even_grid(rows, k)
+    fast = rounded_densities(rows, grid, h)
+    near_half = 0
+    for r in range(rows.shape[0]):
+        x = rows[r].numpy()
+        kde = KernelDensity(kernel="gaussian", bandwidth=float(h[r])).fit(x.reshape(-1, 1))
+        exact = np.exp(kde.score_samples(grid[r].numpy().reshape(-1, 1).astype(np.float64)))
+        assert (fast[r].numpy() == np.array([round(float(d)) for d in exact])).all(), r
+        near_half += int((np.abs(exact - np.floor(exact) - 0.5) < 1e-3).sum())
+    assert near_half > 0, "the sample should hold densities within 1e-3 of a rounding boundary"
+
+
+def test_equal_distances_left_and_right_lowest_position_wins():
+    # target 0.5 sits exactly between 0.25 (position 2) and 0.75 (position 0).
+    row = torch.tensor([[0.75, 3.0, 0.25, -2.0]])
+    positions = greedy_match(row, torch.tensor([[0.5, 0.5]]))
+    assert positions.tolist() == [[0, 2]]
+
+
+def test_equal_values_are_taken_lowest_position_first():
+    row = torch.tensor([[0.5, 0.25, 0.5, 0.5, 0.75]])
+    positions = greedy_match(row, torch.tensor([[0.5, 0.5, 0.5, 0.5]]))
+    assert positions.tolist() == [[0, 2, 3, 1]]
+
+
+def test_different_values_rounding_to_the_same_float32_distance():
+    # fl32(1 - 2**-25) == fl32(1 - 0) == 1.0: two different values tie at distance 1.0 from
+    # the target, so the lower position (value 0.0 at position 0) must win.
+    tiny = 2.0**-25
+    row = torch.tensor([[0.0, tiny, 5.0]], dtype=torch.float32)
+    assert float(torch.tensor(1.0) - torch.tensor(tiny)) == 1.0
+    positions = greedy_match(row, torch.tensor([[1.0]]))
+    assert positions.tolist() == [[0]]
