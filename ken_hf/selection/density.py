@@ -6,15 +6,17 @@ computed fast and a little inexactly, with a rigorous bound on the error; the fe
 whose density lies so close to a rounding boundary (x.5) that the error could flip the
 rounding are recomputed directly in float64, which agrees with scikit-learn to ~1e-15.
 
-The fast path avoids one exp per (grid point, value) pair. Grid points come in blocks of
-``B`` around an anchor ``c``; with ``y = c - x``, ``d = g - c ~ m * D`` (D the grid spacing)
-and ``s = 1 / (h sqrt 2)``:
+The fast path turns the kernel sums into small matrix products. Grid points come in blocks
+of ``B`` after an anchor ``c_j``, spaced ``D`` apart (the true float32 grid point differs from
+``c_j + m D`` by ``dev``, measured per point). With ``s = 1 / (h sqrt 2)``, a row centre
+``mu``, ``a_j = (c_j - mu) s``, ``b_i = (x_i - mu) s`` and ``d = D s``:
 
-    exp(-((g - x) s)^2) = exp(-(y s)^2) * exp(-2 (y s)(D s))^m * exp(-(m D s)^2)
-                        =      E        *          Q^m          *       G_m
+    exp(-((c_j + m D - x_i) s)^2) = exp(-(a_j - b_i)^2) * exp(2 b_i m d) * exp(-2 a_j m d - (m d)^2)
+                                  =       E[j, i]       *     P[i, m]     *          F[j, m]
 
-so a block costs two exps per value and one multiply-add per pair. Using ``c + m D`` for the
-true (float32-rounded) grid point moves it by at most ``dev``, measured per point.
+so ``sum_i`` is ``F * (E @ P)``: ``J * n + n * B`` exps per row instead of ``k * n``, and one
+float32 matrix product. ``B`` is kept small enough that ``P`` stays finite in float32 and the
+terms dropped where ``E`` is flushed to zero stay negligible.
 """
 
 from __future__ import annotations
@@ -31,13 +33,12 @@ _SAFETY = 4.0
 # Largest |d/dg exp(-(g s)^2)| / s = max 2t exp(-t^2) = sqrt(2/e): a grid point moved by
 # dev changes each term by at most 0.858 * s * dev.
 _SLOPE = math.sqrt(2.0 / math.e)
-# Values with (y s)^2 above this have E flushed to 0 (and Q to 1, to avoid 0 * inf): their
-# terms stay below exp(-(sqrt(80) - 2.24)^2) ~ 3e-20 over a block, far below the bound.
+# E is flushed to 0 where (a - b)^2 exceeds this; with (B - 1) d <= _MAX_BLOCK_SPAN the
+# dropped terms stay below exp(-(sqrt(80) - 2.24)^2) ~ 3e-20, far below the bound.
 _FLUSH = 80.0
-_FLUSH_ABS = math.sqrt(_FLUSH)
-# Keep |2 (y s)(m D s)| <= 40 for unflushed values so Q^m stays finite in float32.
+_MAX_BLOCK_SPAN = 2.24
+# Keep |2 b m d| <= 40 so that P stays far from float32 overflow (exp(88)).
 _MAX_POWER_EXPONENT = 40.0
-_MAX_BLOCK = 16
 # Rows whose spread in bandwidths could overflow go through float64 directly.
 _SAFE_SPREAD = 1e18
 # Cache-sized working block of float32 values.
@@ -77,12 +78,19 @@ def even_grid(rows: torch.Tensor, k: int) -> torch.Tensor:
 
 
 def _kernel_sums_float64(rows: torch.Tensor, grid: torch.Tensor, h: torch.Tensor) -> torch.Tensor:
-    """Direct sums ``sum_i exp(-(g - x_i)^2 / (2 h^2))`` in float64.
+    """Direct sums ``sum_i exp(-(g - x_i)^2 / (2 h^2))`` in float64, in bounded pieces.
 
     rows ``[P, n]``, grid ``[P, G]``, h ``[P]``; returns float64 ``[P, G]``.
     """
-    diff = grid.double().unsqueeze(2) - rows.double().unsqueeze(1)
-    return torch.exp(-(diff * diff) / (2.0 * h * h).view(-1, 1, 1)).sum(dim=2)
+    num_rows, n = rows.shape
+    sums = torch.empty(grid.shape, dtype=torch.float64, device=rows.device)
+    step = max(1, _BLOCK_BYTES // (8 * n * grid.shape[1]))
+    for r0 in range(0, num_rows, step):
+        r1 = min(num_rows, r0 + step)
+        diff = grid[r0:r1].double().unsqueeze(2) - rows[r0:r1].double().unsqueeze(1)
+        diff.mul_(diff).div_((-2.0 * h[r0:r1] * h[r0:r1]).view(-1, 1, 1))
+        sums[r0:r1] = diff.exp_().sum(dim=2)
+    return sums
 
 
 def _kernel_sums_blocked(
@@ -90,18 +98,52 @@ def _kernel_sums_blocked(
 ) -> tuple[torch.Tensor, torch.Tensor]:
     """Fast sums by grid blocks (module docstring); rows ``[R, n]``, grid ``[R, k]``, h ``[R]``.
 
-    Returns float64 ``[R, k]`` sums and ``[R, k]`` bounds on their absolute error.
+    Returns float64 ``[R, k]`` sums and ``[R, k]`` bounds on their absolute error. Rows are
+    grouped by the block size they allow, so that one wide-ranging row does not slow the rest.
+    """
+    k = grid.shape[1]
+    s = 1.0 / (h * math.sqrt(2.0))
+    centre = (rows.amax(dim=1).double() + rows.amin(dim=1).double()) / 2
+    spacing = (grid[:, -1].double() - grid[:, 0].double()) / max(1, k - 1)  # D, [R]
+    reach = (rows.amax(dim=1).double() - centre) * s  # largest |b|, [R]
+    blocks = _block_sizes(k, spacing * s, reach)
+    sums = torch.empty(grid.shape, dtype=torch.float64, device=rows.device)
+    bound = torch.empty(grid.shape, dtype=torch.float64, device=rows.device)
+    for block in blocks.unique().tolist():
+        chosen = (blocks == block).nonzero().squeeze(1)
+        sums[chosen], bound[chosen] = _kernel_sums_by_blocks(
+            rows[chosen], grid[chosen], s[chosen], centre[chosen], spacing[chosen], int(block)
+        )
+    return sums, bound
+
+
+def _block_sizes(k: int, d: torch.Tensor, reach: torch.Tensor) -> torch.Tensor:
+    """Grid points per anchor for each row ``[R]``: about sqrt(k) (balancing the J * n and
+    n * B exps), rounded down to a power of two when a row needs fewer: (B - 1) d stays within
+    _MAX_BLOCK_SPAN and 2 * reach * (B - 1) d within _MAX_POWER_EXPONENT."""
+    span = torch.clamp(_MAX_POWER_EXPONENT / (2.0 * reach), max=_MAX_BLOCK_SPAN)
+    limit = torch.floor(span / d).clamp(max=k) + 1  # d > 0: rows are not constant
+    target = max(1, min(k, round(math.sqrt(k))))
+    power_of_two = torch.exp2(torch.floor(torch.log2(limit)))
+    return torch.where(limit >= target, target, power_of_two).long()
+
+
+def _kernel_sums_by_blocks(
+    rows: torch.Tensor,
+    grid: torch.Tensor,
+    s: torch.Tensor,
+    centre: torch.Tensor,
+    spacing: torch.Tensor,
+    block: int,
+) -> tuple[torch.Tensor, torch.Tensor]:
+    """``_kernel_sums_blocked`` for rows sharing one block size ``B``.
+
+    rows ``[R, n]``, grid ``[R, k]``; s, centre, spacing ``[R]`` float64.
     """
     num_rows, n = rows.shape
     k = grid.shape[1]
     device = rows.device
-    s = 1.0 / (h * math.sqrt(2.0))  # [R] float64
-    spacing = (grid[:, -1].double() - grid[:, 0].double()) / max(1, k - 1)  # D, [R]
-    spacing_s = (spacing * s).amax().item()
-    block = 1
-    if spacing_s > 0:
-        block = int(_MAX_POWER_EXPONENT / (2.0 * _FLUSH_ABS * spacing_s)) + 1
-    block = max(1, min(_MAX_BLOCK, block, k))
+    d = spacing * s
     num_blocks = -(-k // block)
 
     # Pad the grid to whole blocks (repeating the last point); extra sums are dropped.
@@ -110,29 +152,31 @@ def _kernel_sums_blocked(
     steps = torch.arange(block, device=device, dtype=torch.float64)  # m
     ideal = anchors.unsqueeze(2) + steps * spacing.view(-1, 1, 1)  # [R, J, B]
     deviation = (ideal.flatten(1) - padded)[:, :k].abs()
-    gaussian_m = torch.exp(-((steps * (spacing * s).unsqueeze(1)) ** 2))  # G_m, [R, B]
+    a = (anchors - centre.unsqueeze(1)) * s.unsqueeze(1)  # [R, J]
+    md = steps * d.unsqueeze(1)  # [R, B]
+    factor = torch.exp(-2.0 * a.unsqueeze(2) * md.unsqueeze(1) - (md * md).unsqueeze(1))  # F
 
-    sums = torch.empty(num_rows, num_blocks, block, dtype=torch.float64, device=device)
-    rows_per_block = max(1, _BLOCK_BYTES // (4 * num_blocks * n))
-    for r0 in range(0, num_rows, rows_per_block):
-        r1 = min(num_rows, r0 + rows_per_block)
-        ys = anchors[r0:r1].unsqueeze(2) - rows[r0:r1].double().unsqueeze(1)  # [r, J, n]
-        ys.mul_(s[r0:r1].view(-1, 1, 1))
-        kept = (ys * ys) <= _FLUSH
-        # Clamping first keeps exp away from subnormal and infinite results (slow paths);
-        # the clamped entries are exactly the flushed ones.
-        ys.clamp_(-_FLUSH_ABS, _FLUSH_ABS)
-        ratio = torch.exp(ys * (-2.0 * spacing[r0:r1] * s[r0:r1]).view(-1, 1, 1))  # Q
-        value = ys.mul_(ys).neg_().exp_().mul_(kept).float()  # E
-        ratio = ratio.masked_fill_(~kept, 1.0).float()
-        for m in range(block):
-            sums[r0:r1, :, m] = value.sum(dim=2)
-            if m + 1 < block:
-                value.mul_(ratio)
-    sums = sums.flatten(1)[:, :k] * gaussian_m.repeat(1, num_blocks)[:, :k]
+    products = torch.empty(num_rows, num_blocks, block, dtype=torch.float32, device=device)
+    # Cache-sized tiles of [rows, anchors, n] values.
+    anchors_per_tile = max(1, min(num_blocks, _BLOCK_BYTES // (8 * n)))
+    rows_per_tile = max(1, _BLOCK_BYTES // (8 * anchors_per_tile * n))
+    for r0 in range(0, num_rows, rows_per_tile):
+        r1 = min(num_rows, r0 + rows_per_tile)
+        b = (rows[r0:r1].double() - centre[r0:r1].unsqueeze(1)) * s[r0:r1].unsqueeze(1)
+        powers = torch.exp(2.0 * b.unsqueeze(2) * md[r0:r1].unsqueeze(1)).float()  # P [r, n, B]
+        for j0 in range(0, num_blocks, anchors_per_tile):
+            j1 = min(num_blocks, j0 + anchors_per_tile)
+            exponent = a[r0:r1, j0:j1].unsqueeze(2) - b.unsqueeze(1)  # [r, j, n]
+            exponent.mul_(exponent)
+            flushed = exponent > _FLUSH
+            # Clamping keeps exp away from subnormal results (a slow path on CPUs).
+            near = exponent.clamp_(max=_FLUSH).neg_().exp_().masked_fill_(flushed, 0.0)  # E
+            torch.bmm(near.float(), powers, out=products[r0:r1, j0:j1])
+    sums = (products.double() * factor).flatten(1)[:, :k]
 
-    # Per term: (2B + 1) u relative from E, Q and the powers; the sum adds (n - 1) u of itself.
-    relative = (2 * block + 1 + n) * _FLOAT32_EPS
+    # Per term: E and P are rounded once each and multiplied once; the float32 products and
+    # sums of n positive terms add at most (n - 1) u of the total.
+    relative = (n + 3) * _FLOAT32_EPS
     bound = _SAFETY * (relative * sums + n * _SLOPE * s.unsqueeze(1) * deviation)
     return sums, bound
 

@@ -1,0 +1,174 @@
+"""Speed of ken_select against the per-row oracle (the published code's shape), on real rows.
+
+Prints a table and writes benchmarks/results/bench_select.json. Rows come from the real
+all-MiniLM-L6-v2 checkpoint: its 384- and 1536-wide rows as they are, and 768-, 3072- and
+4096-wide rows made by concatenating consecutive real rows (no packaged model has rows of
+those widths). For each width and k, the oracle runs on a few rows and ken_select on a
+realistically sized batch that contains them; the two must agree on those rows.
+
+Also measured: selection over every tensor of a BERT-base-shaped model (110M parameters,
+random init, k=300), and the peak extra memory (RSS) of selecting one 4096x11008 fp32 matrix.
+
+    python benchmarks/bench_select.py [--quick]
+"""
+
+from __future__ import annotations
+
+import argparse
+import json
+import platform
+import subprocess
+import sys
+import time
+from pathlib import Path
+
+import numpy as np
+import torch
+from safetensors.torch import load_file
+
+from ken_hf import ken_select, ken_select_many
+from ken_hf.assets import minilm_path
+
+sys.path.insert(0, str(Path(__file__).resolve().parents[1] / "tests"))
+from oracle import oracle_select  # noqa: E402
+
+RESULTS = Path(__file__).resolve().parent / "results"
+WIDTHS = (384, 768, 1536, 3072, 4096)
+FRACTIONS = (0.25, 0.50, 0.75)
+
+
+def real_rows(weights: dict[str, torch.Tensor], width: int, count: int) -> torch.Tensor:
+    """``count`` rows of ``width`` values taken from real MiniLM weights."""
+    source = (
+        weights["encoder.layer.3.output.dense.weight"]  # [384, 1536]
+        if width % 1536 == 0
+        else weights["embeddings.word_embeddings.weight"]  # [30522, 384]
+    )
+    flat = source.flatten()
+    needed = count * width
+    reps = -(-needed // flat.numel())
+    return flat.repeat(reps)[:needed].reshape(count, width).contiguous()
+
+
+def time_oracle(rows: torch.Tensor, k: int) -> tuple[float, np.ndarray]:
+    start = time.perf_counter()
+    masks = oracle_select(rows.numpy(), k)[0]
+    return (time.perf_counter() - start) / rows.shape[0], masks
+
+
+def time_fast(rows: torch.Tensor, k: int) -> tuple[float, torch.Tensor]:
+    start = time.perf_counter()
+    mask = ken_select(rows, k)
+    return (time.perf_counter() - start) / rows.shape[0], mask
+
+
+def bench_rows(weights, quick: bool) -> list[dict]:
+    results = []
+    for width in WIDTHS:
+        batch = max(256, min(4096, 1_500_000 // width)) // (4 if quick else 1)
+        oracle_count = 4 if quick else max(4, min(24, 12_000 // width))
+        rows = real_rows(weights, width, batch)
+        ks = [round(fraction * width) for fraction in FRACTIONS]
+        if width == 768:
+            ks.append(300)  # the published code's reference point: ~10 ms per row
+        for k in ks:
+            fast_per_row, mask = time_fast(rows, k)
+            oracle_per_row, expected = time_oracle(rows[:oracle_count], k)
+            identical = bool((mask[:oracle_count].numpy() == expected).all())
+            results.append(
+                {
+                    "width": width,
+                    "k": k,
+                    "fraction": k / width,
+                    "batch_rows": batch,
+                    "oracle_rows": oracle_count,
+                    "ken_select_us_per_row": fast_per_row * 1e6,
+                    "oracle_us_per_row": oracle_per_row * 1e6,
+                    "speedup": oracle_per_row / fast_per_row,
+                    "identical": identical,
+                }
+            )
+            r = results[-1]
+            print(
+                f"{width:6d} {k:6d} {r['ken_select_us_per_row']:12.1f} "
+                f"{r['oracle_us_per_row']:12.1f} {r['speedup']:8.1f}x {str(identical):>9s}",
+                flush=True,
+            )
+    return results
+
+
+def bench_bert_base(k: int) -> dict:
+    from transformers import BertConfig, BertModel
+
+    torch.manual_seed(0)
+    model = BertModel(BertConfig())  # bert-base shape: 12 layers, hidden 768, 110M parameters
+    weights = {name: p.detach() for name, p in model.named_parameters()}
+    params = sum(w.numel() for w in weights.values())
+    start = time.perf_counter()
+    masks = ken_select_many(weights, k)
+    seconds = time.perf_counter() - start
+    kept = sum(int(m.sum()) for m in masks.values())
+    return {"parameters": params, "k": k, "seconds": seconds, "kept_fraction": kept / params}
+
+
+_MEMORY_PROBE = """
+import resource, sys, time, torch
+from ken_hf import ken_select
+torch.manual_seed(0)
+weight = torch.randn(4096, 11008) * 0.02
+mask = torch.empty(weight.shape, dtype=torch.bool)  # the output, counted as not extra
+base = resource.getrusage(resource.RUSAGE_SELF).ru_maxrss
+start = time.perf_counter()
+mask = ken_select(weight, int(sys.argv[1]))
+seconds = time.perf_counter() - start
+peak = resource.getrusage(resource.RUSAGE_SELF).ru_maxrss
+print((peak - base) * 1024, seconds)
+"""
+
+
+def bench_memory(k: int) -> dict:
+    """Peak RSS growth while selecting a 4096x11008 fp32 matrix, in a fresh process."""
+    out = subprocess.run(
+        [sys.executable, "-c", _MEMORY_PROBE, str(k)], capture_output=True, text=True, check=True
+    ).stdout.split()
+    return {
+        "shape": [4096, 11008],
+        "k": k,
+        "matrix_bytes": 4096 * 11008 * 4,
+        "peak_extra_bytes": int(out[0]),
+        "seconds": float(out[1]),
+    }
+
+
+def main() -> None:
+    parser = argparse.ArgumentParser(description=__doc__.split("\n")[0])
+    parser.add_argument("--quick", action="store_true", help="fewer rows (a smoke run)")
+    args = parser.parse_args()
+    weights = load_file(str(minilm_path() / "model.safetensors"))
+    print(f"torch {torch.__version__}, {torch.get_num_threads()} threads, {platform.processor()}")
+    print(f"{'width':>6s} {'k':>6s} {'ken us/row':>12s} {'oracle us/row':>12s} {'speedup':>9s} {'identical':>9s}")
+    rows = bench_rows(weights, args.quick)
+    bert = bench_bert_base(300)
+    print(
+        f"BERT-base shape ({bert['parameters'] / 1e6:.1f}M parameters, k=300): "
+        f"{bert['seconds']:.1f} s"
+    )
+    memory = bench_memory(300)
+    print(
+        f"4096x11008 fp32 (k=300): peak extra memory {memory['peak_extra_bytes'] / 2**20:.0f} MiB "
+        f"(matrix {memory['matrix_bytes'] / 2**20:.0f} MiB), {memory['seconds']:.1f} s"
+    )
+    RESULTS.mkdir(exist_ok=True)
+    report = {
+        "device": "cpu",
+        "threads": torch.get_num_threads(),
+        "torch": torch.__version__,
+        "rows": rows,
+        "bert_base": bert,
+        "memory": memory,
+    }
+    (RESULTS / "bench_select.json").write_text(json.dumps(report, indent=2))
+
+
+if __name__ == "__main__":
+    main()
