@@ -43,14 +43,16 @@ def greedy_match(rows: torch.Tensor, targets: torch.Tensor) -> torch.Tensor:
 _WORD_BITS = 52
 
 
-def _lowest_bit(words: torch.Tensor) -> torch.Tensor:
-    """Index of the lowest set bit of each int64 word ``[R]`` (< 2**52); -1 for 0."""
-    return torch.frexp((words & -words).double()).exponent.long() - 1
+def _lowest_bit_plus_one(words: torch.Tensor) -> torch.Tensor:
+    """1 + index of the lowest set bit of each int64 word (< 2**52); 0 for a zero word.
+
+    (The +1 is frexp's exponent; callers fold the -1 into precomputed offsets.)"""
+    return torch.frexp((words & -words).double()).exponent
 
 
-def _highest_bit(words: torch.Tensor) -> torch.Tensor:
-    """Index of the highest set bit of each int64 word ``[R]`` (< 2**52); -1 for 0."""
-    return torch.frexp(words.double()).exponent.long() - 1
+def _highest_bit_plus_one(words: torch.Tensor) -> torch.Tensor:
+    """1 + index of the highest set bit of each int64 word (< 2**52); 0 for a zero word."""
+    return torch.frexp(words.double()).exponent
 
 
 def _pack_bits(flags: torch.Tensor) -> torch.Tensor:
@@ -73,37 +75,53 @@ class _RowBitsets:
     any index is found in a few word operations per level (at most 3 levels up to n = 140k).
 
     ``levels[0]`` ``[R, W0]`` holds the bits; bit w of ``levels[l + 1]`` says whether word w
-    of ``levels[l]`` is nonzero; the last level is a single word.
+    of ``levels[l]`` is nonzero; the last level is a single word. A search is split in two:
+    ``plan`` does the arithmetic that depends only on where the search starts (many steps
+    at once), ``resolve`` the few lookups that depend on the bits as they are now.
     """
 
     def __init__(self, flags: torch.Tensor) -> None:
         self.levels = [_pack_bits(flags)]
         while self.levels[-1].shape[1] > 1:
             self.levels.append(_pack_bits(self.levels[-1] != 0))
+        num_rows = flags.shape[0]
+        self.flat = [words.view(-1) for words in self.levels]
+        self.row_base = [
+            torch.arange(num_rows, device=flags.device) * words.shape[1] for words in self.levels
+        ]
 
-    def next_at_or_after(self, index: torch.Tensor, level: int = 0) -> torch.Tensor:
-        """First set bit ``>= index`` per row (``index`` ``[R]``); it must exist."""
-        words = self.levels[level]
-        word = index // _WORD_BITS
-        bits = _word(words, word) & -(1 << (index % _WORD_BITS))
-        found = word * _WORD_BITS + _lowest_bit(bits)
-        if level + 1 == len(self.levels):
-            return found
-        later = self.next_at_or_after(word + 1, level + 1)
-        from_later = later * _WORD_BITS + _lowest_bit(_word(words, later))
-        return torch.where(bits != 0, found, from_later)
+    def plan(self, index: torch.Tensor, upward: bool) -> list[tuple[torch.Tensor, ...]]:
+        """Per level: flat word index, bit mask and (first bit index - 1) of the word where the
+        search for the first set bit ``>= index`` (``upward``) or the last ``<= index`` looks.
 
-    def last_at_or_before(self, index: torch.Tensor, level: int = 0) -> torch.Tensor:
-        """Last set bit ``<= index`` per row (``index`` ``[R]``); it must exist."""
-        words = self.levels[level]
-        word = index // _WORD_BITS
-        bits = _word(words, word) & ((2 << (index % _WORD_BITS)) - 1)
-        found = word * _WORD_BITS + _highest_bit(bits)
-        if level + 1 == len(self.levels):
-            return found
-        earlier = self.last_at_or_before(word - 1, level + 1)
-        from_earlier = earlier * _WORD_BITS + _highest_bit(_word(words, earlier))
-        return torch.where(bits != 0, found, from_earlier)
+        index: int64 ``[S, R]`` (S searches per row); each entry of the result is ``[S, R]``.
+        """
+        plan = []
+        for row_base in self.row_base:
+            word = index.div(_WORD_BITS, rounding_mode="floor")
+            bit = index - word * _WORD_BITS
+            if upward:
+                mask = -(1 << bit)
+            else:  # nothing lies before index -1
+                mask = torch.where(index >= 0, (2 << bit) - 1, 0)
+            plan.append((row_base + word.clamp(min=0), mask, word * _WORD_BITS - 1))
+            index = word + 1 if upward else word - 1
+        return plan
+
+    def resolve(self, plan: list[tuple[torch.Tensor, ...]], upward: bool) -> torch.Tensor:
+        """Index ``[R]`` of the nearest set bit for one planned search (``plan`` entries
+        sliced to ``[R]``); it must exist at level 0. Rows whose answer comes from this level
+        ignore what the level above found (then garbage, clamped to a valid index)."""
+        extreme = _lowest_bit_plus_one if upward else _highest_bit_plus_one
+        bits = [flat.index_select(0, word) & mask for flat, (word, mask, _) in zip(self.flat, plan)]
+        found = plan[-1][2] + extreme(bits[-1])
+        for level in range(len(self.levels) - 2, -1, -1):
+            # found: the nearest nonempty word of this level, in case this word has none.
+            upper = self.flat[level].index_select(0, self.row_base[level] + found.clamp(min=0))
+            here = plan[level][2] + extreme(bits[level])
+            from_upper = (found * _WORD_BITS - 1) + extreme(upper)
+            found = torch.where(bits[level] != 0, here, from_upper)
+        return found
 
     def clear(self, rows: torch.Tensor, index: torch.Tensor) -> None:
         """Clear bit ``index[j]`` of row ``rows[j]``, and summary bits of emptied words."""
@@ -117,10 +135,8 @@ class _RowBitsets:
                 return
 
 
-def _word(words: torch.Tensor, word: torch.Tensor) -> torch.Tensor:
-    """``words[r, word[r]]`` ``[R]``, with out-of-range word indices clamped (their rows'
-    results are discarded by the caller)."""
-    return words.gather(1, word.clamp(0, words.shape[1] - 1).unsqueeze(1)).squeeze(1)
+# Searches are planned this many steps at a time: a few [steps, R] arrays of memory.
+_PLAN_STEPS = 32
 
 
 def _match_sorted(
@@ -159,7 +175,7 @@ def _match_sorted(
     free = _RowBitsets(starts_group)  # group starts with a free position; sentinels stay set
     row_base = torch.arange(num_rows, device=device) * width
     taken = torch.zeros(num_rows * width, dtype=torch.int64, device=device)
-    result = torch.empty(targets.shape, dtype=torch.int64, device=device)
+    result = torch.empty(targets.shape[1], num_rows, dtype=torch.int64, device=device)
     tangled = torch.zeros(num_rows, dtype=torch.bool, device=device)
     # Insertion points do not change as values get used: find them all at once. As a padded
     # index, ``below`` is the last value < target (or the left sentinel).
@@ -167,37 +183,46 @@ def _match_sorted(
     targets = targets.t().contiguous()  # [k, R]: one contiguous column per step
 
     for step in range(targets.shape[0]):
+        if step % _PLAN_STEPS == 0:
+            below_block = below_all[step : step + _PLAN_STEPS]
+            right_plan = free.plan(below_block + 1, upward=True)
+            left_plan = free.plan(below_block, upward=False)
+        offset = step % _PLAN_STEPS
         target = targets[step]
-        below = below_all[step]
-        right_local = free.next_at_or_after(below + 1)
-        left_local = free.last_at_or_before(below)
+        right_local = free.resolve([[a[offset] for a in p] for p in right_plan], upward=True)
+        left_local = free.resolve([[a[offset] for a in p] for p in left_plan], upward=False)
         right_group = row_base + right_local
         left_group = row_base + left_local
-        right = right_group + taken[right_group]
-        left = left_group + taken[left_group]
-        right_distance = padded[right] - target
-        left_distance = target - padded[left]
-        right_position = position[right]
-        left_position = position[left]
+        right = right_group + _at(taken, right_group)
+        left = left_group + _at(taken, left_group)
+        right_distance = _at(padded, right) - target
+        left_distance = target - _at(padded, left)
+        right_position = _at(position, right)
+        left_position = _at(position, left)
         take_left = (left_distance < right_distance) | (
             (left_distance == right_distance) & (left_position < right_position)
         )
-        result[:, step] = torch.where(take_left, left_position, right_position)
+        result[step] = torch.where(take_left, left_position, right_position)
 
         best = torch.minimum(left_distance, right_distance)
-        beyond_right = padded[right_group + group_size[right_group]] - target
-        beyond_left = target - padded[torch.where(left_local == 0, left_group, left_group - 1)]
+        beyond_right = _at(padded, right_group + _at(group_size, right_group)) - target
+        beyond_left = target - _at(padded, left_group - (left_local != 0).long())
         tangled |= (beyond_right == right_distance) & (right_distance == best)
         tangled |= (beyond_left == left_distance) & (left_distance == best)
 
         group = torch.where(take_left, left_group, right_group)
-        now_taken = taken[group] + 1
-        taken[group] = now_taken
-        used_up = now_taken == group_size[group]
+        now_taken = _at(taken, group) + 1
+        taken.index_copy_(0, group, now_taken)  # one group per row: no index repeats
+        used_up = now_taken == _at(group_size, group)
         if bool(used_up.any()):
             rows = used_up.nonzero().squeeze(1)
             free.clear(rows, torch.where(take_left, left_local, right_local)[rows])
-    return result, tangled
+    return result.t(), tangled
+
+
+def _at(values: torch.Tensor, index: torch.Tensor) -> torch.Tensor:
+    """``values[index]`` for 1-D tensors (index_select is several times faster here)."""
+    return values.index_select(0, index)
 
 
 def _match_row_reference(row: torch.Tensor, targets: torch.Tensor) -> torch.Tensor:
