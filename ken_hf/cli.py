@@ -25,9 +25,8 @@ def demo(args: argparse.Namespace) -> int:
         for name, weight in load_file(str(minilm_path() / "model.safetensors")).items()
         if weight.is_floating_point()  # skips the position_ids buffer
     }
-    print(
-        f"all-MiniLM-L6-v2: {len(weights)} tensors, {sum(w.numel() for w in weights.values()):,} values, k={args.k}"
-    )
+    values = sum(w.numel() for w in weights.values())
+    print(f"all-MiniLM-L6-v2: {len(weights)} tensors, {values:,} values, k={args.k}")
     families: dict[str, dict[str, object]] = defaultdict(dict)
     for name, weight in weights.items():
         families[_family(name)][name] = weight

@@ -113,7 +113,10 @@ class _RowBitsets:
         sliced to ``[R]``); it must exist at level 0. Rows whose answer comes from this level
         ignore what the level above found (then garbage, clamped to a valid index)."""
         extreme = _lowest_bit_plus_one if upward else _highest_bit_plus_one
-        bits = [flat.index_select(0, word) & mask for flat, (word, mask, _) in zip(self.flat, plan)]
+        bits = [
+            flat.index_select(0, word) & mask
+            for flat, (word, mask, _) in zip(self.flat, plan, strict=True)
+        ]
         found = plan[-1][2] + extreme(bits[-1])
         for level in range(len(self.levels) - 2, -1, -1):
             # found: the nearest nonempty word of this level, in case this word has none.

@@ -9,7 +9,7 @@ import torch
 
 # Extra bytes held per row element while a chunk is selected: the sorted copy, group
 # arrays and bookkeeping of ``greedy_match`` (measured by benchmarks/bench_select.py).
-BYTES_PER_ELEMENT = 64
+BYTES_PER_ELEMENT = 96
 DEFAULT_MAX_MEMORY = 256 * 2**20
 
 

@@ -1,0 +1,78 @@
+"""The model card (README.md) written beside a saved subnetwork."""
+
+from __future__ import annotations
+
+from pathlib import Path
+from typing import TYPE_CHECKING
+
+from huggingface_hub import ModelCardData
+
+from .serialization import SUBNETWORK_NAME
+
+if TYPE_CHECKING:
+    from .subnetwork import KENSubnetwork
+
+_AUTO_CLASSES = {
+    "ForSequenceClassification": "AutoKENModelForSequenceClassification",
+    "ForCausalLM": "AutoKENModelForCausalLM",
+    "ForTokenClassification": "AutoKENModelForTokenClassification",
+    "ForQuestionAnswering": "AutoKENModelForQuestionAnswering",
+    "ForConditionalGeneration": "AutoKENModelForSeq2SeqLM",
+}
+
+
+def model_card(subnetwork: KENSubnetwork, folder: Path) -> str:
+    """Markdown with YAML metadata: base model, library, tags; then what was kept, sizes,
+    metrics when known, and how to load it."""
+    config = subnetwork.config
+    data = ModelCardData(
+        base_model=config.base_model_name_or_path,
+        library_name="ken-hf",
+        tags=["ken", "pruning"],
+    )
+    rule = f"k = {config.k} values per row" if config.k else f"keep ratio {config.keep_ratio:g}"
+    stored = (folder / SUBNETWORK_NAME).stat().st_size
+    pruned_values = sum(m.numel() for m in subnetwork.masks.values())
+    kept_values = sum(v.numel() for v in subnetwork.values.values())
+    whole_values = sum(t.numel() for t in subnetwork.whole.values())
+    auto = next(
+        (
+            name
+            for suffix, name in _AUTO_CLASSES.items()
+            if (config.model_class or "").endswith(suffix)
+        ),
+        "AutoKENModel",
+    )
+    lines = [
+        "---",
+        data.to_yaml(),
+        "---",
+        "",
+        f"# KEN subnetwork of {config.base_model_name_or_path}",
+        "",
+        "A [KEN](https://arxiv.org/abs/2402.03142) subnetwork made with "
+        f"ken-hf {config.library_version}: only the kept fine-tuned values are stored; "
+        "every other value comes from the base model when it is loaded.",
+        "",
+        f"- Selection: {rule}{' (compatibility mode)' if config.compat else ''}",
+        f"- Pruned tensors: {len(subnetwork.masks)}, {kept_values:,} of {pruned_values:,} "
+        f"values kept ({subnetwork.kept_fraction():.1%})",
+        f"- Stored whole: {len(subnetwork.whole)} tensors, {whole_values:,} values",
+        f"- Subnetwork file: {stored / 2**20:.2f} MiB",
+        f"- Model class: {config.model_class}",
+    ]
+    if subnetwork.metrics:
+        lines += ["", "| metric | value |", "|---|---|"]
+        lines += [f"| {name} | {value:.4f} |" for name, value in sorted(subnetwork.metrics.items())]
+    lines += [
+        "",
+        "## Load",
+        "",
+        "```python",
+        f"from ken_hf import {auto}",
+        "",
+        f'model = {auto}.from_pretrained("<this repository or folder>")',
+        "```",
+        "",
+    ]
+    return "\n".join(lines)

@@ -1,0 +1,172 @@
+"""``KENConfig``: what KEN keeps and where it applies, saved as ``ken_config.json``.
+
+In the style of ``peft.LoraConfig``: a documented dataclass that round-trips to JSON and is
+read from a folder or a Hub id.
+"""
+
+from __future__ import annotations
+
+import json
+import os
+import re
+import warnings
+from dataclasses import asdict, dataclass, field, fields
+from pathlib import Path
+
+from .io import write_text_atomic
+
+CONFIG_NAME = "ken_config.json"
+REQUIRED_KEYS = ("k", "keep_ratio", "base_model_name_or_path")
+
+
+@dataclass
+class KENConfig:
+    """Configuration of a KEN subnetwork.
+
+    Exactly one of ``k`` and ``keep_ratio`` is set. Each parameter of the fine-tuned model
+    ends up in one of three places:
+
+    - pruned by KEN (targeted and not excluded): ``k`` fine-tuned values per row are kept;
+    - stored whole (``modules_to_save``, or absent from the base): all fine-tuned values;
+    - neither (not targeted, or excluded): reset to its pre-trained values, as parameters
+      outside an adapter are in PEFT.
+
+    Module patterns follow PEFT: a list of names matches a parameter whose module name (or
+    the parameter name itself) equals an entry or ends with ``"." + entry``; a string is a
+    regular expression that must match the whole module or parameter name.
+    """
+
+    k: int | None = field(
+        default=None, metadata={"help": "Fine-tuned values kept per row (the paper's k)."}
+    )
+    keep_ratio: float | None = field(
+        default=None,
+        metadata={"help": "Fraction of each row kept, in (0, 1]: k = max(1, round(ratio * n))."},
+    )
+    target_modules: list[str] | str | None = field(
+        default=None,
+        metadata={"help": "Where KEN applies; None = every parameter, as in the paper."},
+    )
+    exclude_modules: list[str] | str | None = field(
+        default=None,
+        metadata={"help": "Modules not pruned: they go back to their pre-trained values."},
+    )
+    modules_to_save: list[str] | None = field(
+        default=None,
+        metadata={
+            "help": "Modules stored whole (fine-tuned values, not pruned). Tensors absent from "
+            "the base checkpoint, such as a new classification head, are stored whole anyway."
+        },
+    )
+    compat: bool = field(
+        default=False,
+        metadata={"help": "Reproduce the published KEN code bit for bit, quirks included."},
+    )
+    base_model_name_or_path: str | None = field(
+        default=None, metadata={"help": "Hub id or folder of the pre-trained base model."}
+    )
+    base_model_revision: str | None = field(
+        default=None, metadata={"help": "Revision (commit) of the base model on the Hub."}
+    )
+    model_class: str | None = field(
+        default=None,
+        metadata={"help": "transformers class of the model, e.g. BertForSequenceClassification."},
+    )
+    library_version: str | None = field(
+        default=None, metadata={"help": "ken-hf version that made the subnetwork."}
+    )
+
+    def __post_init__(self) -> None:
+        if (self.k is None) == (self.keep_ratio is None):
+            raise ValueError(
+                f"KENConfig needs exactly one of k and keep_ratio (got k={self.k!r}, "
+                f"keep_ratio={self.keep_ratio!r})"
+            )
+        if self.k is not None and (
+            isinstance(self.k, bool) or not isinstance(self.k, int) or self.k < 1
+        ):
+            raise ValueError(f"KENConfig.k must be a positive integer, got {self.k!r}")
+        if self.keep_ratio is not None and not (
+            isinstance(self.keep_ratio, int | float)
+            and not isinstance(self.keep_ratio, bool)
+            and 0 < self.keep_ratio <= 1
+        ):
+            raise ValueError(f"KENConfig.keep_ratio must be in (0, 1], got {self.keep_ratio!r}")
+        for name in ("target_modules", "exclude_modules"):
+            value = getattr(self, name)
+            if isinstance(value, str):
+                try:
+                    re.compile(value)
+                except re.error as error:
+                    raise ValueError(f"KENConfig.{name} is not a valid regex: {error}") from None
+        if self.library_version is None:
+            from . import __version__
+
+            self.library_version = __version__
+
+    def k_for(self, row_width: int) -> int:
+        """Values kept per row for rows of ``row_width`` values."""
+        if self.k is not None:
+            return self.k
+        return max(1, round(self.keep_ratio * row_width))
+
+    def targets(self, parameter_name: str) -> bool:
+        """Whether KEN prunes this parameter (not excluded, not stored whole)."""
+        if self.target_modules is not None and not _matches(self.target_modules, parameter_name):
+            return False
+        if self.exclude_modules is not None and _matches(self.exclude_modules, parameter_name):
+            return False
+        return not self.saves_whole(parameter_name)
+
+    def saves_whole(self, parameter_name: str) -> bool:
+        """Whether this parameter is listed in ``modules_to_save``."""
+        return self.modules_to_save is not None and _matches(self.modules_to_save, parameter_name)
+
+    def to_dict(self) -> dict:
+        return asdict(self)
+
+    def save_pretrained(self, save_directory: str | os.PathLike) -> None:
+        """Write ``ken_config.json`` into ``save_directory`` (atomically)."""
+        Path(save_directory).mkdir(parents=True, exist_ok=True)
+        text = json.dumps(self.to_dict(), indent=2, sort_keys=True) + "\n"
+        write_text_atomic(Path(save_directory) / CONFIG_NAME, text)
+
+    @classmethod
+    def from_dict(cls, values: dict, source: str = "config") -> KENConfig:
+        """Build from a dict: unknown keys warn, missing required keys are an error."""
+        missing = [key for key in REQUIRED_KEYS if key not in values]
+        if missing:
+            raise ValueError(f"{source} lacks required key(s) {missing}")
+        known = {f.name for f in fields(cls)}
+        unknown = sorted(set(values) - known)
+        if unknown:
+            warnings.warn(f"{source}: ignoring unknown key(s) {unknown}", stacklevel=3)
+        return cls(**{key: value for key, value in values.items() if key in known})
+
+    @classmethod
+    def from_pretrained(
+        cls, name_or_path: str | os.PathLike, *, revision: str | None = None, **hub_kwargs
+    ) -> KENConfig:
+        """Read ``ken_config.json`` from a folder or a Hub repository."""
+        from .hub import resolve_file
+
+        path = resolve_file(name_or_path, CONFIG_NAME, revision=revision, **hub_kwargs)
+        try:
+            values = json.loads(Path(path).read_text(encoding="utf-8"))
+        except (UnicodeDecodeError, json.JSONDecodeError) as error:
+            raise ValueError(f"{path} is not valid JSON: {error}") from None
+        if not isinstance(values, dict):
+            raise ValueError(f"{path} must hold a JSON object")
+        return cls.from_dict(values, source=str(path))
+
+
+def module_name(parameter_name: str) -> str:
+    """The module a parameter belongs to: ``a.b.query.weight`` -> ``a.b.query``."""
+    return parameter_name.rsplit(".", 1)[0] if "." in parameter_name else parameter_name
+
+
+def _matches(patterns: list[str] | str, parameter_name: str) -> bool:
+    names = (module_name(parameter_name), parameter_name)
+    if isinstance(patterns, str):
+        return any(re.fullmatch(patterns, name) for name in names)
+    return any(name == p or name.endswith("." + p) for name in names for p in patterns)

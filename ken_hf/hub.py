@@ -1,0 +1,99 @@
+"""Folders or Hub ids, resolved through huggingface_hub (so its cache and HF_HUB_OFFLINE work
+as users expect), and publishing a folder to the Hub."""
+
+from __future__ import annotations
+
+import json
+import os
+import struct
+from pathlib import Path
+
+import torch
+from huggingface_hub import HfApi, hf_hub_download, snapshot_download
+from huggingface_hub.errors import EntryNotFoundError
+
+from .config import CONFIG_NAME
+from .serialization import SUBNETWORK_NAME
+
+SUBNETWORK_FILES = [CONFIG_NAME, SUBNETWORK_NAME, "config.json", "README.md"]
+
+
+def resolve_folder(
+    name_or_path: str | os.PathLike, *, revision: str | None = None, **hub_kwargs
+) -> Path:
+    """A local folder as is, or the subnetwork files of a Hub repository, downloaded."""
+    if Path(name_or_path).is_dir():
+        return Path(name_or_path)
+    return Path(
+        snapshot_download(
+            str(name_or_path), revision=revision, allow_patterns=SUBNETWORK_FILES, **hub_kwargs
+        )
+    )
+
+
+def resolve_file(
+    name_or_path: str | os.PathLike, filename: str, *, revision: str | None = None, **hub_kwargs
+) -> Path:
+    """``filename`` inside a local folder, or downloaded from a Hub repository."""
+    if Path(name_or_path).is_dir():
+        path = Path(name_or_path) / filename
+        if not path.is_file():
+            raise FileNotFoundError(f"{name_or_path} has no {filename}")
+        return path
+    return Path(hf_hub_download(str(name_or_path), filename, revision=revision, **hub_kwargs))
+
+
+def push_folder(
+    folder: str | os.PathLike,
+    repo_id: str,
+    *,
+    private: bool | None = None,
+    token: str | None = None,
+    commit_message: str = "Upload KEN subnetwork",
+    revision: str | None = None,
+) -> str:
+    """Create ``repo_id`` if needed and upload ``folder``; returns the commit URL."""
+    api = HfApi(token=token)
+    api.create_repo(repo_id, private=private, exist_ok=True)
+    info = api.upload_folder(
+        repo_id=repo_id, folder_path=str(folder), commit_message=commit_message, revision=revision
+    )
+    return info.commit_url
+
+
+def checkpoint_tensor_names(
+    name_or_path: str | os.PathLike, *, revision: str | None = None
+) -> set[str]:
+    """Names of the tensors stored in a transformers checkpoint (safetensors, sharded or not),
+    read from the file headers only."""
+    try:
+        index = resolve_file(name_or_path, "model.safetensors.index.json", revision=revision)
+    except (FileNotFoundError, EntryNotFoundError):  # no index: a single-file checkpoint
+        return set(
+            _safetensors_header(resolve_file(name_or_path, "model.safetensors", revision=revision))
+        )
+    return set(json.loads(index.read_text(encoding="utf-8"))["weight_map"])
+
+
+def _safetensors_header(path: Path) -> dict:
+    with open(path, "rb") as handle:
+        (length,) = struct.unpack("<Q", handle.read(8))
+        header = json.loads(handle.read(length))
+    header.pop("__metadata__", None)
+    return header
+
+
+def new_parameters(
+    model: torch.nn.Module, base_name_or_path: str | os.PathLike, *, revision: str | None = None
+) -> set[str]:
+    """Parameters of ``model`` that its base checkpoint does not hold (newly initialised, such
+    as a classification head). Names match as ``from_pretrained`` matches them: with or
+    without the model's ``base_model_prefix``."""
+    stored = checkpoint_tensor_names(base_name_or_path, revision=revision)
+    prefix = getattr(model, "base_model_prefix", "")
+    new = set()
+    for name, _ in model.named_parameters():
+        candidates = {name, f"{prefix}.{name}", name.removeprefix(f"{prefix}.")}
+        if not candidates & stored:
+            new.add(name)
+    return new

@@ -1,0 +1,262 @@
+"""``KENSubnetwork``: which positions of which tensors KEN kept, and their fine-tuned values.
+
+The data flows one way: weights -> masks (layer 1, ``ken_hf.selection``) -> subnetwork ->
+file. A subnetwork can be saved, pushed to the Hub, applied to a base model and taken off
+it again, leaving the base exactly as it was.
+"""
+
+from __future__ import annotations
+
+import dataclasses
+import os
+from collections.abc import Mapping
+from dataclasses import dataclass, field
+from pathlib import Path
+
+import torch
+
+from .config import KENConfig
+from .fingerprint import tensor_fingerprint
+from .selection import ken_select_many
+from .selection.rows import as_rows
+from .serialization import SUBNETWORK_NAME, StoredSubnetwork, read_subnetwork, write_subnetwork
+
+Weights = torch.nn.Module | Mapping[str, torch.Tensor]
+
+
+class BaseMismatchError(ValueError):
+    """A subnetwork applied to a base model it was not made from."""
+
+
+def parameters_of(weights: Weights) -> dict[str, torch.Tensor]:
+    """Named tensors of a model (its parameters, tied ones once) or of a state dict."""
+    if isinstance(weights, torch.nn.Module):
+        return {name: p for name, p in weights.named_parameters()}
+    return dict(weights)
+
+
+def fingerprints_of(weights: Weights) -> dict[str, str]:
+    """``{name: fingerprint}`` of every floating-point tensor of ``weights``."""
+    return {
+        name: tensor_fingerprint(t)
+        for name, t in parameters_of(weights).items()
+        if t.is_floating_point()
+    }
+
+
+@dataclass
+class KENSubnetwork:
+    """The KEN subnetwork of a fine-tuned model against its base.
+
+    Attributes:
+        config: the ``KENConfig`` it was made with.
+        masks: ``{name: bool tensor}`` kept positions of each pruned tensor.
+        values: ``{name: [kept count]}`` fine-tuned values at those positions, row-major.
+        whole: ``{name: tensor}`` tensors stored whole (``modules_to_save``, new heads).
+        fingerprints: ``{name: hex}`` of every base tensor the result depends on.
+    """
+
+    config: KENConfig
+    masks: dict[str, torch.Tensor]
+    values: dict[str, torch.Tensor]
+    whole: dict[str, torch.Tensor]
+    fingerprints: dict[str, str]
+    model_config: dict | None = None
+    metrics: dict[str, float] = field(default_factory=dict)
+
+    @classmethod
+    def from_weights(
+        cls,
+        base: Weights,
+        finetuned: Weights,
+        config: KENConfig,
+        *,
+        new_tensors: frozenset[str] | set[str] = frozenset(),
+        progress: bool = True,
+    ) -> KENSubnetwork:
+        """Select the subnetwork of ``finetuned`` (a model or state dict) against ``base``.
+
+        Every floating-point tensor of ``finetuned`` is pruned, stored whole or left to the
+        base, as ``config`` says. Tensors absent from ``base`` or named in ``new_tensors``
+        (newly initialised ones, such as a classification head: their "pre-trained" values
+        are random) are stored whole and not fingerprinted.
+        """
+        base_tensors = {
+            name: t for name, t in parameters_of(base).items() if name not in new_tensors
+        }
+        finetuned_tensors = {
+            name: t for name, t in parameters_of(finetuned).items() if t.is_floating_point()
+        }
+        to_prune: dict[int, dict[str, torch.Tensor]] = {}
+        whole: dict[str, torch.Tensor] = {}
+        for name, tensor in finetuned_tensors.items():
+            if name not in base_tensors or config.saves_whole(name):
+                whole[name] = tensor.detach().clone()
+                continue
+            if base_tensors[name].shape != tensor.shape:
+                raise ValueError(
+                    f"tensor {name!r}: base shape {tuple(base_tensors[name].shape)} differs "
+                    f"from fine-tuned shape {tuple(tensor.shape)}"
+                )
+            if config.targets(name):
+                k = config.k_for(as_rows(tensor).shape[1])
+                to_prune.setdefault(k, {})[name] = tensor.detach()
+        masks: dict[str, torch.Tensor] = {}
+        for k, tensors in to_prune.items():
+            masks.update(ken_select_many(tensors, k, compat=config.compat, progress=progress))
+        values = {name: finetuned_tensors[name].detach()[mask] for name, mask in masks.items()}
+        fingerprints = {
+            name: tensor_fingerprint(base_tensors[name])
+            for name in finetuned_tensors
+            if name in base_tensors
+        }
+        model_config = None
+        if isinstance(finetuned, torch.nn.Module) and hasattr(finetuned, "config"):
+            model_config = finetuned.config.to_dict()
+            config = dataclasses.replace(
+                config,
+                model_class=config.model_class or type(finetuned).__name__,
+                base_model_name_or_path=config.base_model_name_or_path
+                or getattr(finetuned, "name_or_path", None)
+                or None,
+            )
+        return cls(config, masks, values, whole, fingerprints, model_config)
+
+    # -- what it holds ------------------------------------------------------------------
+    def kept_fraction(self) -> float:
+        """Share of the pruned tensors' values that keep their fine-tuned value."""
+        total = sum(m.numel() for m in self.masks.values())
+        return sum(int(m.sum()) for m in self.masks.values()) / total if total else 1.0
+
+    def reset_fraction(self, model_parameters: int) -> float:
+        """Share of all ``model_parameters`` that end at their pre-trained value."""
+        kept = sum(v.numel() for v in self.values.values()) + sum(
+            t.numel() for t in self.whole.values()
+        )
+        return 1.0 - kept / model_parameters
+
+    # -- applying to a model ------------------------------------------------------------
+    def check_base(self, fingerprints: Mapping[str, str]) -> None:
+        """Raise ``BaseMismatchError`` naming the first tensor whose base differs."""
+        for name, expected in self.fingerprints.items():
+            if name not in fingerprints:
+                raise BaseMismatchError(f"tensor {name!r} of the subnetwork's base is missing")
+            if fingerprints[name] != expected:
+                raise BaseMismatchError(
+                    f"tensor {name!r} differs from the base this subnetwork was made from "
+                    f"(another model, revision, dtype or a changed value)"
+                )
+
+    def apply_to(
+        self, model: torch.nn.Module, *, base_fingerprints: Mapping[str, str] | None = None
+    ) -> dict[str, torch.Tensor]:
+        """Write the subnetwork into ``model``, which must hold the base weights.
+
+        Everything is checked before any weight changes. Returns the base values it
+        overwrote (``{name: values}``), which ``restore`` puts back.
+        """
+        parameters = parameters_of(model)
+        self.check_base(base_fingerprints or fingerprints_of(model))
+        for name in list(self.masks) + list(self.whole):
+            if name not in parameters:
+                raise BaseMismatchError(f"tensor {name!r} is not a parameter of the model")
+            expected = self.masks[name].shape if name in self.masks else self.whole[name].shape
+            if parameters[name].shape != expected:
+                raise BaseMismatchError(
+                    f"tensor {name!r}: model shape {tuple(parameters[name].shape)}, "
+                    f"subnetwork shape {tuple(expected)}"
+                )
+        saved: dict[str, torch.Tensor] = {}
+        with torch.no_grad():
+            for name, mask in self.masks.items():
+                target = parameters[name]
+                mask = mask.to(target.device)
+                saved[name] = target[mask].clone()
+                target[mask] = self.values[name].to(target.device, target.dtype)
+            for name, tensor in self.whole.items():
+                target = parameters[name]
+                saved[name] = target.detach().clone()
+                target.copy_(tensor)
+        return saved
+
+    def restore(self, model: torch.nn.Module, saved: Mapping[str, torch.Tensor]) -> None:
+        """Put back the base values ``apply_to`` returned: the model is the base again."""
+        parameters = parameters_of(model)
+        with torch.no_grad():
+            for name, mask in self.masks.items():
+                parameters[name][mask.to(parameters[name].device)] = saved[name]
+            for name in self.whole:
+                parameters[name].copy_(saved[name])
+
+    # -- files and the Hub --------------------------------------------------------------
+    def save_pretrained(self, save_directory: str | os.PathLike) -> None:
+        """Write ``ken_config.json``, ``ken_subnetwork.safetensors``, the model's
+        ``config.json`` and a model card into ``save_directory``, atomically."""
+        from .card import model_card
+        from .io import atomic_folder, write_text_atomic
+
+        with atomic_folder(save_directory) as staging:
+            self.config.save_pretrained(staging)
+            write_subnetwork(
+                StoredSubnetwork(self.masks, self.values, self.whole, self.fingerprints),
+                staging / SUBNETWORK_NAME,
+            )
+            if self.model_config is not None:
+                import json
+
+                write_text_atomic(
+                    staging / "config.json", json.dumps(self.model_config, indent=2, sort_keys=True)
+                )
+            write_text_atomic(staging / "README.md", model_card(self, staging))
+
+    @classmethod
+    def from_pretrained(
+        cls, name_or_path: str | os.PathLike, *, revision: str | None = None, **hub_kwargs
+    ) -> KENSubnetwork:
+        """Read a subnetwork folder, local or on the Hub; everything is validated."""
+        import json
+
+        from .hub import resolve_folder
+
+        folder = resolve_folder(name_or_path, revision=revision, **hub_kwargs)
+        config = KENConfig.from_pretrained(folder)
+        stored = read_subnetwork(folder / SUBNETWORK_NAME)
+        model_config = None
+        if (folder / "config.json").is_file():
+            model_config = json.loads((folder / "config.json").read_text(encoding="utf-8"))
+        return cls(
+            config, stored.masks, stored.values, stored.whole, stored.fingerprints, model_config
+        )
+
+    def push_to_hub(self, repo_id: str, **push_kwargs) -> str:
+        """Publish only the subnetwork folder to ``repo_id``; returns the commit URL."""
+        import tempfile
+
+        from .hub import push_folder
+
+        with tempfile.TemporaryDirectory() as scratch:
+            folder = Path(scratch) / "ken"
+            self.save_pretrained(folder)
+            return push_folder(folder, repo_id, **push_kwargs)
+
+
+def prune_model(
+    finetuned: torch.nn.Module, base: Weights, config: KENConfig, *, progress: bool = True
+) -> KENSubnetwork:
+    """The functional path: select KEN's subnetwork of ``finetuned`` against ``base`` (a
+    model or state dict), reset ``finetuned`` in place to what the subnetwork rebuilds
+    (kept values fine-tuned, all else pre-trained), and return the subnetwork."""
+    subnetwork = KENSubnetwork.from_weights(base, finetuned, config, progress=progress)
+    base_tensors = parameters_of(base)
+    with torch.no_grad():
+        for name, parameter in parameters_of(finetuned).items():
+            if name in subnetwork.whole or name not in base_tensors:
+                continue
+            source = base_tensors[name].to(parameter.device, parameter.dtype)
+            if name in subnetwork.masks:
+                parameter.copy_(
+                    torch.where(subnetwork.masks[name].to(parameter.device), parameter, source)
+                )
+            elif parameter.is_floating_point():
+                parameter.copy_(source)
+    return subnetwork
