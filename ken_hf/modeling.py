@@ -4,6 +4,7 @@ transparently from a folder or the Hub, in the shape of PEFT's ``PeftModel``."""
 from __future__ import annotations
 
 import functools
+import inspect
 import os
 
 import torch
@@ -28,12 +29,13 @@ class KENModel(torch.nn.Module):
         self.active_subnetwork: str | None = None
         self._overwritten: dict[str, torch.Tensor] = {}
         self._base_fingerprints = fingerprints_of(base_model)
-        # Trainer reads forward's signature to choose dataset columns: show the base model's.
-        @functools.wraps(base_model.forward)
-        def forward(*args, **kwargs):
-            return self.base_model(*args, **kwargs)
+        self.__class__ = _ken_model_class(type(base_model))
 
-        self.forward = forward
+    def forward(self, *args, **kwargs):
+        return self.base_model(*args, **kwargs)
+
+    def _get_name(self) -> str:  # shown by repr()
+        return f"KENModel[{type(self.base_model).__name__}]"
 
     def __getattr__(self, name: str):
         try:
@@ -118,6 +120,24 @@ class KENModel(torch.nn.Module):
     def push_to_hub(self, repo_id: str, **push_kwargs) -> str:
         """Publish only the active subnetwork to the Hub; returns the commit URL."""
         return self.subnetwork.push_to_hub(repo_id, **push_kwargs)
+
+
+@functools.cache
+def _ken_model_class(base_class: type) -> type:
+    """A ``KENModel`` subclass that looks like ``base_class`` to transformers: Trainer reads
+    ``forward``'s signature from the class (label columns, unused columns to drop) and
+    pipelines check the class name against the models they support."""
+
+    def forward(self, *args, **kwargs):
+        return self.base_model(*args, **kwargs)
+
+    forward.__signature__ = inspect.signature(base_class.forward)
+    forward.__doc__ = base_class.forward.__doc__
+    return type(
+        base_class.__name__,
+        (KENModel,),
+        {"forward": forward, "__module__": __name__, "__qualname__": f"KENModel[{base_class.__name__}]"},
+    )
 
 
 class AutoKENModel:

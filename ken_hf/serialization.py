@@ -117,7 +117,8 @@ def write_subnetwork(stored: StoredSubnetwork, path: str | os.PathLike) -> None:
             "dtype": str(tensor.dtype).removeprefix("torch."),
             "checksums": [_checksum(tensor)],
         }
-    document = json.dumps({"tensors": entries, "fingerprints": stored.fingerprints}, sort_keys=True)
+    # Model order, not sorted: errors name the first tensor as the model lists them.
+    document = json.dumps({"tensors": entries, "fingerprints": stored.fingerprints})
     metadata = {
         "format": FORMAT,
         "format_version": FORMAT_VERSION,

@@ -137,11 +137,16 @@ class KENSubnetwork:
 
     # -- applying to a model ------------------------------------------------------------
     def check_base(self, fingerprints: Mapping[str, str]) -> None:
-        """Raise ``BaseMismatchError`` naming the first tensor whose base differs."""
-        for name, expected in self.fingerprints.items():
-            if name not in fingerprints:
-                raise BaseMismatchError(f"tensor {name!r} of the subnetwork's base is missing")
-            if fingerprints[name] != expected:
+        """Raise ``BaseMismatchError`` naming the first tensor (in the model's order, given
+        by ``fingerprints``) whose base differs, or a base tensor the model lacks."""
+        missing = [name for name in self.fingerprints if name not in fingerprints]
+        if missing:
+            raise BaseMismatchError(
+                f"tensor {missing[0]!r} of the subnetwork's base is missing from the model "
+                f"({len(missing)} missing)"
+            )
+        for name, actual in fingerprints.items():
+            if name in self.fingerprints and actual != self.fingerprints[name]:
                 raise BaseMismatchError(
                     f"tensor {name!r} differs from the base this subnetwork was made from "
                     f"(another model, revision, dtype or a changed value)"
@@ -241,12 +246,20 @@ class KENSubnetwork:
 
 
 def prune_model(
-    finetuned: torch.nn.Module, base: Weights, config: KENConfig, *, progress: bool = True
+    finetuned: torch.nn.Module,
+    base: Weights,
+    config: KENConfig,
+    *,
+    new_tensors: frozenset[str] | set[str] = frozenset(),
+    progress: bool = True,
 ) -> KENSubnetwork:
     """The functional path: select KEN's subnetwork of ``finetuned`` against ``base`` (a
     model or state dict), reset ``finetuned`` in place to what the subnetwork rebuilds
-    (kept values fine-tuned, all else pre-trained), and return the subnetwork."""
-    subnetwork = KENSubnetwork.from_weights(base, finetuned, config, progress=progress)
+    (kept values fine-tuned, all else pre-trained), and return the subnetwork.
+    ``new_tensors``: as in ``KENSubnetwork.from_weights``."""
+    subnetwork = KENSubnetwork.from_weights(
+        base, finetuned, config, new_tensors=new_tensors, progress=progress
+    )
     base_tensors = parameters_of(base)
     with torch.no_grad():
         for name, parameter in parameters_of(finetuned).items():

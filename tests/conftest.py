@@ -41,3 +41,52 @@ def smollm2_weights() -> dict[str, torch.Tensor]:
             values = gguf.quants.dequantize(tensor.data, tensor.tensor_type)
             weights[tensor.name] = torch.from_numpy(values.copy()).float()
     return weights
+
+
+@pytest.fixture(scope="session")
+def minilm_finetune(tmp_path_factory):
+    """A real (small) fine-tune of all-MiniLM-L6-v2 on movie snippets with a transformers
+    Trainer. Returns the base folder, the fine-tuned model, its tokenizer, the held-out
+    split and the names of its newly initialised parameters."""
+    from transformers import (
+        AutoModelForSequenceClassification,
+        AutoTokenizer,
+        DataCollatorWithPadding,
+        Trainer,
+        TrainingArguments,
+    )
+
+    from ken_hf.assets import minilm_path
+    from ken_hf.hub import new_parameters
+    from ken_hf.tasks import movie_review_splits
+
+    base = str(minilm_path())
+    tokenizer = AutoTokenizer.from_pretrained(base)
+    train, held_out = movie_review_splits(tokenizer, train_size=192, eval_size=64, max_length=32)
+    torch.manual_seed(0)
+    model = AutoModelForSequenceClassification.from_pretrained(base, num_labels=2)
+    args = TrainingArguments(
+        output_dir=str(tmp_path_factory.mktemp("minilm-ft")),
+        per_device_train_batch_size=16,
+        num_train_epochs=1,
+        learning_rate=5e-5,
+        report_to=[],
+        save_strategy="no",
+        disable_tqdm=True,
+        use_cpu=True,
+        seed=0,
+    )
+    Trainer(
+        model=model,
+        args=args,
+        train_dataset=train,
+        data_collator=DataCollatorWithPadding(tokenizer),
+    ).train()
+    model.eval()
+    return {
+        "base": base,
+        "model": model,
+        "tokenizer": tokenizer,
+        "held_out": held_out,
+        "new": new_parameters(model, base),
+    }

@@ -1,0 +1,238 @@
+"""KENConfig + subnetwork file + KENModel/AutoKENModel on real models: round trips, base
+checks, several subnetworks on one base, and the model working where the plain one does."""
+
+from __future__ import annotations
+
+import copy
+
+import pytest
+import torch
+from transformers import (
+    AutoModelForCausalLM,
+    AutoModelForSequenceClassification,
+    AutoTokenizer,
+    DataCollatorWithPadding,
+    Trainer,
+    TrainingArguments,
+    pipeline,
+)
+
+from ken_hf import (
+    AutoKENModel,
+    AutoKENModelForCausalLM,
+    AutoKENModelForSequenceClassification,
+    BaseMismatchError,
+    KENConfig,
+    KENModel,
+    KENSubnetwork,
+    prune_model,
+)
+
+
+def _minilm_base(path: str) -> torch.nn.Module:
+    return AutoModelForSequenceClassification.from_pretrained(path, num_labels=2)
+
+
+def _state(model: torch.nn.Module) -> dict[str, torch.Tensor]:
+    return {name: t.detach().clone() for name, t in model.state_dict().items()}
+
+
+def _assert_same_state(a: dict, b: dict) -> None:
+    assert a.keys() == b.keys()
+    for name in a:
+        assert torch.equal(a[name], b[name]), name
+
+
+@pytest.fixture(scope="module")
+def minilm_pruned(minilm_finetune, tmp_path_factory):
+    """The fine-tuned MiniLM pruned at keep ratio 0.25 and 0.5, each saved to a folder."""
+    results = {}
+    for ratio in (0.25, 0.5):
+        model = copy.deepcopy(minilm_finetune["model"])
+        config = KENConfig(keep_ratio=ratio, base_model_name_or_path=minilm_finetune["base"])
+        subnetwork = prune_model(
+            model, _minilm_base(minilm_finetune["base"]), config, new_tensors=minilm_finetune["new"]
+        )
+        folder = tmp_path_factory.mktemp("minilm-ken") / f"ken-{ratio}"
+        subnetwork.save_pretrained(folder)
+        results[ratio] = {"model": model, "subnetwork": subnetwork, "folder": folder}
+    return results
+
+
+def _batch(minilm_finetune, size=16):
+    collate = DataCollatorWithPadding(minilm_finetune["tokenizer"])
+    rows = [minilm_finetune["held_out"][i] for i in range(size)]
+    batch = collate([{k: r[k] for k in ("input_ids", "attention_mask")} for r in rows])
+    return {k: v for k, v in batch.items()}
+
+
+def test_pruned_model_keeps_k_and_resets_the_rest(minilm_finetune, minilm_pruned):
+    pruned = minilm_pruned[0.25]
+    base = _minilm_base(minilm_finetune["base"])
+    finetuned = dict(minilm_finetune["model"].named_parameters())
+    name = "bert.encoder.layer.2.attention.self.query.weight"
+    mask = pruned["subnetwork"].masks[name]
+    assert (mask.sum(dim=1) == 96).all()  # 25 % of 384
+    value = dict(pruned["model"].named_parameters())[name]
+    assert torch.equal(value[mask], finetuned[name][mask])
+    assert torch.equal(value[~mask], dict(base.named_parameters())[name][~mask])
+    assert set(pruned["subnetwork"].whole) == {"classifier.weight", "classifier.bias"}
+
+
+@pytest.mark.parametrize("ratio", [0.25, 0.5])
+def test_minilm_round_trip_identical_state_and_logits(minilm_finetune, minilm_pruned, ratio):
+    pruned = minilm_pruned[ratio]
+    loaded = AutoKENModelForSequenceClassification.from_pretrained(pruned["folder"])
+    assert isinstance(loaded, KENModel)
+    _assert_same_state(_state(loaded.base_model), _state(pruned["model"]))
+    batch = _batch(minilm_finetune)
+    with torch.no_grad():
+        assert torch.equal(loaded(**batch).logits, pruned["model"](**batch).logits)
+    generic = AutoKENModel.from_pretrained(pruned["folder"])  # class from ken_config.json
+    _assert_same_state(_state(generic.base_model), _state(pruned["model"]))
+
+
+def test_saved_folder_holds_config_card_and_subnetwork_only(minilm_pruned):
+    folder = minilm_pruned[0.25]["folder"]
+    assert sorted(p.name for p in folder.iterdir()) == [
+        "README.md",
+        "config.json",
+        "ken_config.json",
+        "ken_subnetwork.safetensors",
+    ]
+    card = (folder / "README.md").read_text()
+    assert "library_name: ken-hf" in card and "- ken" in card and "- pruning" in card
+    assert "base_model:" in card and "AutoKENModelForSequenceClassification" in card
+    config = KENConfig.from_pretrained(folder)
+    assert config.keep_ratio == 0.25 and config.model_class == "BertForSequenceClassification"
+
+
+def test_base_with_one_changed_value_is_refused_by_name(minilm_finetune, minilm_pruned):
+    base = _minilm_base(minilm_finetune["base"])
+    name = "bert.encoder.layer.3.output.dense.weight"
+    with torch.no_grad():
+        dict(base.named_parameters())[name][5, 7] += 1e-4
+    before = _state(base)
+    with pytest.raises(BaseMismatchError, match=name.replace(".", r"\.")):
+        KENModel.from_pretrained(base, minilm_pruned[0.25]["folder"])
+    _assert_same_state(_state(base), before)  # nothing was applied
+
+
+def test_base_in_another_dtype_or_another_model_is_refused(minilm_finetune, minilm_pruned):
+    folder = minilm_pruned[0.25]["folder"]
+    half = _minilm_base(minilm_finetune["base"]).to(torch.bfloat16)
+    with pytest.raises(BaseMismatchError, match="bert.embeddings.word_embeddings.weight"):
+        KENModel.from_pretrained(half, folder)
+    from ken_hf.assets import smollm2_path
+
+    other = AutoModelForCausalLM.from_pretrained(smollm2_path(2))
+    with pytest.raises(BaseMismatchError, match="bert.embeddings.word_embeddings.weight.*missing"):
+        KENModel.from_pretrained(other, folder)
+
+
+def test_switching_subnetworks_and_unloading_restores_the_base(minilm_finetune, minilm_pruned):
+    base = _minilm_base(minilm_finetune["base"])
+    original = _state(base)
+    model = KENModel(base)
+    model.load_subnetwork(minilm_pruned[0.25]["folder"], "quarter")
+    model.load_subnetwork(minilm_pruned[0.5]["folder"], "half")
+    _assert_same_state(_state(base), original)  # loading applies nothing
+    for name, ratio in [("quarter", 0.25), ("half", 0.5), ("quarter", 0.25)]:
+        model.set_subnetwork(name)
+        expected = _state(minilm_pruned[ratio]["model"])
+        # the classification head is stored whole, so the whole state matches
+        _assert_same_state(_state(base), expected)
+    assert model.unload() is base
+    _assert_same_state(_state(base), original)
+    with pytest.raises(KeyError, match="no subnetwork named 'third'"):
+        model.set_subnetwork("third")
+
+
+def test_ken_model_works_in_trainer_and_pipeline(minilm_finetune, minilm_pruned, tmp_path):
+    pruned = minilm_pruned[0.25]
+    model = AutoKENModelForSequenceClassification.from_pretrained(pruned["folder"])
+    args = TrainingArguments(
+        output_dir=str(tmp_path), report_to=[], use_cpu=True, per_device_eval_batch_size=16
+    )
+    collate = DataCollatorWithPadding(minilm_finetune["tokenizer"])
+    held_out = minilm_finetune["held_out"]
+    ken_loss = Trainer(model=model, args=args, data_collator=collate).evaluate(held_out)
+    plain_loss = Trainer(model=pruned["model"], args=args, data_collator=collate).evaluate(held_out)
+    assert ken_loss["eval_loss"] == pytest.approx(plain_loss["eval_loss"], abs=1e-6)
+
+    texts = ["a gorgeous, moving film", "tedious and badly acted"]
+    tokenizer = minilm_finetune["tokenizer"]
+    ken_pipe = pipeline("text-classification", model=model, tokenizer=tokenizer, device="cpu")
+    plain_pipe = pipeline(
+        "text-classification", model=pruned["model"], tokenizer=tokenizer, device="cpu"
+    )
+    # Same weights, separate buffers: the BLAS may round the last bit differently.
+    for ken, plain in zip(ken_pipe(texts), plain_pipe(texts), strict=True):
+        assert ken["label"] == plain["label"]
+        assert ken["score"] == pytest.approx(plain["score"], abs=1e-6)
+    merged = model.merge_and_unload()
+    merged.save_pretrained(tmp_path / "merged")
+    reloaded = AutoModelForSequenceClassification.from_pretrained(tmp_path / "merged")
+    _assert_same_state(_state(reloaded), _state(pruned["model"]))
+
+
+@pytest.fixture(scope="module")
+def smollm2_pruned(tmp_path_factory):
+    """SmolLM2-135M cut to 2 layers, trained a few real AdamW steps on movie snippets,
+    pruned at keep ratio 0.25 and saved."""
+    from ken_hf.assets import movie_reviews, smollm2_path
+
+    path = smollm2_path(2)
+    tokenizer = AutoTokenizer.from_pretrained(path)
+    torch.manual_seed(0)
+    model = AutoModelForCausalLM.from_pretrained(path)
+    texts = movie_reviews()[0][:16]
+    batch = tokenizer(texts, return_tensors="pt", padding=True, truncation=True, max_length=32)
+    optimizer = torch.optim.AdamW(model.parameters(), lr=1e-4)
+    for _ in range(2):
+        loss = model(**batch, labels=batch["input_ids"]).loss
+        loss.backward()
+        optimizer.step()
+        optimizer.zero_grad()
+    model.eval()
+    config = KENConfig(keep_ratio=0.25, base_model_name_or_path=str(path))
+    subnetwork = prune_model(model, AutoModelForCausalLM.from_pretrained(path), config)
+    folder = tmp_path_factory.mktemp("smollm2-ken") / "ken"
+    subnetwork.save_pretrained(folder)
+    return {"model": model, "subnetwork": subnetwork, "folder": folder, "batch": batch}
+
+
+def test_smollm2_round_trip_identical_state_logits_and_generation(smollm2_pruned):
+    loaded = AutoKENModelForCausalLM.from_pretrained(smollm2_pruned["folder"])
+    pruned = smollm2_pruned["model"]
+    _assert_same_state(_state(loaded.base_model), _state(pruned))
+    batch = smollm2_pruned["batch"]
+    with torch.no_grad():
+        assert torch.equal(loaded(**batch).logits, pruned(**batch).logits)
+    prompt = {k: v[:1] for k, v in batch.items()}
+    expected = pruned.generate(**prompt, max_new_tokens=8, do_sample=False)
+    assert torch.equal(loaded.generate(**prompt, max_new_tokens=8, do_sample=False), expected)
+
+
+def test_tied_embeddings_are_stored_once_and_tied_again(smollm2_pruned):
+    subnetwork = smollm2_pruned["subnetwork"]
+    stored = set(subnetwork.masks) | set(subnetwork.whole)
+    assert "model.embed_tokens.weight" in stored and "lm_head.weight" not in stored
+    loaded = AutoKENModelForCausalLM.from_pretrained(smollm2_pruned["folder"]).base_model
+    assert loaded.lm_head.weight.data_ptr() == loaded.model.embed_tokens.weight.data_ptr()
+
+
+def test_subnetwork_from_state_dicts_equals_from_models(minilm_finetune):
+    base = _minilm_base(minilm_finetune["base"])
+    finetuned = minilm_finetune["model"]
+    config = KENConfig(k=64, target_modules=["query", "value"])
+    from_models = KENSubnetwork.from_weights(base, finetuned, config, progress=False)
+    from_dicts = KENSubnetwork.from_weights(
+        dict(base.named_parameters()), dict(finetuned.named_parameters()), config, progress=False
+    )
+    assert from_models.masks.keys() == from_dicts.masks.keys()
+    # query and value, weight and bias, in 6 layers
+    assert len(from_models.masks) == 24
+    assert all(".query." in name or ".value." in name for name in from_models.masks)
+    for name in from_models.masks:
+        assert torch.equal(from_models.masks[name], from_dicts.masks[name])
