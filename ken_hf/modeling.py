@@ -136,7 +136,11 @@ def _ken_model_class(base_class: type) -> type:
     return type(
         base_class.__name__,
         (KENModel,),
-        {"forward": forward, "__module__": __name__, "__qualname__": f"KENModel[{base_class.__name__}]"},
+        {
+            "forward": forward,
+            "__module__": __name__,
+            "__qualname__": f"KENModel[{base_class.__name__}]",
+        },
     )
 
 

@@ -78,9 +78,14 @@ def _index_dtype(numel: int) -> torch.dtype:
     raise ValueError(f"tensor of {numel} elements is too large to index")
 
 
-def _checksum(tensor: torch.Tensor) -> str:
+def _checksum(tensor: torch.Tensor, shape: list[int]) -> str:
+    """xxh3 of a stored array's bytes and of the logical ``shape`` of the tensor it encodes
+    (an index list does not carry that shape itself)."""
+    hasher = xxhash.xxh3_64(repr(list(shape)).encode())
     data = tensor.contiguous().reshape(-1)
-    return xxhash.xxh3_64_hexdigest(data.view(torch.uint8).numpy().data) if data.numel() else "-"
+    if data.numel():
+        hasher.update(data.view(torch.uint8).numpy().data)
+    return hasher.hexdigest()
 
 
 def write_subnetwork(stored: StoredSubnetwork, path: str | os.PathLike) -> None:
@@ -106,7 +111,10 @@ def write_subnetwork(stored: StoredSubnetwork, path: str | os.PathLike) -> None:
             "dtype": str(values.dtype).removeprefix("torch."),
             "count": values.numel(),
             "encoding": encoding,
-            "checksums": [_checksum(values), _checksum(positions)],
+            "checksums": [
+                _checksum(values, list(mask.shape)),
+                _checksum(positions, list(mask.shape)),
+            ],
         }
     for name, tensor in stored.whole.items():
         tensor = tensor.detach().cpu().contiguous()
@@ -115,7 +123,7 @@ def write_subnetwork(stored: StoredSubnetwork, path: str | os.PathLike) -> None:
             "kind": "whole",
             "shape": list(tensor.shape),
             "dtype": str(tensor.dtype).removeprefix("torch."),
-            "checksums": [_checksum(tensor)],
+            "checksums": [_checksum(tensor, list(tensor.shape))],
         }
     # Model order, not sorted: errors name the first tensor as the model lists them.
     document = json.dumps({"tensors": entries, "fingerprints": stored.fingerprints})
@@ -195,7 +203,7 @@ def _validate(path: Path, document: dict, arrays: dict[str, torch.Tensor]) -> St
                 raise fail(
                     name, f"stored {tensor.dtype} {list(tensor.shape)}, header says {dtype} {shape}"
                 )
-            _check_sums(fail, name, checksums, [tensor])
+            _check_sums(fail, name, checksums, [tensor], shape)
             whole[name] = tensor
             expected_keys.add(key)
         elif entry.get("kind") == "pruned":
@@ -212,7 +220,7 @@ def _validate(path: Path, document: dict, arrays: dict[str, torch.Tensor]) -> St
                 packed = _array(arrays, f"pruned.{name}.mask", fail, name)
                 if packed.dtype != torch.uint8 or packed.shape != (-(-numel // 8),):
                     raise fail(name, "packed mask has the wrong type or length")
-                _check_sums(fail, name, checksums, [kept, packed])
+                _check_sums(fail, name, checksums, [kept, packed], shape)
                 bits = unpack_mask(packed, -(-numel // 8) * 8)
                 if bits[numel:].any():
                     raise fail(name, "packed mask has bits set past the tensor's end")
@@ -221,7 +229,7 @@ def _validate(path: Path, document: dict, arrays: dict[str, torch.Tensor]) -> St
                 positions = _array(arrays, f"pruned.{name}.indices", fail, name)
                 if positions.dtype != _index_dtype(numel) or positions.shape != (count,):
                     raise fail(name, "index list has the wrong type or length")
-                _check_sums(fail, name, checksums, [kept, positions])
+                _check_sums(fail, name, checksums, [kept, positions], shape)
                 positions = positions.long()
                 if count and (positions[0] < 0 or positions[-1] >= numel):
                     raise fail(name, "index out of range")
@@ -253,9 +261,9 @@ def _array(arrays, key, fail, name) -> torch.Tensor:
     return arrays[key]
 
 
-def _check_sums(fail, name, checksums, tensors) -> None:
+def _check_sums(fail, name, checksums, tensors, shape) -> None:
     if not isinstance(checksums, list) or len(checksums) != len(tensors):
         raise fail(name, "checksums missing")
     for expected, tensor in zip(checksums, tensors, strict=True):
-        if _checksum(tensor) != expected:
+        if _checksum(tensor, shape) != expected:
             raise fail(name, "checksum mismatch (corrupted data)")

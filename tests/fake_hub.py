@@ -1,0 +1,155 @@
+"""A minimal stand-in for the Hugging Face Hub's HTTP endpoint, on 127.0.0.1.
+
+It answers the handful of routes that huggingface_hub's real client uses to create a repo,
+commit files (inline, "regular" upload mode), describe a revision and serve files. The
+client code under test is the real huggingface_hub; only the server is fake.
+"""
+
+from __future__ import annotations
+
+import base64
+import hashlib
+import json
+import re
+import threading
+from http.server import BaseHTTPRequestHandler, ThreadingHTTPServer
+
+
+class FakeHub:
+    def __init__(self) -> None:
+        self.repos: dict[str, dict[str, bytes]] = {}
+        self.commits: dict[str, str] = {}
+        self.requests: list[str] = []
+        hub = self
+
+        class Handler(BaseHTTPRequestHandler):
+            def log_message(self, *args) -> None:  # keep test output quiet
+                pass
+
+            def do_HEAD(self) -> None:
+                hub._serve(self, head=True)
+
+            def do_GET(self) -> None:
+                hub._serve(self, head=False)
+
+            def do_POST(self) -> None:
+                hub._post(self)
+
+        self.server = ThreadingHTTPServer(("127.0.0.1", 0), Handler)
+        self.url = f"http://127.0.0.1:{self.server.server_address[1]}"
+        self.thread = threading.Thread(target=self.server.serve_forever, daemon=True)
+
+    def __enter__(self) -> FakeHub:
+        self.thread.start()
+        return self
+
+    def __exit__(self, *exc) -> None:
+        self.server.shutdown()
+        self.server.server_close()
+
+    # -- responses ----------------------------------------------------------------------
+    @staticmethod
+    def _send(handler, status: int, body: bytes = b"", headers: dict | None = None, head=False):
+        handler.send_response(status)
+        for key, value in (headers or {}).items():
+            handler.send_header(key, value)
+        handler.send_header("Content-Length", str(len(body)))
+        handler.end_headers()
+        if not head:
+            handler.wfile.write(body)
+
+    def _json(self, handler, status: int, payload, head=False) -> None:
+        self._send(
+            handler,
+            status,
+            json.dumps(payload).encode(),
+            {"Content-Type": "application/json"},
+            head,
+        )
+
+    def _not_found(self, handler, head=False) -> None:
+        self._send(handler, 404, b"{}", {"X-Error-Code": "EntryNotFound"}, head)
+
+    def _serve(self, handler, head: bool) -> None:
+        path = handler.path.split("?")[0]
+        self.requests.append(f"{handler.command} {path}")
+        info = re.fullmatch(r"/api/models/(.+?)/revision/([^/]+)", path)
+        if info:
+            repo = info.group(1)
+            if repo not in self.repos:
+                return self._send(handler, 404, b"{}", {"X-Error-Code": "RepoNotFound"}, head)
+            siblings = [{"rfilename": name} for name in sorted(self.repos[repo])]
+            return self._json(
+                handler, 200, {"id": repo, "sha": self.commits[repo], "siblings": siblings}, head
+            )
+        tree = re.fullmatch(r"/api/models/(.+?)/tree/([^/]+)", path)
+        if tree:
+            files = self.repos.get(tree.group(1), {})
+            entries = [
+                {
+                    "type": "file",
+                    "path": name,
+                    "size": len(data),
+                    "oid": hashlib.sha1(data).hexdigest(),
+                }
+                for name, data in sorted(files.items())
+            ]
+            return self._json(handler, 200, entries, head)
+        resolve = re.fullmatch(r"/(.+?)/resolve/([^/]+)/(.+)", path)
+        if resolve:
+            repo, _, filename = resolve.groups()
+            files = self.repos.get(repo, {})
+            if filename not in files:
+                return self._not_found(handler, head)
+            content = files[filename]
+            headers = {
+                "X-Repo-Commit": self.commits[repo],
+                "ETag": f'"{hashlib.sha1(content).hexdigest()}"',
+                "Content-Type": "application/octet-stream",
+            }
+            return self._send(handler, 200, content, headers, head)
+        return self._not_found(handler, head)
+
+    def _post(self, handler) -> None:
+        path = handler.path.split("?")[0]
+        self.requests.append(f"POST {path}")
+        body = handler.rfile.read(int(handler.headers.get("Content-Length", 0)))
+        if path == "/api/repos/create":
+            repo = json.loads(body)
+            repo_id = (
+                f"{repo['organization']}/{repo['name']}"
+                if repo.get("organization")
+                else repo["name"]
+            )
+            self.repos.setdefault(repo_id, {})
+            self.commits.setdefault(repo_id, "0" * 40)
+            return self._json(handler, 200, {"url": f"{self.url}/{repo_id}", "name": repo_id})
+        if path == "/api/validate-yaml":  # model card metadata check
+            return self._json(handler, 200, {"errors": [], "warnings": []})
+        preupload = re.fullmatch(r"/api/models/(.+?)/preupload/([^/]+)", path)
+        if preupload:
+            files = json.loads(body)["files"]
+            modes = [
+                {"path": f["path"], "uploadMode": "regular", "shouldIgnore": False} for f in files
+            ]
+            return self._json(handler, 200, {"files": modes})
+        commit = re.fullmatch(r"/api/models/(.+?)/commit/([^/]+)", path)
+        if commit:
+            repo = commit.group(1)
+            for line in body.decode().splitlines():
+                item = json.loads(line)
+                if item["key"] == "file":
+                    value = item["value"]
+                    self.repos[repo][value["path"]] = base64.b64decode(value["content"])
+            self.commits[repo] = hashlib.sha1(
+                json.dumps(sorted(self.repos[repo])).encode() + body
+            ).hexdigest()
+            return self._json(
+                handler,
+                200,
+                {
+                    "commitUrl": f"{self.url}/{repo}/commit/{self.commits[repo]}",
+                    "commitOid": self.commits[repo],
+                },
+            )
+        return self._not_found(handler)

@@ -1,0 +1,84 @@
+"""push_to_hub and from_pretrained("user/repo") through the real huggingface_hub client,
+against a fake Hub endpoint on localhost (the only part that is faked)."""
+
+from __future__ import annotations
+
+import json
+import os
+import subprocess
+import sys
+import textwrap
+
+import torch
+from transformers import AutoModelForSequenceClassification
+
+from fake_hub import FakeHub
+from ken_hf import KENConfig, KENSubnetwork
+from ken_hf.config import CONFIG_NAME
+from ken_hf.serialization import SUBNETWORK_NAME, read_subnetwork
+
+
+def _run(script: str, endpoint: str, cache: str, *, offline: bool = False) -> str:
+    """Run ``script`` in a fresh interpreter whose huggingface_hub talks to ``endpoint``."""
+    env = dict(
+        os.environ,
+        HF_ENDPOINT=endpoint,
+        HF_HOME=cache,
+        HF_HUB_OFFLINE="1" if offline else "0",
+        HF_TOKEN="hf_fake",
+    )
+    done = subprocess.run(
+        [sys.executable, "-c", textwrap.dedent(script)],
+        env=env,
+        capture_output=True,
+        text=True,
+        timeout=300,
+    )
+    assert done.returncode == 0, done.stderr[-3000:]
+    return done.stdout
+
+
+def test_push_publishes_only_the_subnetwork_and_loads_back_by_repo_id(minilm_finetune, tmp_path):
+    base = AutoModelForSequenceClassification.from_pretrained(minilm_finetune["base"], num_labels=2)
+    config = KENConfig(keep_ratio=0.25, base_model_name_or_path=minilm_finetune["base"])
+    subnetwork = KENSubnetwork.from_weights(
+        base, minilm_finetune["model"], config, new_tensors=minilm_finetune["new"], progress=False
+    )
+    folder = tmp_path / "local"
+    subnetwork.save_pretrained(folder)
+    with FakeHub() as hub:
+        cache = str(tmp_path / "hf-home")
+        _run(
+            f"""
+            from ken_hf import KENSubnetwork
+            url = KENSubnetwork.from_pretrained({str(folder)!r}).push_to_hub("me/minilm-ken")
+            print(url)
+            """,
+            hub.url,
+            cache,
+        )
+        assert sorted(hub.repos["me/minilm-ken"]) == sorted(
+            ["README.md", "config.json", CONFIG_NAME, SUBNETWORK_NAME]
+        )
+        (tmp_path / "pushed.safetensors").write_bytes(hub.repos["me/minilm-ken"][SUBNETWORK_NAME])
+        pushed = read_subnetwork(tmp_path / "pushed.safetensors")
+        assert all(torch.equal(pushed.values[n], subnetwork.values[n]) for n in subnetwork.values)
+        remote = _run(_logits_script("me/minilm-ken"), hub.url, cache)
+        assert any(r.startswith("GET /me/minilm-ken/resolve/") for r in hub.requests)
+        # again with HF_HUB_OFFLINE=1: served from the huggingface_hub cache
+        cached = _run(_logits_script("me/minilm-ken"), hub.url, cache, offline=True)
+        requests_before = len(hub.requests)
+    local = _run(_logits_script(str(folder)), hub.url, cache, offline=True)
+    assert json.loads(remote) == json.loads(local) == json.loads(cached)
+    assert requests_before == len(hub.requests)
+
+
+def _logits_script(source: str) -> str:
+    return f"""
+    import json, torch
+    from ken_hf import AutoKENModelForSequenceClassification
+    model = AutoKENModelForSequenceClassification.from_pretrained({source!r})
+    with torch.no_grad():
+        logits = model(input_ids=torch.tensor([[101, 2023, 3185, 2001, 2307, 102]])).logits
+    print(json.dumps(logits.tolist()))
+    """

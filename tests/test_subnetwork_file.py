@@ -1,0 +1,210 @@
+"""The subnetwork file: compact encodings, full validation on read, and atomic saves."""
+
+from __future__ import annotations
+
+import json
+import random
+import shutil
+import struct
+
+import pytest
+import torch
+import xxhash
+from transformers import AutoModelForSequenceClassification
+
+from ken_hf import KENConfig, KENFormatError, KENModel, KENSubnetwork
+from ken_hf.assets import minilm_path
+from ken_hf.serialization import SUBNETWORK_NAME, pack_mask, read_subnetwork, unpack_mask
+
+
+@pytest.fixture(scope="module")
+def small_subnetworks(minilm_finetune, tmp_path_factory):
+    """Two real subnetworks of the fine-tuned MiniLM, one stored as index lists (k=8), one
+    as packed masks (keep ratio 0.5), each with the classifier stored whole."""
+    base = AutoModelForSequenceClassification.from_pretrained(minilm_finetune["base"], num_labels=2)
+    folders = {}
+    for label, config in {
+        "indices": KENConfig(k=8, target_modules=["layer.0.attention.self.query"]),
+        "mask": KENConfig(keep_ratio=0.5, target_modules=["layer.1.attention.self.value"]),
+    }.items():
+        config.base_model_name_or_path = minilm_finetune["base"]
+        subnetwork = KENSubnetwork.from_weights(
+            base,
+            minilm_finetune["model"],
+            config,
+            new_tensors=minilm_finetune["new"],
+            progress=False,
+        )
+        folder = tmp_path_factory.mktemp("small") / label
+        subnetwork.save_pretrained(folder)
+        folders[label] = folder
+    return folders
+
+
+def _header(data: bytes) -> tuple[int, dict]:
+    (length,) = struct.unpack("<Q", data[:8])
+    return length, json.loads(data[8 : 8 + length])
+
+
+def test_encodings_chosen_by_size(small_subnetworks):
+    for label, folder in small_subnetworks.items():
+        _, header = _header((folder / SUBNETWORK_NAME).read_bytes())
+        keys = [k for k in header if k != "__metadata__"]
+        assert any(k.endswith("." + label) for k in keys), keys
+        assert "whole.classifier.weight" in keys
+
+
+def test_mask_packing_round_trips():
+    torch.manual_seed(0)
+    for numel in (1, 7, 8, 9, 1000):
+        mask = torch.rand(numel) < 0.3
+        assert torch.equal(unpack_mask(pack_mask(mask), numel), mask)
+
+
+def _same(a, b) -> bool:
+    return (
+        a.masks.keys() == b.masks.keys()
+        and all(torch.equal(a.masks[n], b.masks[n]) for n in a.masks)
+        and all(torch.equal(a.values[n], b.values[n]) for n in a.values)
+        and a.whole.keys() == b.whole.keys()
+        and all(torch.equal(a.whole[n], b.whole[n]) for n in a.whole)
+        and a.fingerprints == b.fingerprints
+    )
+
+
+def _byte_mutations(data: bytes, rng: random.Random, count: int) -> list[tuple[str, bytes]]:
+    length, _ = _header(data)
+    header_end = 8 + length
+    mutations = []
+    for i in range(count):
+        kind = i % 6
+        if kind == 0:
+            cut = rng.randrange(0, len(data))
+            mutations.append((f"truncate at {cut}", data[:cut]))
+        elif kind in (1, 2):  # a flipped byte in the header, then anywhere
+            where = rng.randrange(0, header_end if kind == 1 else len(data))
+            flipped = bytearray(data)
+            flipped[where] ^= rng.randrange(1, 256)
+            mutations.append((f"flip byte {where}", bytes(flipped)))
+        elif kind == 3:
+            start = rng.randrange(header_end, len(data))
+            zeroed = bytearray(data)
+            zeroed[start : start + rng.randrange(1, 64)] = bytes(min(64, len(data) - start))[
+                : len(zeroed[start : start + 64])
+            ]
+            mutations.append((f"zero from {start}", bytes(zeroed)[: len(data)]))
+        elif kind == 4:
+            where = rng.randrange(0, len(data))
+            mutations.append((f"insert at {where}", data[:where] + b"\x00\x01" + data[where:]))
+        else:
+            start = rng.randrange(0, len(data) - 1)
+            mutations.append((f"delete at {start}", data[:start] + data[start + 3 :]))
+    return mutations
+
+
+def _rewrite_metadata(data: bytes, edit) -> bytes:
+    """Apply ``edit`` to the ken JSON document and re-sign it, so that only the semantic
+    checks can catch the inconsistency."""
+    length, header = _header(data)
+    document = json.loads(header["__metadata__"]["ken"])
+    edit(document)
+    text = json.dumps(document)
+    header["__metadata__"]["ken"] = text
+    header["__metadata__"]["digest"] = xxhash.xxh3_64_hexdigest(text.encode())
+    encoded = json.dumps(header).encode()
+    encoded += b" " * (-len(encoded) % 8)
+    return struct.pack("<Q", len(encoded)) + encoded + data[8 + length :]
+
+
+def _semantic_mutations(data: bytes) -> list[tuple[str, bytes]]:
+    _, header = _header(data)
+    document = json.loads(header["__metadata__"]["ken"])
+    mutations = []
+    for name, entry in document["tensors"].items():
+
+        def set_field(field, value, name=name):
+            return lambda d: d["tensors"][name].__setitem__(field, value)
+
+        edits = {
+            "count+1": set_field("count", entry.get("count", 0) + 1),
+            "shape": set_field("shape", [*entry["shape"][:-1], entry["shape"][-1] + 1]),
+            "dtype": set_field("dtype", "float16"),
+            "kind": set_field("kind", "sparse"),
+            "checksum": set_field("checksums", ["0" * 16] * len(entry["checksums"])),
+            "drop": lambda d, name=name: d["tensors"].pop(name),
+        }
+        if entry["kind"] == "pruned":
+            other = "mask" if entry["encoding"] == "indices" else "indices"
+            edits["encoding"] = set_field("encoding", other)
+        for label, edit in edits.items():
+            mutations.append((f"{name}: {label}", _rewrite_metadata(data, edit)))
+    mutations.append(("fingerprints", _rewrite_metadata(data, lambda d: d.pop("fingerprints"))))
+    return mutations
+
+
+def test_two_hundred_mutations_raise_a_clear_error_or_read_identically(small_subnetworks, tmp_path):
+    rng = random.Random(0)
+    checked = 0
+    for folder in small_subnetworks.values():
+        data = (folder / SUBNETWORK_NAME).read_bytes()
+        original = read_subnetwork(folder / SUBNETWORK_NAME)
+        for label, mutated in _byte_mutations(data, rng, 120) + _semantic_mutations(data):
+            path = tmp_path / "mutated.safetensors"
+            path.write_bytes(mutated)
+            try:
+                result = read_subnetwork(path)
+            except KENFormatError as error:
+                assert str(path) in str(error), label
+            else:
+                assert _same(result, original), f"{label}: read without error but differs"
+            checked += 1
+    assert checked >= 200
+
+
+def test_foreign_and_missing_files_are_clear_errors(tmp_path):
+    with pytest.raises(KENFormatError, match="not a ken-hf subnetwork"):
+        read_subnetwork(minilm_path() / "model.safetensors")
+    (tmp_path / "junk.safetensors").write_text("hello")
+    with pytest.raises(KENFormatError, match="not a readable safetensors file"):
+        read_subnetwork(tmp_path / "junk.safetensors")
+    with pytest.raises(KENFormatError, match="no such subnetwork file"):
+        read_subnetwork(tmp_path / "absent.safetensors")
+
+
+def test_corrupted_folder_never_half_applies(small_subnetworks, minilm_finetune, tmp_path):
+    folder = tmp_path / "ken"
+    shutil.copytree(small_subnetworks["mask"], folder)
+    data = bytearray((folder / SUBNETWORK_NAME).read_bytes())
+    data[-5] ^= 0xFF  # inside the last stored array
+    (folder / SUBNETWORK_NAME).write_bytes(bytes(data))
+    base = AutoModelForSequenceClassification.from_pretrained(minilm_finetune["base"], num_labels=2)
+    before = {n: t.clone() for n, t in base.state_dict().items()}
+    with pytest.raises(KENFormatError, match="checksum mismatch"):
+        KENModel.from_pretrained(base, folder)
+    assert all(torch.equal(before[n], t) for n, t in base.state_dict().items())
+
+
+def test_interrupted_save_leaves_the_previous_folder_intact(small_subnetworks, monkeypatch):
+    folder = small_subnetworks["indices"]
+    before = {p.name: p.read_bytes() for p in folder.iterdir()}
+    subnetwork = KENSubnetwork.from_pretrained(small_subnetworks["mask"])
+
+    def crash(stored, path):
+        path.write_bytes(b"partial")
+        raise KeyboardInterrupt
+
+    monkeypatch.setattr("ken_hf.subnetwork.write_subnetwork", crash)
+    with pytest.raises(KeyboardInterrupt):
+        subnetwork.save_pretrained(folder)
+    assert {p.name: p.read_bytes() for p in folder.iterdir()} == before
+    assert [p.name for p in folder.parent.iterdir() if p.name.startswith(".")] == []
+
+
+def test_saving_over_an_existing_folder_replaces_it(small_subnetworks, tmp_path):
+    target = tmp_path / "ken"
+    shutil.copytree(small_subnetworks["indices"], target)
+    KENSubnetwork.from_pretrained(small_subnetworks["mask"]).save_pretrained(target)
+    assert _same(
+        read_subnetwork(target / SUBNETWORK_NAME),
+        read_subnetwork(small_subnetworks["mask"] / SUBNETWORK_NAME),
+    )
