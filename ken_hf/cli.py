@@ -1,59 +1,65 @@
-"""The ``ken`` command line."""
+"""The ``ken`` command line: thin wrappers over the library's functions."""
 
 from __future__ import annotations
 
 import argparse
 import sys
-import time
-from collections import defaultdict
 
 
-def _family(name: str) -> str:
-    """Tensor family of a parameter name: its name without layer numbers."""
-    return ".".join(part for part in name.split(".") if not part.isdigit())
+def _demo(args: argparse.Namespace) -> int:
+    from .demo import DemoSettings, run_demo
 
-
-def demo(args: argparse.Namespace) -> int:
-    """KEN selection over every tensor of the real all-MiniLM-L6-v2 checkpoint."""
-    from safetensors.torch import load_file
-
-    from .assets import minilm_path
-    from .selection import ken_select_many
-
-    weights = {
-        name: weight
-        for name, weight in load_file(str(minilm_path() / "model.safetensors")).items()
-        if weight.is_floating_point()  # skips the position_ids buffer
-    }
-    values = sum(w.numel() for w in weights.values())
-    print(f"all-MiniLM-L6-v2: {len(weights)} tensors, {values:,} values, k={args.k}")
-    families: dict[str, dict[str, object]] = defaultdict(dict)
-    for name, weight in weights.items():
-        families[_family(name)][name] = weight
-    print(f"{'tensor family':58s} {'values':>11s} {'kept':>7s} {'seconds':>8s}")
-    total_kept = total = 0
-    total_time = 0.0
-    for family, tensors in families.items():
-        start = time.perf_counter()
-        masks = ken_select_many(tensors, args.k, progress=args.progress)
-        elapsed = time.perf_counter() - start
-        kept = sum(int(m.sum()) for m in masks.values())
-        count = sum(m.numel() for m in masks.values())
-        total_kept, total, total_time = total_kept + kept, total + count, total_time + elapsed
-        print(f"{family:58s} {count:11,d} {kept / count:7.1%} {elapsed:8.2f}")
-    print(f"{'all':58s} {total:11,d} {total_kept / total:7.1%} {total_time:8.2f}")
+    settings = DemoSettings(
+        model=args.model,
+        dataset=args.dataset,
+        train_size=args.train_size,
+        eval_size=args.eval_size,
+        epochs=args.epochs,
+        keep_ratio=args.keep_ratio,
+        seed=args.seed,
+        output_dir=args.output_dir,
+    )
+    run_demo(settings)
     return 0
 
 
-def main(argv: list[str] | None = None) -> int:
+def build_parser() -> argparse.ArgumentParser:
+    from .demo import PACKAGED_DATASET, DemoSettings
+
+    defaults = DemoSettings()
     parser = argparse.ArgumentParser(prog="ken", description="KEN pruning for Hugging Face models")
     commands = parser.add_subparsers(dest="command", required=True)
-    demo_parser = commands.add_parser("demo", help="run KEN on the packaged all-MiniLM-L6-v2")
-    demo_parser.add_argument("--k", type=int, default=96, help="values kept per row")
-    demo_parser.add_argument("--progress", action="store_true", help="show progress bars")
-    demo_parser.set_defaults(run=demo)
+    demo = commands.add_parser(
+        "demo",
+        help="fine-tune with KENCallback on real data, report, reload",
+        description="Fine-tune a model with KENCallback, print what KEN kept and cost, and "
+        "reload the saved subnetwork. Defaults: the packaged all-MiniLM-L6-v2 on the packaged "
+        "Rotten Tomatoes snippets, offline.",
+    )
+    demo.add_argument("--model", default=None, help="Hub id or folder (default: packaged MiniLM)")
+    demo.add_argument(
+        "--dataset",
+        default=PACKAGED_DATASET,
+        help=f"Hub id or folder with text/label columns (default: {PACKAGED_DATASET})",
+    )
+    demo.add_argument("--train-size", type=int, default=defaults.train_size)
+    demo.add_argument("--eval-size", type=int, default=defaults.eval_size)
+    demo.add_argument("--epochs", type=float, default=defaults.epochs)
+    demo.add_argument("--keep-ratio", type=float, default=defaults.keep_ratio)
+    demo.add_argument("--seed", type=int, default=defaults.seed)
+    demo.add_argument("--output-dir", default=defaults.output_dir)
+    demo.set_defaults(run=_demo)
+    return parser
+
+
+def main(argv: list[str] | None = None) -> int:
+    parser = build_parser()
     args = parser.parse_args(argv)
-    return args.run(args)
+    try:
+        return args.run(args)
+    except (ValueError, FileNotFoundError) as error:
+        print(f"ken {args.command}: error: {error}", file=sys.stderr)
+        return 2
 
 
 if __name__ == "__main__":

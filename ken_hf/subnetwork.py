@@ -9,7 +9,7 @@ from __future__ import annotations
 
 import dataclasses
 import os
-from collections.abc import Mapping
+from collections.abc import Callable, Mapping
 from dataclasses import dataclass, field
 from pathlib import Path
 
@@ -22,6 +22,18 @@ from .selection.rows import as_rows
 from .serialization import SUBNETWORK_NAME, StoredSubnetwork, read_subnetwork, write_subnetwork
 
 Weights = torch.nn.Module | Mapping[str, torch.Tensor]
+# Selects masks for tensors grouped by k: ({k: {name: tensor}}, compat, progress) -> masks.
+MaskSelector = Callable[[dict[int, dict[str, torch.Tensor]], bool, bool], dict[str, torch.Tensor]]
+
+
+def select_masks(
+    groups: dict[int, dict[str, torch.Tensor]], compat: bool, progress: bool
+) -> dict[str, torch.Tensor]:
+    """KEN masks for tensors grouped by their k, in this process."""
+    masks: dict[str, torch.Tensor] = {}
+    for k, tensors in groups.items():
+        masks.update(ken_select_many(tensors, k, compat=compat, progress=progress))
+    return masks
 
 
 class BaseMismatchError(ValueError):
@@ -73,13 +85,15 @@ class KENSubnetwork:
         *,
         new_tensors: frozenset[str] | set[str] = frozenset(),
         progress: bool = True,
+        selector: MaskSelector = select_masks,
     ) -> KENSubnetwork:
         """Select the subnetwork of ``finetuned`` (a model or state dict) against ``base``.
 
         Every floating-point tensor of ``finetuned`` is pruned, stored whole or left to the
         base, as ``config`` says. Tensors absent from ``base`` or named in ``new_tensors``
         (newly initialised ones, such as a classification head: their "pre-trained" values
-        are random) are stored whole and not fingerprinted.
+        are random) are stored whole and not fingerprinted. ``selector`` computes the masks
+        (the training layer passes one that shares the work among distributed ranks).
         """
         base_tensors = {
             name: t for name, t in parameters_of(base).items() if name not in new_tensors
@@ -101,9 +115,7 @@ class KENSubnetwork:
             if config.targets(name):
                 k = config.k_for(as_rows(tensor).shape[1])
                 to_prune.setdefault(k, {})[name] = tensor.detach()
-        masks: dict[str, torch.Tensor] = {}
-        for k, tensors in to_prune.items():
-            masks.update(ken_select_many(tensors, k, compat=config.compat, progress=progress))
+        masks = selector(to_prune, config.compat, progress)
         values = {name: finetuned_tensors[name].detach()[mask] for name, mask in masks.items()}
         fingerprints = {
             name: tensor_fingerprint(base_tensors[name])
@@ -252,13 +264,14 @@ def prune_model(
     *,
     new_tensors: frozenset[str] | set[str] = frozenset(),
     progress: bool = True,
+    selector: MaskSelector = select_masks,
 ) -> KENSubnetwork:
     """The functional path: select KEN's subnetwork of ``finetuned`` against ``base`` (a
     model or state dict), reset ``finetuned`` in place to what the subnetwork rebuilds
     (kept values fine-tuned, all else pre-trained), and return the subnetwork.
-    ``new_tensors``: as in ``KENSubnetwork.from_weights``."""
+    ``new_tensors`` and ``selector``: as in ``KENSubnetwork.from_weights``."""
     subnetwork = KENSubnetwork.from_weights(
-        base, finetuned, config, new_tensors=new_tensors, progress=progress
+        base, finetuned, config, new_tensors=new_tensors, progress=progress, selector=selector
     )
     base_tensors = parameters_of(base)
     with torch.no_grad():

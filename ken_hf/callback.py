@@ -1,0 +1,277 @@
+"""``KENCallback``: KEN at the end of any transformers ``Trainer`` run.
+
+Memory: the pre-trained values are snapshotted when training begins, one copy of every
+parameter, on the CPU by default (``snapshot_device``): as much host memory as the model's
+weights take (90 MB for MiniLM, 540 MB for SmolLM2-135M in fp32, 28 GB for a 7B model in
+fp32). When a run resumes from a checkpoint, the snapshot is read from the base
+checkpoint instead, so that KEN resets to the pre-trained values, not the resumed ones.
+
+Distributed runs (DDP, e.g. ``accelerate launch --num_processes 2``): the tensors are
+shared out among the ranks, each selects its share, and the masks are broadcast, so every
+rank ends with identical weights; only the main process writes files. Sharded runs
+(DeepSpeed ZeRO-3, FSDP) are not supported yet: the callback refuses them with a clear
+error rather than selecting on shards.
+"""
+
+from __future__ import annotations
+
+import dataclasses
+import inspect
+import json
+import time
+from pathlib import Path
+
+import torch
+from transformers import Trainer, TrainerCallback
+from transformers.utils import logging
+
+from .config import KENConfig
+from .hub import new_parameters
+from .io import write_text_atomic
+from .subnetwork import KENSubnetwork, parameters_of, prune_model, select_masks
+
+logger = logging.get_logger(__name__)
+
+
+@dataclasses.dataclass
+class AutoK:
+    """Search for the smallest keep ratio whose eval metric stays within ``tolerance`` of
+    the unpruned model's, with at most ``max_evaluations`` evaluations (bisection between
+    ``low`` and 1). ``metric`` is a key of ``Trainer.evaluate``'s output without its prefix;
+    ``greater_is_better`` says which way it points."""
+
+    metric: str = "loss"
+    tolerance: float = 0.01
+    low: float = 0.05
+    max_evaluations: int = 6
+    greater_is_better: bool = False
+
+
+class KENCallback(TrainerCallback):
+    """Run KEN when training ends: select per row, reset the rest to the pre-trained values
+    in place, evaluate before and after on the Trainer's eval set (metrics logged as
+    ``ken_before_*`` and ``ken_after_*``), and save the subnetwork with ``ken_report.json``.
+
+    Args:
+        config: a ``KENConfig``; or give ``k`` / ``keep_ratio`` (and any other field).
+        save_dir: where the subnetwork goes; default ``<output_dir>/ken``.
+        evaluate: evaluate before and after KEN when the Trainer has an eval set.
+        auto_k: an ``AutoK`` search for the keep ratio (replaces k / keep_ratio).
+        snapshot_device: where the pre-trained snapshot is kept.
+    """
+
+    def __init__(
+        self,
+        config: KENConfig | None = None,
+        *,
+        k: int | None = None,
+        keep_ratio: float | None = None,
+        save_dir: str | None = None,
+        evaluate: bool = True,
+        auto_k: AutoK | None = None,
+        snapshot_device: str | torch.device = "cpu",
+        **config_fields,
+    ) -> None:
+        if config is None:
+            if auto_k is not None and k is None and keep_ratio is None:
+                keep_ratio = 1.0  # replaced by the search
+            config = KENConfig(k=k, keep_ratio=keep_ratio, **config_fields)
+        elif k is not None or keep_ratio is not None or config_fields:
+            raise ValueError("give either a KENConfig or its fields, not both")
+        self.config = config
+        self.save_dir = save_dir
+        self.evaluate = evaluate
+        self.auto_k = auto_k
+        self.snapshot_device = torch.device(snapshot_device)
+        self.pretrained: dict[str, torch.Tensor] = {}
+        self.new_tensors: set[str] = set()
+        self.subnetwork: KENSubnetwork | None = None
+        self.report: dict = {}
+        self.auto_k_curve: list[dict] = []
+        self._trainer: Trainer | None = None
+
+    def bind(self, trainer: Trainer) -> KENCallback:
+        """Use ``trainer`` (normally found automatically: the Trainer that calls us)."""
+        self._trainer = trainer
+        return self
+
+    # -- events ---------------------------------------------------------------------------
+    def on_train_begin(self, args, state, control, model=None, **kwargs):
+        trainer = self._find_trainer()
+        model = _unwrap(trainer)
+        _refuse_sharded(trainer)
+        base_name = self.config.base_model_name_or_path or getattr(model, "name_or_path", "")
+        if base_name and self.config.base_model_name_or_path is None:
+            revision = getattr(model.config, "_commit_hash", None)
+            self.config = dataclasses.replace(
+                self.config,
+                base_model_name_or_path=base_name,
+                base_model_revision=self.config.base_model_revision or revision,
+            )
+        if base_name:
+            self.new_tensors = new_parameters(
+                model, base_name, revision=self.config.base_model_revision
+            )
+        else:
+            logger.warning(
+                "KENCallback: the model names no base checkpoint (name_or_path); every "
+                "parameter is treated as pre-trained. Set KENConfig.base_model_name_or_path."
+            )
+        if state.global_step > 0:  # resumed: the model holds trained values already
+            if not base_name:
+                raise ValueError("KENCallback: resuming needs KENConfig.base_model_name_or_path")
+            base = type(model).from_pretrained(
+                base_name, config=model.config, revision=self.config.base_model_revision
+            )
+            source = parameters_of(base)
+        else:
+            source = parameters_of(model)
+        self.pretrained = {
+            name: t.detach().to(self.snapshot_device, copy=True) for name, t in source.items()
+        }
+
+    def on_train_end(self, args, state, control, **kwargs):
+        trainer = self._find_trainer()
+        model = _unwrap(trainer)
+        evaluate = self.evaluate and trainer.eval_dataset is not None
+        before = trainer.evaluate(metric_key_prefix="ken_before") if evaluate else {}
+        if self.auto_k is not None:
+            self.config = dataclasses.replace(
+                self.config, k=None, keep_ratio=self._search_keep_ratio(trainer, model, before)
+            )
+        start = time.perf_counter()
+        self.subnetwork = prune_model(
+            model,
+            self.pretrained,
+            self.config,
+            new_tensors=self.new_tensors,
+            progress=state.is_world_process_zero and not args.disable_tqdm,
+            selector=_shared_selector(),
+        )
+        seconds = time.perf_counter() - start
+        after = trainer.evaluate(metric_key_prefix="ken_after") if evaluate else {}
+        total = sum(p.numel() for p in parameters_of(model).values())
+        summary = {
+            "ken_reset_fraction": self.subnetwork.reset_fraction(total),
+            "ken_kept_fraction": self.subnetwork.kept_fraction(),
+            "ken_selection_seconds": seconds,
+        }
+        trainer.log(summary)
+        self.subnetwork.metrics = {
+            key: value for key, value in {**before, **after}.items() if isinstance(value, float)
+        }
+        self.report = {
+            **summary,
+            "config": self.subnetwork.config.to_dict(),
+            "metrics_before": before,
+            "metrics_after": after,
+            "tensors": {
+                name: {"kept": int(mask.sum()), "values": mask.numel()}
+                for name, mask in self.subnetwork.masks.items()
+            },
+            "stored_whole": sorted(self.subnetwork.whole),
+            "auto_k_curve": self.auto_k_curve,
+        }
+        if trainer.is_world_process_zero():
+            folder = Path(self.save_dir or Path(args.output_dir) / "ken")
+            self.subnetwork.save_pretrained(folder)
+            write_text_atomic(folder / "ken_report.json", json.dumps(self.report, indent=2) + "\n")
+            logger.info(f"KEN subnetwork saved to {folder}")
+        self.pretrained = {}
+
+    # -- helpers --------------------------------------------------------------------------
+    def _find_trainer(self) -> Trainer:
+        """The Trainer whose event we are handling: callbacks are not handed it, so look up
+        the calling frames for it (``bind`` sets it explicitly)."""
+        if self._trainer is not None:
+            return self._trainer
+        frame = inspect.currentframe()
+        while frame is not None:
+            candidate = frame.f_locals.get("self")
+            if isinstance(candidate, Trainer):
+                self._trainer = candidate
+                return candidate
+            frame = frame.f_back
+        raise RuntimeError("KENCallback must run inside a transformers Trainer (or call bind)")
+
+    def _search_keep_ratio(self, trainer: Trainer, model, before: dict) -> float:
+        """Bisection on the keep ratio; each probe prunes a copy of the fine-tuned values
+        and evaluates, then the fine-tuned values are put back. The curve is logged."""
+        search = self.auto_k
+        key = f"ken_before_{search.metric}"
+        if key not in before:
+            raise ValueError(f"auto_k: metric {search.metric!r} not in {sorted(before)}")
+        reference = before[key]
+        finetuned = {n: t.detach().clone() for n, t in parameters_of(model).items()}
+        low, high = search.low, 1.0
+        curve = []
+        for _ in range(search.max_evaluations):
+            ratio = (low + high) / 2
+            config = dataclasses.replace(self.config, k=None, keep_ratio=ratio)
+            prune_model(
+                model,
+                self.pretrained,
+                config,
+                new_tensors=self.new_tensors,
+                progress=False,
+                selector=_shared_selector(),
+            )
+            value = trainer.evaluate(metric_key_prefix="ken_probe")[f"ken_probe_{search.metric}"]
+            with torch.no_grad():
+                for name, parameter in parameters_of(model).items():
+                    parameter.copy_(finetuned[name])
+            loss_of_quality = reference - value if search.greater_is_better else value - reference
+            good = loss_of_quality <= search.tolerance * abs(reference)
+            curve.append({"keep_ratio": ratio, search.metric: value, "within_tolerance": good})
+            trainer.log({"ken_auto_k_ratio": ratio, f"ken_auto_k_{search.metric}": value})
+            low, high = (low, ratio) if good else (ratio, high)
+        self.auto_k_curve = curve
+        return high
+
+
+def _unwrap(trainer: Trainer) -> torch.nn.Module:
+    return trainer.accelerator.unwrap_model(trainer.model, keep_torch_compile=False)
+
+
+def _refuse_sharded(trainer: Trainer) -> None:
+    if getattr(trainer, "is_deepspeed_enabled", False) or getattr(
+        trainer, "is_fsdp_enabled", False
+    ):
+        raise NotImplementedError(
+            "KENCallback does not support sharded training (DeepSpeed ZeRO-3 / FSDP) yet: "
+            "it needs each full tensor, gathered one at a time. Use DDP, or prune the saved "
+            "checkpoint afterwards with KENSubnetwork.from_weights."
+        )
+
+
+def _shared_selector():
+    """``select_masks`` when alone; with torch.distributed, each rank selects a share of the
+    tensors (balanced by size) and broadcasts its masks to the others."""
+    if not (torch.distributed.is_available() and torch.distributed.is_initialized()):
+        return select_masks
+    distributed = torch.distributed
+
+    def selector(groups, compat, progress):
+        rank, world = distributed.get_rank(), distributed.get_world_size()
+        owner: dict[str, int] = {}
+        load = [0] * world
+        tensors = [(name, t) for group in groups.values() for name, t in group.items()]
+        for name, tensor in sorted(tensors, key=lambda item: (-item[1].numel(), item[0])):
+            owner[name] = min(range(world), key=load.__getitem__)
+            load[owner[name]] += tensor.numel()
+        mine = {
+            k: {name: t for name, t in group.items() if owner[name] == rank}
+            for k, group in groups.items()
+        }
+        masks = select_masks(mine, compat, progress)
+        for name, tensor in tensors:
+            buffer = (
+                masks[name].to(torch.uint8)
+                if owner[name] == rank
+                else torch.empty(tensor.shape, dtype=torch.uint8, device=tensor.device)
+            )
+            distributed.broadcast(buffer, src=owner[name])
+            masks[name] = buffer.bool()
+        return masks
+
+    return selector
