@@ -1,0 +1,264 @@
+"""KENCallback inside real transformers Trainer runs."""
+
+from __future__ import annotations
+
+import json
+import os
+import subprocess
+import sys
+from pathlib import Path
+
+import pytest
+import torch
+from transformers import (
+    AutoModelForCausalLM,
+    AutoModelForSequenceClassification,
+    AutoTokenizer,
+    DataCollatorForLanguageModeling,
+    DataCollatorWithPadding,
+    Trainer,
+    TrainingArguments,
+)
+
+from ken_hf import AutoKENModelForCausalLM, AutoKENModelForSequenceClassification, KENCallback
+from ken_hf.assets import minilm_path, movie_reviews, smollm2_path
+from ken_hf.callback import AutoK, _refuse_sharded
+from ken_hf.metrics import classification_metrics
+from ken_hf.tasks import movie_review_splits
+
+# Two layers only, to keep selection quick; everything else goes back to pre-trained.
+LAYERS_0_1 = r"bert\.encoder\.layer\.[01]\..*"
+
+
+@pytest.fixture(scope="module")
+def splits():
+    tokenizer = AutoTokenizer.from_pretrained(minilm_path())
+    train, held_out = movie_review_splits(tokenizer, train_size=64, eval_size=32, max_length=32)
+    return tokenizer, train, held_out
+
+
+def _train(tmp_path, splits, callback, *, model=None, resume=None, **arguments):
+    tokenizer, train, held_out = splits
+    torch.manual_seed(0)
+    model = model or AutoModelForSequenceClassification.from_pretrained(minilm_path(), num_labels=2)
+    settings = {
+        "output_dir": str(tmp_path / "run"),
+        "per_device_train_batch_size": 16,
+        "per_device_eval_batch_size": 32,
+        "num_train_epochs": 1,
+        "report_to": [],
+        "save_strategy": "no",
+        "use_cpu": True,
+        "disable_tqdm": True,
+        "seed": 0,
+    }
+    args = TrainingArguments(**(settings | arguments))
+    trainer = Trainer(
+        model=model,
+        args=args,
+        train_dataset=train,
+        eval_dataset=held_out,
+        data_collator=DataCollatorWithPadding(tokenizer),
+        compute_metrics=classification_metrics("accuracy"),
+        callbacks=[callback],
+    )
+    trainer.train(resume_from_checkpoint=resume)
+    return trainer
+
+
+def _pretrained() -> dict[str, torch.Tensor]:
+    model = AutoModelForSequenceClassification.from_pretrained(minilm_path(), num_labels=2)
+    return dict(model.named_parameters())
+
+
+def test_fp32_run_prunes_evaluates_logs_and_saves(tmp_path, splits):
+    callback = KENCallback(keep_ratio=0.5, target_modules=LAYERS_0_1)
+    trainer = _train(tmp_path, splits, callback)
+    logged = {key for entry in trainer.state.log_history for key in entry}
+    assert {"ken_before_accuracy", "ken_after_accuracy", "ken_reset_fraction"} <= logged
+    folder = tmp_path / "run" / "ken"
+    report = json.loads((folder / "ken_report.json").read_text())
+    assert (
+        report["metrics_before"]["ken_before_accuracy"]
+        == callback.report["metrics_before"]["ken_before_accuracy"]
+    )
+    name = "bert.encoder.layer.1.attention.self.key.weight"
+    assert report["tensors"][name] == {"kept": 384 * 192, "values": 384 * 384}
+    assert report["stored_whole"] == ["classifier.bias", "classifier.weight"]
+
+    pretrained, final = _pretrained(), dict(trainer.model.named_parameters())
+    mask = callback.subnetwork.masks[name]
+    assert torch.equal(final[name][~mask], pretrained[name][~mask])
+    assert not torch.equal(final[name][mask], pretrained[name][mask])  # trained values kept
+    untargeted = "bert.encoder.layer.4.output.dense.weight"
+    assert torch.equal(final[untargeted], pretrained[untargeted])
+    reloaded = AutoKENModelForSequenceClassification.from_pretrained(folder).base_model
+    for key, value in trainer.model.state_dict().items():
+        assert torch.equal(reloaded.state_dict()[key], value), key
+
+
+def test_resumed_run_resets_to_the_base_checkpoint_not_the_resumed_weights(tmp_path, splits):
+    first = _train(
+        tmp_path,
+        splits,
+        KENCallback(keep_ratio=0.5, target_modules=LAYERS_0_1, evaluate=False),
+        save_strategy="steps",
+        save_steps=2,
+        max_steps=2,
+    )
+    assert first.state.global_step == 2
+    checkpoint = tmp_path / "run" / "checkpoint-2"
+    callback = KENCallback(keep_ratio=0.5, target_modules=LAYERS_0_1, evaluate=False)
+    _train(tmp_path, splits, callback, resume=str(checkpoint), max_steps=4)
+    pretrained = _pretrained()
+    resumed = AutoModelForSequenceClassification.from_pretrained(checkpoint)
+    name = "bert.encoder.layer.0.intermediate.dense.weight"
+    reset = ~callback.subnetwork.masks[name]
+    final = dict(callback._trainer.model.named_parameters())[name]
+    assert torch.equal(final[reset], pretrained[name][reset])
+    assert not torch.equal(final[reset], dict(resumed.named_parameters())[name][reset])
+
+
+@pytest.mark.parametrize(
+    "arguments",
+    [
+        {"bf16": True},
+        {"fp16": True},
+        {"activation_checkpointing": True},
+        {"torch_compile": True, "torch_compile_backend": "eager"},
+    ],
+    ids=["bf16", "fp16", "gradient-checkpointing", "torch-compile"],
+)
+def test_training_modes(tmp_path, splits, arguments):
+    callback = KENCallback(k=96, target_modules=LAYERS_0_1)
+    trainer = _train(tmp_path, splits, callback, **arguments)
+    assert "ken_after_accuracy" in callback.report["metrics_after"]
+    masks = callback.subnetwork.masks
+    assert (masks["bert.encoder.layer.0.attention.self.query.weight"].sum(dim=1) == 96).all()
+    folder = tmp_path / "run" / "ken"
+    reloaded = AutoKENModelForSequenceClassification.from_pretrained(folder).base_model
+    plain = trainer.accelerator.unwrap_model(trainer.model, keep_torch_compile=False)
+    for key, value in plain.state_dict().items():
+        assert torch.equal(reloaded.state_dict()[key], value), key
+
+
+def test_tied_lm_head_is_stored_once_and_tied_after_reload(tmp_path):
+    path = smollm2_path(2)
+    tokenizer = AutoTokenizer.from_pretrained(path)
+    texts = movie_reviews()[0][:32]
+    from datasets import Dataset
+
+    data = Dataset.from_dict({"text": texts}).map(
+        lambda b: tokenizer(b["text"], truncation=True, max_length=32),
+        batched=True,
+        remove_columns=["text"],
+    )
+    callback = KENCallback(keep_ratio=0.25)
+    trainer = Trainer(
+        model=AutoModelForCausalLM.from_pretrained(path),
+        args=TrainingArguments(
+            output_dir=str(tmp_path),
+            max_steps=2,
+            per_device_train_batch_size=8,
+            report_to=[],
+            save_strategy="no",
+            use_cpu=True,
+            disable_tqdm=True,
+        ),
+        train_dataset=data,
+        data_collator=DataCollatorForLanguageModeling(tokenizer, mlm=False),
+        callbacks=[callback],
+    )
+    trainer.train()
+    stored = set(callback.subnetwork.masks) | set(callback.subnetwork.whole)
+    assert "model.embed_tokens.weight" in stored and "lm_head.weight" not in stored
+    model = trainer.model
+    assert model.lm_head.weight.data_ptr() == model.model.embed_tokens.weight.data_ptr()
+    reloaded = AutoKENModelForCausalLM.from_pretrained(tmp_path / "ken").base_model
+    assert reloaded.lm_head.weight.data_ptr() == reloaded.model.embed_tokens.weight.data_ptr()
+    assert torch.equal(reloaded.lm_head.weight, model.lm_head.weight)
+
+
+def test_auto_k_searches_a_bounded_number_of_ratios(tmp_path, splits):
+    callback = KENCallback(
+        target_modules=LAYERS_0_1, auto_k=AutoK(metric="loss", tolerance=0.02, max_evaluations=3)
+    )
+    trainer = _train(tmp_path, splits, callback)
+    curve = callback.auto_k_curve
+    assert len(curve) == 3 and all("loss" in point for point in curve)
+    chosen = callback.subnetwork.config.keep_ratio
+    assert 0.05 < chosen <= 1.0
+    within = [p["keep_ratio"] for p in curve if p["within_tolerance"]]
+    assert chosen == (min(within) if within else 1.0)
+    assert sum("ken_auto_k_ratio" in entry for entry in trainer.state.log_history) == 3
+
+
+def test_sharded_training_is_refused_clearly():
+    class Sharded:
+        is_fsdp_enabled = True
+
+    with pytest.raises(NotImplementedError, match="FSDP"):
+        _refuse_sharded(Sharded())
+
+
+DDP_SCRIPT = """
+import json, os, sys, torch
+from transformers import (AutoModelForSequenceClassification, AutoTokenizer,
+    DataCollatorWithPadding, Trainer, TrainingArguments)
+from ken_hf import KENCallback
+from ken_hf.assets import minilm_path
+from ken_hf.fingerprint import tensor_fingerprint
+from ken_hf.tasks import movie_review_splits
+out = sys.argv[1]
+tokenizer = AutoTokenizer.from_pretrained(minilm_path())
+train, held_out = movie_review_splits(tokenizer, train_size=64, eval_size=32, max_length=32)
+torch.manual_seed(0)
+model = AutoModelForSequenceClassification.from_pretrained(minilm_path(), num_labels=2)
+callback = KENCallback(keep_ratio=0.5, target_modules=r"bert\\.encoder\\.layer\\.[0-2]\\..*")
+trainer = Trainer(model=model, args=TrainingArguments(output_dir=out, per_device_train_batch_size=8,
+    num_train_epochs=1, report_to=[], save_strategy="no", use_cpu=True, disable_tqdm=True, seed=0),
+    train_dataset=train, eval_dataset=held_out, data_collator=DataCollatorWithPadding(tokenizer),
+    callbacks=[callback])
+trainer.train()
+rank = trainer.args.process_index
+result = {"rank": rank, "world": trainer.args.world_size,
+          "fingerprints": {n: tensor_fingerprint(p) for n, p in trainer.model.named_parameters()},
+          "saved": trainer.is_world_process_zero()}
+with open(os.path.join(out, f"rank{rank}.json"), "w") as f:
+    json.dump(result, f)
+"""
+
+
+def test_ddp_two_cpu_processes_share_selection_and_end_identical(tmp_path):
+    script = tmp_path / "ddp_run.py"
+    script.write_text(DDP_SCRIPT)
+    out = tmp_path / "out"
+    launcher = Path(sys.executable).parent / "accelerate"
+    env = dict(os.environ, OMP_NUM_THREADS="1")
+    done = subprocess.run(
+        [
+            str(launcher),
+            "launch",
+            "--multi_gpu",  # the torchrun launcher; with no GPU and use_cpu=True: gloo DDP
+            "--num_processes",
+            "2",
+            "--num_machines",
+            "1",
+            "--mixed_precision",
+            "no",
+            "--dynamo_backend",
+            "no",
+            str(script),
+            str(out),
+        ],
+        capture_output=True,
+        text=True,
+        timeout=900,
+        env=env,
+    )
+    assert done.returncode == 0, done.stderr[-4000:]
+    ranks = [json.loads((out / f"rank{r}.json").read_text()) for r in (0, 1)]
+    assert [r["world"] for r in ranks] == [2, 2]
+    assert ranks[0]["fingerprints"] == ranks[1]["fingerprints"]
+    assert [r["saved"] for r in ranks] == [True, False]
+    assert (out / "ken" / "ken_subnetwork.safetensors").is_file()
