@@ -106,10 +106,12 @@ def bench_model(label: str, path: str, work: Path) -> dict:
                 "selection_seconds": select_seconds,
             }
         )
+        row = rows[-1]
         print(
-            f"{label:8s} keep {ratio:4.2f}: {stored / 2**20:8.2f} MiB = {rows[-1]['percent_of_full']:5.1f}% "
-            f"of full, {rows[-1]['vs_kept_fraction_of_full']:.3f}x kept fraction x full "
-            f"(+{whole / 2**20:.2f} MiB whole), selection {select_seconds:.1f} s",
+            f"{label:8s} keep {ratio:4.2f}: {stored / 2**20:8.2f} MiB = "
+            f"{row['percent_of_full']:5.1f}% of full, {row['vs_kept_fraction_of_full']:.3f}x "
+            f"kept fraction x full (+{whole / 2**20:.2f} MiB whole), "
+            f"selection {select_seconds:.1f} s",
             flush=True,
         )
 
@@ -130,13 +132,12 @@ def bench_model(label: str, path: str, work: Path) -> dict:
         "switch_vs_reload": switch / ken_load,
     }
     print(
-        f"{label:8s} load: full {full_load:.2f} s, KEN {ken_load:.2f} s ({timing['load_ratio']:.2f}x); "
-        f"switch {switch * 1000:.0f} ms ({timing['switch_vs_reload']:.3f}x a reload)",
+        f"{label:8s} load: full {full_load:.2f} s, KEN {ken_load:.2f} s "
+        f"({timing['load_ratio']:.2f}x); switch {switch * 1000:.0f} ms "
+        f"({timing['switch_vs_reload']:.3f}x a reload)",
         flush=True,
     )
-    print(
-        f"{label:8s} full checkpoint {full / 2**20:.1f} MiB, LoRA r=8 adapter {lora / 2**20:.2f} MiB"
-    )
+    print(f"{label:8s} full checkpoint {full / 2**20:.1f} MiB, LoRA r=8 {lora / 2**20:.2f} MiB")
     return {"full_bytes": full, "lora_r8_bytes": lora, "ken": rows, **timing}
 
 

@@ -166,8 +166,8 @@ class KENCallback(TrainerCallback):
             "metrics_before": before,
             "metrics_after": after,
             "tensors": {
-                name: {"kept": int(mask.sum()), "values": mask.numel()}
-                for name, mask in self.subnetwork.masks.items()
+                name: {"kept": pruned.positions.numel(), "values": pruned.shape.numel()}
+                for name, pruned in self.subnetwork.pruned.items()
             },
             "stored_whole": sorted(self.subnetwork.whole),
             "auto_k_curve": self.auto_k_curve,

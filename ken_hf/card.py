@@ -32,8 +32,8 @@ def model_card(subnetwork: KENSubnetwork, folder: Path) -> str:
     )
     rule = f"k = {config.k} values per row" if config.k else f"keep ratio {config.keep_ratio:g}"
     stored = (folder / SUBNETWORK_NAME).stat().st_size
-    pruned_values = sum(m.numel() for m in subnetwork.masks.values())
-    kept_values = sum(v.numel() for v in subnetwork.values.values())
+    pruned_values = sum(p.shape.numel() for p in subnetwork.pruned.values())
+    kept_values = sum(p.positions.numel() for p in subnetwork.pruned.values())
     whole_values = sum(t.numel() for t in subnetwork.whole.values())
     auto = next(
         (
@@ -55,7 +55,7 @@ def model_card(subnetwork: KENSubnetwork, folder: Path) -> str:
         "every other value comes from the base model when it is loaded.",
         "",
         f"- Selection: {rule}{' (compatibility mode)' if config.compat else ''}",
-        f"- Pruned tensors: {len(subnetwork.masks)}, {kept_values:,} of {pruned_values:,} "
+        f"- Pruned tensors: {len(subnetwork.pruned)}, {kept_values:,} of {pruned_values:,} "
         f"values kept ({subnetwork.kept_fraction():.1%})",
         f"- Stored whole: {len(subnetwork.whole)} tensors, {whole_values:,} values",
         f"- Subnetwork file: {stored / 2**20:.2f} MiB",

@@ -28,6 +28,7 @@ class KENModel(torch.nn.Module):
         self.subnetworks: dict[str, KENSubnetwork] = {}
         self.active_subnetwork: str | None = None
         self._overwritten: dict[str, torch.Tensor] = {}
+        _own_weights(base_model)
         self._base_fingerprints = fingerprints_of(base_model)
         self.__class__ = _ken_model_class(type(base_model))
 
@@ -120,6 +121,15 @@ class KENModel(torch.nn.Module):
     def push_to_hub(self, repo_id: str, **push_kwargs) -> str:
         """Publish only the active subnetwork to the Hub; returns the commit URL."""
         return self.subnetwork.push_to_hub(repo_id, **push_kwargs)
+
+
+def _own_weights(model: torch.nn.Module) -> None:
+    """Give every parameter memory of its own. transformers maps checkpoint files into
+    memory; writing kept values into such a mapping copies it page by page on write, which
+    is slower than one copy up front. Tied parameters stay tied (same Parameter object)."""
+    with torch.no_grad():
+        for parameter in model.parameters():
+            parameter.data = parameter.data.clone()
 
 
 @functools.cache

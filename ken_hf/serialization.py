@@ -4,7 +4,7 @@ Layout (safetensors, one file):
 
 - ``pruned.<name>.values``: the kept fine-tuned values of a pruned tensor, in flat row-major
   order of their positions, in the model's dtype;
-- ``pruned.<name>.mask`` (uint8, bits packed little-endian within each byte) **or**
+- ``pruned.<name>.mask`` (uint8, bits little-endian within each byte) **or**
   ``pruned.<name>.indices`` (flat positions, increasing, in the narrowest unsigned type):
   whichever is smaller for that tensor;
 - ``whole.<name>``: a tensor stored whole.
@@ -23,6 +23,7 @@ import os
 from dataclasses import dataclass
 from pathlib import Path
 
+import numpy as np
 import torch
 import xxhash
 from safetensors import safe_open
@@ -39,7 +40,6 @@ _VALUE_DTYPES = {
     "bfloat16": torch.bfloat16,
     "float64": torch.float64,
 }
-_BIT_WEIGHTS = torch.tensor([1, 2, 4, 8, 16, 32, 64, 128], dtype=torch.uint8)
 
 
 class KENFormatError(ValueError):
@@ -47,28 +47,53 @@ class KENFormatError(ValueError):
 
 
 @dataclass
-class StoredSubnetwork:
-    """What the file holds: per pruned tensor a bool mask and its kept values, whole tensors,
-    and base fingerprints ``{name: hex}``."""
+class PrunedTensor:
+    """A pruned tensor's kept values and where they go.
 
-    masks: dict[str, torch.Tensor]
-    values: dict[str, torch.Tensor]
+    Attributes:
+        shape: the tensor's shape.
+        positions: int64 ``[count]`` flat (row-major) positions kept, increasing.
+        values: ``[count]`` fine-tuned values at those positions, in the model's dtype.
+    """
+
+    shape: torch.Size
+    positions: torch.Tensor
+    values: torch.Tensor
+
+    @classmethod
+    def from_mask(cls, mask: torch.Tensor, finetuned: torch.Tensor) -> PrunedTensor:
+        """From a bool ``mask`` of kept positions and the fine-tuned tensor (same shape)."""
+        positions = torch.from_numpy(np.flatnonzero(mask.detach().cpu().numpy()))
+        values = finetuned.detach().reshape(-1).index_select(0, positions.to(finetuned.device))
+        return cls(mask.shape, positions, values.cpu())
+
+    def mask(self) -> torch.Tensor:
+        """Bool tensor of ``shape``: True at the kept positions."""
+        flat = torch.zeros(self.shape.numel(), dtype=torch.bool)
+        flat[self.positions] = True
+        return flat.reshape(self.shape)
+
+
+@dataclass
+class StoredSubnetwork:
+    """What the file holds: pruned tensors, whole tensors, base fingerprints ``{name: hex}``."""
+
+    pruned: dict[str, PrunedTensor]
     whole: dict[str, torch.Tensor]
     fingerprints: dict[str, str]
 
 
-def pack_mask(mask: torch.Tensor) -> torch.Tensor:
-    """Bool tensor (any shape) -> uint8 ``[ceil(numel / 8)]``, bit j of byte i = element 8i+j."""
-    flat = mask.detach().reshape(-1).cpu()
-    padded = torch.zeros(-(-flat.numel() // 8) * 8, dtype=torch.uint8)
-    padded[: flat.numel()] = flat
-    return (padded.view(-1, 8) * _BIT_WEIGHTS).sum(dim=1, dtype=torch.uint8)
+def pack_positions(positions: torch.Tensor, numel: int) -> torch.Tensor:
+    """Flat positions -> uint8 bitmask ``[ceil(numel / 8)]``: bit j of byte i is element 8i+j."""
+    bits = np.zeros(numel, dtype=bool)
+    bits[positions.numpy()] = True
+    return torch.from_numpy(np.packbits(bits, bitorder="little"))
 
 
-def unpack_mask(packed: torch.Tensor, numel: int) -> torch.Tensor:
-    """Inverse of ``pack_mask``: uint8 ``[ceil(numel / 8)]`` -> bool ``[numel]``."""
-    bits = (packed.unsqueeze(1) & _BIT_WEIGHTS) != 0
-    return bits.reshape(-1)[:numel]
+def unpack_positions(packed: torch.Tensor, numel: int) -> torch.Tensor:
+    """Inverse of ``pack_positions`` (bits past ``numel`` ignored): int64 positions."""
+    bits = np.unpackbits(packed.numpy(), count=numel, bitorder="little")
+    return torch.from_numpy(np.flatnonzero(bits.view(bool)))  # bool: numpy scans it faster
 
 
 def _index_dtype(numel: int) -> torch.dtype:
@@ -92,29 +117,25 @@ def write_subnetwork(stored: StoredSubnetwork, path: str | os.PathLike) -> None:
     """Write ``stored`` to ``path`` (a safetensors file)."""
     arrays: dict[str, torch.Tensor] = {}
     entries: dict[str, dict] = {}
-    for name, mask in stored.masks.items():
-        values = stored.values[name].detach().cpu().contiguous()
-        numel = mask.numel()
+    for name, pruned in stored.pruned.items():
+        values = pruned.values.detach().cpu().contiguous()
+        shape = list(pruned.shape)
+        numel = pruned.shape.numel()
         index_dtype = _index_dtype(numel)
         index_bytes = values.numel() * torch.tensor([], dtype=index_dtype).element_size()
         if index_bytes < -(-numel // 8):
-            encoding = "indices"
-            positions = mask.reshape(-1).nonzero().squeeze(1).to(index_dtype)
+            encoding, positions = "indices", pruned.positions.to(index_dtype)
         else:
-            encoding = "mask"
-            positions = pack_mask(mask)
+            encoding, positions = "mask", pack_positions(pruned.positions, numel)
         arrays[f"pruned.{name}.values"] = values
         arrays[f"pruned.{name}.{encoding}"] = positions
         entries[name] = {
             "kind": "pruned",
-            "shape": list(mask.shape),
+            "shape": shape,
             "dtype": str(values.dtype).removeprefix("torch."),
             "count": values.numel(),
             "encoding": encoding,
-            "checksums": [
-                _checksum(values, list(mask.shape)),
-                _checksum(positions, list(mask.shape)),
-            ],
+            "checksums": [_checksum(values, shape), _checksum(positions, shape)],
         }
     for name, tensor in stored.whole.items():
         tensor = tensor.detach().cpu().contiguous()
@@ -177,8 +198,7 @@ def _read_document(path: Path, metadata: dict[str, str]) -> dict:
 
 
 def _validate(path: Path, document: dict, arrays: dict[str, torch.Tensor]) -> StoredSubnetwork:
-    masks: dict[str, torch.Tensor] = {}
-    values: dict[str, torch.Tensor] = {}
+    pruned: dict[str, PrunedTensor] = {}
     whole: dict[str, torch.Tensor] = {}
     expected_keys: set[str] = set()
 
@@ -221,10 +241,9 @@ def _validate(path: Path, document: dict, arrays: dict[str, torch.Tensor]) -> St
                 if packed.dtype != torch.uint8 or packed.shape != (-(-numel // 8),):
                     raise fail(name, "packed mask has the wrong type or length")
                 _check_sums(fail, name, checksums, [kept, packed], shape)
-                bits = unpack_mask(packed, -(-numel // 8) * 8)
-                if bits[numel:].any():
+                if numel % 8 and int(packed[-1]) >> (numel % 8):
                     raise fail(name, "packed mask has bits set past the tensor's end")
-                mask = bits[:numel]
+                positions = unpack_positions(packed, numel)
             elif encoding == "indices":
                 positions = _array(arrays, f"pruned.{name}.indices", fail, name)
                 if positions.dtype != _index_dtype(numel) or positions.shape != (count,):
@@ -235,14 +254,11 @@ def _validate(path: Path, document: dict, arrays: dict[str, torch.Tensor]) -> St
                     raise fail(name, "index out of range")
                 if count > 1 and not bool((positions[1:] > positions[:-1]).all()):
                     raise fail(name, "indices are not strictly increasing")
-                mask = torch.zeros(numel, dtype=torch.bool)
-                mask[positions] = True
             else:
                 raise fail(name, f"unknown encoding {encoding!r}")
-            if int(mask.sum()) != count:
-                raise fail(name, f"mask keeps {int(mask.sum())} positions, header says {count}")
-            masks[name] = mask.reshape(shape)
-            values[name] = kept
+            if positions.numel() != count:
+                raise fail(name, f"mask keeps {positions.numel()} positions, header says {count}")
+            pruned[name] = PrunedTensor(torch.Size(shape), positions, kept)
             expected_keys.update({f"pruned.{name}.values", f"pruned.{name}.{encoding}"})
         else:
             raise fail(name, f"unknown kind {entry.get('kind')!r}")
@@ -252,7 +268,7 @@ def _validate(path: Path, document: dict, arrays: dict[str, torch.Tensor]) -> St
     fingerprints = document["fingerprints"]
     if not all(isinstance(k, str) and isinstance(v, str) for k, v in fingerprints.items()):
         raise KENFormatError(f"{path}: malformed base fingerprints")
-    return StoredSubnetwork(masks, values, whole, dict(fingerprints))
+    return StoredSubnetwork(pruned, whole, dict(fingerprints))
 
 
 def _array(arrays, key, fail, name) -> torch.Tensor:

@@ -19,7 +19,13 @@ from .config import KENConfig
 from .fingerprint import tensor_fingerprint
 from .selection import ken_select_many
 from .selection.rows import as_rows
-from .serialization import SUBNETWORK_NAME, StoredSubnetwork, read_subnetwork, write_subnetwork
+from .serialization import (
+    SUBNETWORK_NAME,
+    PrunedTensor,
+    StoredSubnetwork,
+    read_subnetwork,
+    write_subnetwork,
+)
 
 Weights = torch.nn.Module | Mapping[str, torch.Tensor]
 # Selects masks for tensors grouped by k: ({k: {name: tensor}}, compat, progress) -> masks.
@@ -34,6 +40,13 @@ def select_masks(
     for k, tensors in groups.items():
         masks.update(ken_select_many(tensors, k, compat=compat, progress=progress))
     return masks
+
+
+def _flat(parameter: torch.Tensor) -> torch.Tensor:
+    """A flat view of a parameter's storage (parameters are contiguous)."""
+    if not parameter.is_contiguous():
+        raise ValueError("KEN writes into contiguous parameters only")
+    return parameter.detach().view(-1)
 
 
 class BaseMismatchError(ValueError):
@@ -62,15 +75,13 @@ class KENSubnetwork:
 
     Attributes:
         config: the ``KENConfig`` it was made with.
-        masks: ``{name: bool tensor}`` kept positions of each pruned tensor.
-        values: ``{name: [kept count]}`` fine-tuned values at those positions, row-major.
+        pruned: ``{name: PrunedTensor}`` kept positions and values of each pruned tensor.
         whole: ``{name: tensor}`` tensors stored whole (``modules_to_save``, new heads).
         fingerprints: ``{name: hex}`` of every base tensor the result depends on.
     """
 
     config: KENConfig
-    masks: dict[str, torch.Tensor]
-    values: dict[str, torch.Tensor]
+    pruned: dict[str, PrunedTensor]
     whole: dict[str, torch.Tensor]
     fingerprints: dict[str, str]
     model_config: dict | None = None
@@ -116,7 +127,10 @@ class KENSubnetwork:
                 k = config.k_for(as_rows(tensor).shape[1])
                 to_prune.setdefault(k, {})[name] = tensor.detach()
         masks = selector(to_prune, config.compat, progress)
-        values = {name: finetuned_tensors[name].detach()[mask] for name, mask in masks.items()}
+        pruned = {
+            name: PrunedTensor.from_mask(mask, finetuned_tensors[name])
+            for name, mask in masks.items()
+        }
         fingerprints = {
             name: tensor_fingerprint(base_tensors[name])
             for name in finetuned_tensors
@@ -132,20 +146,24 @@ class KENSubnetwork:
                 or getattr(finetuned, "name_or_path", None)
                 or None,
             )
-        return cls(config, masks, values, whole, fingerprints, model_config)
+        return cls(config, pruned, whole, fingerprints, model_config)
 
     # -- what it holds ------------------------------------------------------------------
     def kept_fraction(self) -> float:
         """Share of the pruned tensors' values that keep their fine-tuned value."""
-        total = sum(m.numel() for m in self.masks.values())
-        return sum(int(m.sum()) for m in self.masks.values()) / total if total else 1.0
+        total = sum(p.shape.numel() for p in self.pruned.values())
+        return sum(p.positions.numel() for p in self.pruned.values()) / total if total else 1.0
 
     def reset_fraction(self, model_parameters: int) -> float:
         """Share of all ``model_parameters`` that end at their pre-trained value."""
-        kept = sum(v.numel() for v in self.values.values()) + sum(
+        kept = sum(p.positions.numel() for p in self.pruned.values()) + sum(
             t.numel() for t in self.whole.values()
         )
         return 1.0 - kept / model_parameters
+
+    def mask(self, name: str) -> torch.Tensor:
+        """Bool tensor of the kept positions of pruned tensor ``name``."""
+        return self.pruned[name].mask()
 
     # -- applying to a model ------------------------------------------------------------
     def check_base(self, fingerprints: Mapping[str, str]) -> None:
@@ -170,14 +188,15 @@ class KENSubnetwork:
         """Write the subnetwork into ``model``, which must hold the base weights.
 
         Everything is checked before any weight changes. Returns the base values it
-        overwrote (``{name: values}``), which ``restore`` puts back.
+        overwrote (``{name: values}``), which ``restore`` puts back. Costs time in
+        proportion to the kept values (flat gathers and scatters).
         """
         parameters = parameters_of(model)
         self.check_base(base_fingerprints or fingerprints_of(model))
-        for name in list(self.masks) + list(self.whole):
+        for name in list(self.pruned) + list(self.whole):
             if name not in parameters:
                 raise BaseMismatchError(f"tensor {name!r} is not a parameter of the model")
-            expected = self.masks[name].shape if name in self.masks else self.whole[name].shape
+            expected = self.pruned[name].shape if name in self.pruned else self.whole[name].shape
             if parameters[name].shape != expected:
                 raise BaseMismatchError(
                     f"tensor {name!r}: model shape {tuple(parameters[name].shape)}, "
@@ -185,23 +204,23 @@ class KENSubnetwork:
                 )
         saved: dict[str, torch.Tensor] = {}
         with torch.no_grad():
-            for name, mask in self.masks.items():
-                target = parameters[name]
-                mask = mask.to(target.device)
-                saved[name] = target[mask].clone()
-                target[mask] = self.values[name].to(target.device, target.dtype)
+            for name, pruned in self.pruned.items():
+                flat = _flat(parameters[name])
+                positions = pruned.positions.to(flat.device)
+                saved[name] = flat.index_select(0, positions)
+                flat.index_copy_(0, positions, pruned.values.to(flat.device, flat.dtype))
             for name, tensor in self.whole.items():
-                target = parameters[name]
-                saved[name] = target.detach().clone()
-                target.copy_(tensor)
+                saved[name] = parameters[name].detach().clone()
+                parameters[name].copy_(tensor)
         return saved
 
     def restore(self, model: torch.nn.Module, saved: Mapping[str, torch.Tensor]) -> None:
         """Put back the base values ``apply_to`` returned: the model is the base again."""
         parameters = parameters_of(model)
         with torch.no_grad():
-            for name, mask in self.masks.items():
-                parameters[name][mask.to(parameters[name].device)] = saved[name]
+            for name, pruned in self.pruned.items():
+                flat = _flat(parameters[name])
+                flat.index_copy_(0, pruned.positions.to(flat.device), saved[name])
             for name in self.whole:
                 parameters[name].copy_(saved[name])
 
@@ -215,7 +234,7 @@ class KENSubnetwork:
         with atomic_folder(save_directory) as staging:
             self.config.save_pretrained(staging)
             write_subnetwork(
-                StoredSubnetwork(self.masks, self.values, self.whole, self.fingerprints),
+                StoredSubnetwork(self.pruned, self.whole, self.fingerprints),
                 staging / SUBNETWORK_NAME,
             )
             if self.model_config is not None:
@@ -241,9 +260,7 @@ class KENSubnetwork:
         model_config = None
         if (folder / "config.json").is_file():
             model_config = json.loads((folder / "config.json").read_text(encoding="utf-8"))
-        return cls(
-            config, stored.masks, stored.values, stored.whole, stored.fingerprints, model_config
-        )
+        return cls(config, stored.pruned, stored.whole, stored.fingerprints, model_config)
 
     def push_to_hub(self, repo_id: str, **push_kwargs) -> str:
         """Publish only the subnetwork folder to ``repo_id``; returns the commit URL."""
@@ -278,11 +295,14 @@ def prune_model(
         for name, parameter in parameters_of(finetuned).items():
             if name in subnetwork.whole or name not in base_tensors:
                 continue
-            source = base_tensors[name].to(parameter.device, parameter.dtype)
-            if name in subnetwork.masks:
-                parameter.copy_(
-                    torch.where(subnetwork.masks[name].to(parameter.device), parameter, source)
+            if not parameter.is_floating_point():
+                continue
+            parameter.copy_(base_tensors[name])  # everything back to pre-trained...
+            if name in subnetwork.pruned:  # ...but the kept fine-tuned values
+                pruned = subnetwork.pruned[name]
+                _flat(parameter).index_copy_(
+                    0,
+                    pruned.positions.to(parameter.device),
+                    pruned.values.to(parameter.device, parameter.dtype),
                 )
-            elif parameter.is_floating_point():
-                parameter.copy_(source)
     return subnetwork

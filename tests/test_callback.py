@@ -87,7 +87,7 @@ def test_fp32_run_prunes_evaluates_logs_and_saves(tmp_path, splits):
     assert report["stored_whole"] == ["classifier.bias", "classifier.weight"]
 
     pretrained, final = _pretrained(), dict(trainer.model.named_parameters())
-    mask = callback.subnetwork.masks[name]
+    mask = callback.subnetwork.mask(name)
     assert torch.equal(final[name][~mask], pretrained[name][~mask])
     assert not torch.equal(final[name][mask], pretrained[name][mask])  # trained values kept
     untargeted = "bert.encoder.layer.4.output.dense.weight"
@@ -113,7 +113,7 @@ def test_resumed_run_resets_to_the_base_checkpoint_not_the_resumed_weights(tmp_p
     pretrained = _pretrained()
     resumed = AutoModelForSequenceClassification.from_pretrained(checkpoint)
     name = "bert.encoder.layer.0.intermediate.dense.weight"
-    reset = ~callback.subnetwork.masks[name]
+    reset = ~callback.subnetwork.mask(name)
     final = dict(callback._trainer.model.named_parameters())[name]
     assert torch.equal(final[reset], pretrained[name][reset])
     assert not torch.equal(final[reset], dict(resumed.named_parameters())[name][reset])
@@ -133,8 +133,8 @@ def test_training_modes(tmp_path, splits, arguments):
     callback = KENCallback(k=96, target_modules=LAYERS_0_1)
     trainer = _train(tmp_path, splits, callback, **arguments)
     assert "ken_after_accuracy" in callback.report["metrics_after"]
-    masks = callback.subnetwork.masks
-    assert (masks["bert.encoder.layer.0.attention.self.query.weight"].sum(dim=1) == 96).all()
+    query = callback.subnetwork.mask("bert.encoder.layer.0.attention.self.query.weight")
+    assert (query.sum(dim=1) == 96).all()
     folder = tmp_path / "run" / "ken"
     reloaded = AutoKENModelForSequenceClassification.from_pretrained(folder).base_model
     plain = trainer.accelerator.unwrap_model(trainer.model, keep_torch_compile=False)
@@ -170,7 +170,7 @@ def test_tied_lm_head_is_stored_once_and_tied_after_reload(tmp_path):
         callbacks=[callback],
     )
     trainer.train()
-    stored = set(callback.subnetwork.masks) | set(callback.subnetwork.whole)
+    stored = set(callback.subnetwork.pruned) | set(callback.subnetwork.whole)
     assert "model.embed_tokens.weight" in stored and "lm_head.weight" not in stored
     model = trainer.model
     assert model.lm_head.weight.data_ptr() == model.model.embed_tokens.weight.data_ptr()

@@ -62,7 +62,9 @@ def test_push_publishes_only_the_subnetwork_and_loads_back_by_repo_id(minilm_fin
         )
         (tmp_path / "pushed.safetensors").write_bytes(hub.repos["me/minilm-ken"][SUBNETWORK_NAME])
         pushed = read_subnetwork(tmp_path / "pushed.safetensors")
-        assert all(torch.equal(pushed.values[n], subnetwork.values[n]) for n in subnetwork.values)
+        for name, pruned in subnetwork.pruned.items():
+            assert torch.equal(pushed.pruned[name].values, pruned.values)
+            assert torch.equal(pushed.pruned[name].positions, pruned.positions)
         remote = _run(_logits_script("me/minilm-ken"), hub.url, cache)
         assert any(r.startswith("GET /me/minilm-ken/resolve/") for r in hub.requests)
         # again with HF_HUB_OFFLINE=1: served from the huggingface_hub cache

@@ -71,7 +71,7 @@ def test_pruned_model_keeps_k_and_resets_the_rest(minilm_finetune, minilm_pruned
     base = _minilm_base(minilm_finetune["base"])
     finetuned = dict(minilm_finetune["model"].named_parameters())
     name = "bert.encoder.layer.2.attention.self.query.weight"
-    mask = pruned["subnetwork"].masks[name]
+    mask = pruned["subnetwork"].mask(name)
     assert (mask.sum(dim=1) == 96).all()  # 25 % of 384
     value = dict(pruned["model"].named_parameters())[name]
     assert torch.equal(value[mask], finetuned[name][mask])
@@ -216,7 +216,7 @@ def test_smollm2_round_trip_identical_state_logits_and_generation(smollm2_pruned
 
 def test_tied_embeddings_are_stored_once_and_tied_again(smollm2_pruned):
     subnetwork = smollm2_pruned["subnetwork"]
-    stored = set(subnetwork.masks) | set(subnetwork.whole)
+    stored = set(subnetwork.pruned) | set(subnetwork.whole)
     assert "model.embed_tokens.weight" in stored and "lm_head.weight" not in stored
     loaded = AutoKENModelForCausalLM.from_pretrained(smollm2_pruned["folder"]).base_model
     assert loaded.lm_head.weight.data_ptr() == loaded.model.embed_tokens.weight.data_ptr()
@@ -230,9 +230,9 @@ def test_subnetwork_from_state_dicts_equals_from_models(minilm_finetune):
     from_dicts = KENSubnetwork.from_weights(
         dict(base.named_parameters()), dict(finetuned.named_parameters()), config, progress=False
     )
-    assert from_models.masks.keys() == from_dicts.masks.keys()
+    assert from_models.pruned.keys() == from_dicts.pruned.keys()
     # query and value, weight and bias, in 6 layers
-    assert len(from_models.masks) == 24
-    assert all(".query." in name or ".value." in name for name in from_models.masks)
-    for name in from_models.masks:
-        assert torch.equal(from_models.masks[name], from_dicts.masks[name])
+    assert len(from_models.pruned) == 24
+    assert all(".query." in name or ".value." in name for name in from_models.pruned)
+    for name in from_models.pruned:
+        assert torch.equal(from_models.mask(name), from_dicts.mask(name))

@@ -14,7 +14,12 @@ from transformers import AutoModelForSequenceClassification
 
 from ken_hf import KENConfig, KENFormatError, KENModel, KENSubnetwork
 from ken_hf.assets import minilm_path
-from ken_hf.serialization import SUBNETWORK_NAME, pack_mask, read_subnetwork, unpack_mask
+from ken_hf.serialization import (
+    SUBNETWORK_NAME,
+    pack_positions,
+    read_subnetwork,
+    unpack_positions,
+)
 
 
 @pytest.fixture(scope="module")
@@ -57,15 +62,18 @@ def test_encodings_chosen_by_size(small_subnetworks):
 def test_mask_packing_round_trips():
     torch.manual_seed(0)
     for numel in (1, 7, 8, 9, 1000):
-        mask = torch.rand(numel) < 0.3
-        assert torch.equal(unpack_mask(pack_mask(mask), numel), mask)
+        positions = (torch.rand(numel) < 0.3).nonzero().squeeze(1)
+        packed = pack_positions(positions, numel)
+        assert packed.numel() == -(-numel // 8)
+        assert torch.equal(unpack_positions(packed, numel), positions)
 
 
 def _same(a, b) -> bool:
     return (
-        a.masks.keys() == b.masks.keys()
-        and all(torch.equal(a.masks[n], b.masks[n]) for n in a.masks)
-        and all(torch.equal(a.values[n], b.values[n]) for n in a.values)
+        a.pruned.keys() == b.pruned.keys()
+        and all(a.pruned[n].shape == b.pruned[n].shape for n in a.pruned)
+        and all(torch.equal(a.pruned[n].positions, b.pruned[n].positions) for n in a.pruned)
+        and all(torch.equal(a.pruned[n].values, b.pruned[n].values) for n in a.pruned)
         and a.whole.keys() == b.whole.keys()
         and all(torch.equal(a.whole[n], b.whole[n]) for n in a.whole)
         and a.fingerprints == b.fingerprints
