@@ -23,6 +23,14 @@ def _demo(args: argparse.Namespace) -> int:
     return 0
 
 
+def _viz(args: argparse.Namespace) -> int:
+    from .viz import write_report
+
+    report = write_report(args.path, args.out, tensors=args.tensor or None)
+    print(f"KENviz report: {report}")
+    return 0
+
+
 def build_parser() -> argparse.ArgumentParser:
     from .demo import PACKAGED_DATASET, DemoSettings
 
@@ -49,6 +57,19 @@ def build_parser() -> argparse.ArgumentParser:
     demo.add_argument("--seed", type=int, default=defaults.seed)
     demo.add_argument("--output-dir", default=defaults.output_dir)
     demo.set_defaults(run=_demo)
+
+    viz = commands.add_parser(
+        "viz",
+        help="pictures of what KEN kept (PNG files and one HTML report)",
+        description="Render KENviz views of a saved subnetwork: kept positions, kept "
+        "neighbours, the same across layers, and a summary.",
+    )
+    viz.add_argument("path", help="subnetwork folder or Hub id")
+    viz.add_argument(
+        "--tensor", action="append", help="pruned tensor to draw (repeatable; default: largest 3)"
+    )
+    viz.add_argument("--out", default="kenviz", help="output folder (default: kenviz)")
+    viz.set_defaults(run=_viz)
     return parser
 
 

@@ -157,7 +157,11 @@ def run_demo(settings: DemoSettings) -> dict:
     )
     for label, value in rows:
         print(f"  {label:<{width}}  {value}")
+    from .viz import write_report
+
+    report_path = write_report(callback.subnetwork, Path(settings.output_dir) / "kenviz")
     print(f"\n  subnetwork: {folder / SUBNETWORK_NAME}")
+    print(f"  KENviz report: {report_path}")
     return {
         "before": before,
         "after": after,

@@ -54,11 +54,15 @@ class PrunedTensor:
         shape: the tensor's shape.
         positions: int64 ``[count]`` flat (row-major) positions kept, increasing.
         values: ``[count]`` fine-tuned values at those positions, in the model's dtype.
+        delta_kept, delta_reset: mean |fine-tuned - pre-trained| over the kept and over the
+            reset positions, measured when the subnetwork was made (None if unknown).
     """
 
     shape: torch.Size
     positions: torch.Tensor
     values: torch.Tensor
+    delta_kept: float | None = None
+    delta_reset: float | None = None
 
     @classmethod
     def from_mask(cls, mask: torch.Tensor, finetuned: torch.Tensor) -> PrunedTensor:
@@ -135,6 +139,7 @@ def write_subnetwork(stored: StoredSubnetwork, path: str | os.PathLike) -> None:
             "dtype": str(values.dtype).removeprefix("torch."),
             "count": values.numel(),
             "encoding": encoding,
+            "delta": [pruned.delta_kept, pruned.delta_reset],
             "checksums": [_checksum(values, shape), _checksum(positions, shape)],
         }
     for name, tensor in stored.whole.items():
@@ -258,7 +263,14 @@ def _validate(path: Path, document: dict, arrays: dict[str, torch.Tensor]) -> St
                 raise fail(name, f"unknown encoding {encoding!r}")
             if positions.numel() != count:
                 raise fail(name, f"mask keeps {positions.numel()} positions, header says {count}")
-            pruned[name] = PrunedTensor(torch.Size(shape), positions, kept)
+            delta = entry.get("delta", [None, None])
+            if not (
+                isinstance(delta, list)
+                and len(delta) == 2
+                and all(d is None or isinstance(d, int | float) for d in delta)
+            ):
+                raise fail(name, f"bad delta statistics {delta!r}")
+            pruned[name] = PrunedTensor(torch.Size(shape), positions, kept, *delta)
             expected_keys.update({f"pruned.{name}.values", f"pruned.{name}.{encoding}"})
         else:
             raise fail(name, f"unknown kind {entry.get('kind')!r}")

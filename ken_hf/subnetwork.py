@@ -49,6 +49,16 @@ def _flat(parameter: torch.Tensor) -> torch.Tensor:
     return parameter.detach().view(-1)
 
 
+def _measure_delta(pruned: PrunedTensor, finetuned: torch.Tensor, base: torch.Tensor) -> None:
+    """Record mean |fine-tuned - pre-trained| over the kept and the reset positions."""
+    delta = (finetuned.detach().double() - base.detach().to(finetuned.device).double()).abs()
+    flat = delta.reshape(-1)
+    count, total = pruned.positions.numel(), flat.numel()
+    kept = float(flat.index_select(0, pruned.positions.to(flat.device)).sum())
+    pruned.delta_kept = kept / count if count else None
+    pruned.delta_reset = (float(flat.sum()) - kept) / (total - count) if total > count else None
+
+
 class BaseMismatchError(ValueError):
     """A subnetwork applied to a base model it was not made from."""
 
@@ -127,10 +137,10 @@ class KENSubnetwork:
                 k = config.k_for(as_rows(tensor).shape[1])
                 to_prune.setdefault(k, {})[name] = tensor.detach()
         masks = selector(to_prune, config.compat, progress)
-        pruned = {
-            name: PrunedTensor.from_mask(mask, finetuned_tensors[name])
-            for name, mask in masks.items()
-        }
+        pruned = {}
+        for name, mask in masks.items():
+            pruned[name] = PrunedTensor.from_mask(mask, finetuned_tensors[name])
+            _measure_delta(pruned[name], finetuned_tensors[name], base_tensors[name])
         fingerprints = {
             name: tensor_fingerprint(base_tensors[name])
             for name in finetuned_tensors

@@ -1,0 +1,342 @@
+"""KENviz: pictures of what KEN kept.
+
+Views (as in the paper, plus a summary), each a matplotlib figure:
+
+- ``matrix_figure``: the kept positions of one matrix; rows are output features, columns
+  input features; reset positions blank.
+- ``neighbour_figure``: for each kept position, how many of its 4 horizontal and vertical
+  neighbours are kept too.
+- ``layer_figure``: both views for one matrix name across every layer.
+- ``summary_figure``: per tensor and per layer, the kept fraction and the mean
+  |fine-tuned - pre-trained| of kept against reset positions.
+
+Large matrices are reduced to at most ``max_pixels`` per side by block averages (kept
+fraction, or mean neighbour count of kept positions, per block), so a 30522 x 384
+embedding renders in well under a second and still shows its structure. Colour maps are
+cividis (sequential) and a colour-blind-safe qualitative palette. Everything works from
+the saved subnetwork alone.
+"""
+
+from __future__ import annotations
+
+import base64
+import html
+import io
+import re
+from pathlib import Path
+
+import numpy as np
+
+from .subnetwork import KENSubnetwork
+
+MAX_PIXELS = 768
+_LAYER = re.compile(r"\.(\d+)\.")
+
+
+def _pyplot():
+    import matplotlib
+
+    matplotlib.use("Agg")
+    import matplotlib.pyplot as plt
+
+    return plt
+
+
+def load(subnetwork: KENSubnetwork | str | Path) -> KENSubnetwork:
+    """A subnetwork in memory, or read from a saved folder (or Hub id)."""
+    if isinstance(subnetwork, KENSubnetwork):
+        return subnetwork
+    return KENSubnetwork.from_pretrained(subnetwork)
+
+
+def kept_matrix(subnetwork: KENSubnetwork, name: str) -> np.ndarray:
+    """Bool ``[rows, columns]`` of kept positions (rank-1 tensors: one row)."""
+    mask = subnetwork.mask(name).numpy()
+    return mask.reshape(1, -1) if mask.ndim <= 1 else mask.reshape(mask.shape[0], -1)
+
+
+def neighbour_counts(kept: np.ndarray) -> np.ndarray:
+    """For each position of a bool ``[rows, columns]``: kept neighbours among its 4
+    horizontal and vertical ones (int8, same shape); meaningful where ``kept``."""
+    k = kept.astype(np.int8)
+    counts = np.zeros_like(k)
+    counts[1:, :] += k[:-1, :]
+    counts[:-1, :] += k[1:, :]
+    counts[:, 1:] += k[:, :-1]
+    counts[:, :-1] += k[:, 1:]
+    return counts
+
+
+def reduce_blocks(values: np.ndarray, weights: np.ndarray | None, max_pixels: int) -> np.ndarray:
+    """Block means of ``values`` ``[R, C]`` (weighted by ``weights``; NaN where a block's
+    weight is 0) so that neither side exceeds ``max_pixels``. Blocks of ``ceil(R / max)``
+    rows by ``ceil(C / max)`` columns; the last ones may be partial."""
+    rows, columns = values.shape
+    block_r, block_c = -(-rows // max_pixels), -(-columns // max_pixels)
+    if block_r == block_c == 1:
+        out = values.astype(float)
+        if weights is not None:
+            out[~weights.astype(bool)] = np.nan
+        return out
+    w = np.ones_like(values, dtype=float) if weights is None else weights.astype(float)
+    padded_r, padded_c = -(-rows // block_r) * block_r, -(-columns // block_c) * block_c
+    v = np.zeros((padded_r, padded_c))
+    ww = np.zeros((padded_r, padded_c))
+    v[:rows, :columns] = values * w
+    ww[:rows, :columns] = w
+    shape = (padded_r // block_r, block_r, padded_c // block_c, block_c)
+    total = v.reshape(shape).sum(axis=(1, 3))
+    weight = ww.reshape(shape).sum(axis=(1, 3))
+    with np.errstate(invalid="ignore", divide="ignore"):
+        return np.where(weight > 0, total / weight, np.nan)
+
+
+def _draw_matrix(axis, image, shape, title, colour_map, vmax):
+    """Draw a (reduced) matrix image with axes in the model's own rows and columns."""
+    rows, columns = shape
+    shown = axis.imshow(
+        image,
+        cmap=colour_map,
+        vmin=0,
+        vmax=vmax,
+        aspect="auto",
+        interpolation="nearest",
+        extent=(0, columns, rows, 0),
+    )
+    axis.set_title(title, fontsize=9)
+    axis.set_xlabel("input features (columns)")
+    axis.set_ylabel("output features (rows)")
+    return shown
+
+
+def matrix_image(subnetwork: KENSubnetwork, name: str, max_pixels: int = MAX_PIXELS) -> np.ndarray:
+    """What ``matrix_figure`` draws: kept fraction per block (1/0/NaN-free at full size)."""
+    kept = kept_matrix(subnetwork, name)
+    return reduce_blocks(kept, None, max_pixels)
+
+
+def neighbour_image(
+    subnetwork: KENSubnetwork, name: str, max_pixels: int = MAX_PIXELS
+) -> np.ndarray:
+    """What ``neighbour_figure`` draws: mean neighbour count of kept positions per block
+    (NaN where a block keeps nothing)."""
+    kept = kept_matrix(subnetwork, name)
+    return reduce_blocks(neighbour_counts(kept), kept, max_pixels)
+
+
+def matrix_figure(subnetwork, name: str, max_pixels: int = MAX_PIXELS):
+    """Kept positions of matrix ``name`` (blank = reset to pre-trained)."""
+    plt = _pyplot()
+    subnetwork = load(subnetwork)
+    image = matrix_image(subnetwork, name, max_pixels)
+    image = np.where(image > 0, image, np.nan)  # reset (or all-reset blocks) stay blank
+    figure, axis = plt.subplots(figsize=(6, 5))
+    fraction = subnetwork.pruned[name].positions.numel() / subnetwork.pruned[name].shape.numel()
+    shape = kept_matrix(subnetwork, name).shape
+    shown = _draw_matrix(axis, image, shape, f"{name}\nkept {fraction:.1%}", "cividis", 1)
+    figure.colorbar(shown, ax=axis, label="kept fraction (per pixel)")
+    figure.tight_layout()
+    return figure
+
+
+def neighbour_figure(subnetwork, name: str, max_pixels: int = MAX_PIXELS):
+    """For kept positions of ``name``: kept neighbours among the 4 adjacent (0-4)."""
+    plt = _pyplot()
+    subnetwork = load(subnetwork)
+    image = neighbour_image(subnetwork, name, max_pixels)
+    figure, axis = plt.subplots(figsize=(6, 5))
+    shape = kept_matrix(subnetwork, name).shape
+    title = f"{name}\nkept neighbours of kept positions"
+    shown = _draw_matrix(axis, image, shape, title, "viridis", 4)
+    figure.colorbar(shown, ax=axis, label="kept neighbours (0-4)")
+    figure.tight_layout()
+    return figure
+
+
+def layers_of(subnetwork: KENSubnetwork, suffix: str) -> list[tuple[int, str]]:
+    """``[(layer, name)]`` of the pruned tensors whose name ends with ``suffix`` and holds a
+    layer number, in layer order."""
+    found = []
+    for name in subnetwork.pruned:
+        match = _LAYER.search(name)
+        if name.endswith(suffix) and match:
+            found.append((int(match.group(1)), name))
+    return sorted(found)
+
+
+def layer_figure(subnetwork, suffix: str, max_pixels: int = 256):
+    """Both views of matrix ``suffix`` (e.g. ``attention.self.query.weight``) in every layer."""
+    plt = _pyplot()
+    subnetwork = load(subnetwork)
+    layers = layers_of(subnetwork, suffix)
+    if not layers:
+        raise ValueError(f"no pruned tensor with a layer number ends with {suffix!r}")
+    figure, axes = plt.subplots(2, len(layers), figsize=(2.6 * len(layers), 5.4), squeeze=False)
+    for column, (layer, name) in enumerate(layers):
+        kept = matrix_image(subnetwork, name, max_pixels)
+        top = axes[0, column].imshow(
+            np.where(kept > 0, kept, np.nan),
+            cmap="cividis",
+            vmin=0,
+            vmax=1,
+            aspect="auto",
+            interpolation="nearest",
+        )
+        bottom = axes[1, column].imshow(
+            neighbour_image(subnetwork, name, max_pixels),
+            cmap="viridis",
+            vmin=0,
+            vmax=4,
+            aspect="auto",
+            interpolation="nearest",
+        )
+        axes[0, column].set_title(f"layer {layer}", fontsize=9)
+        for axis in axes[:, column]:
+            axis.set_xticks([])
+            axis.set_yticks([])
+    axes[0, 0].set_ylabel("kept\n(rows = outputs)")
+    axes[1, 0].set_ylabel("kept neighbours\n(rows = outputs)")
+    figure.colorbar(top, ax=axes[0, :].tolist(), label="kept fraction", shrink=0.8)
+    figure.colorbar(bottom, ax=axes[1, :].tolist(), label="neighbours (0-4)", shrink=0.8)
+    figure.suptitle(f"{suffix} across layers (columns = input features)", fontsize=10)
+    return figure
+
+
+def summary_rows(subnetwork: KENSubnetwork) -> list[dict]:
+    """Per pruned tensor: layer (or None), kept fraction, mean |delta| kept and reset."""
+    rows = []
+    for name, pruned in subnetwork.pruned.items():
+        match = _LAYER.search(name)
+        rows.append(
+            {
+                "name": name,
+                "layer": int(match.group(1)) if match else None,
+                "kept_fraction": pruned.positions.numel() / max(1, pruned.shape.numel()),
+                "delta_kept": pruned.delta_kept,
+                "delta_reset": pruned.delta_reset,
+            }
+        )
+    return rows
+
+
+def summary_figure(subnetwork):
+    """Kept fraction per tensor family and layer (heat map); mean |fine-tuned -
+    pre-trained| of kept against reset values, per layer."""
+    plt = _pyplot()
+    subnetwork = load(subnetwork)
+    rows = summary_rows(subnetwork)
+    families = sorted({_LAYER.sub(".", r["name"]) for r in rows if r["layer"] is not None})
+    others = [r for r in rows if r["layer"] is None]
+    layers = sorted({r["layer"] for r in rows if r["layer"] is not None})
+    grid = np.full((len(families) + len(others), len(layers) + 1), np.nan)
+    for row in rows:
+        if row["layer"] is None:
+            grid[len(families) + others.index(row), 0] = row["kept_fraction"]
+        else:
+            family = families.index(_LAYER.sub(".", row["name"]))
+            grid[family, 1 + layers.index(row["layer"])] = row["kept_fraction"]
+    height = max(4.0, 0.28 * grid.shape[0] + 1.5)
+    figure, (left, right) = plt.subplots(
+        1, 2, figsize=(13, height), gridspec_kw={"width_ratios": [1.4, 1]}
+    )
+    shown = left.imshow(grid, cmap="cividis", vmin=0, vmax=1, aspect="auto")
+    left.set_xticks(range(len(layers) + 1), ["(no layer)"] + [str(i) for i in layers], fontsize=7)
+    labels = families + [r["name"] for r in others]
+    left.set_yticks(range(len(labels)), labels, fontsize=6)
+    left.set_xlabel("layer")
+    left.set_title("kept fraction per tensor", fontsize=10)
+    figure.colorbar(shown, ax=left, label="kept fraction", shrink=0.8)
+
+    measured = [r for r in rows if r["layer"] is not None and r["delta_kept"] is not None]
+    if measured:
+        by_layer = [[r for r in measured if r["layer"] == i] for i in layers]
+        kept = [np.mean([r["delta_kept"] for r in group]) for group in by_layer]
+        reset = [np.mean([r["delta_reset"] or 0.0 for r in group]) for group in by_layer]
+        x = np.arange(len(layers))
+        right.bar(x - 0.2, kept, 0.4, color="#0072B2", label="kept positions")
+        right.bar(x + 0.2, reset, 0.4, color="#E69F00", label="reset positions")
+        right.set_xticks(x, [str(i) for i in layers])
+        right.legend()
+    else:
+        right.text(0.5, 0.5, "not recorded in this subnetwork", ha="center", va="center")
+    right.set_xlabel("layer")
+    right.set_ylabel("mean |fine-tuned - pre-trained|")
+    right.set_title("how far kept and reset values had moved", fontsize=10)
+    figure.tight_layout()
+    return figure
+
+
+def _png(figure) -> bytes:
+    buffer = io.BytesIO()
+    figure.savefig(buffer, format="png", dpi=110)
+    _pyplot().close(figure)
+    return buffer.getvalue()
+
+
+def write_report(subnetwork, out_dir: str | Path, tensors: list[str] | None = None) -> Path:
+    """Write PNG files and one self-contained ``report.html`` (images embedded, a table of
+    contents) for ``tensors`` (default: the three largest pruned matrices), the layer view
+    of each of their matrix names, and the summary. Returns the HTML path."""
+    from .io import write_text_atomic
+
+    subnetwork = load(subnetwork)
+    out = Path(out_dir)
+    out.mkdir(parents=True, exist_ok=True)
+    if tensors is None:
+        matrices = [n for n, p in subnetwork.pruned.items() if len(p.shape) == 2]
+        tensors = sorted(matrices, key=lambda n: -subnetwork.pruned[n].shape.numel())[:3]
+    for name in tensors:
+        if name not in subnetwork.pruned:
+            raise ValueError(f"tensor {name!r} is not pruned in this subnetwork")
+    sections: list[tuple[str, str, bytes]] = [
+        ("summary", "Summary", _png(summary_figure(subnetwork)))
+    ]
+    for name in tensors:
+        sections.append(
+            (f"matrix-{name}", f"Kept positions: {name}", _png(matrix_figure(subnetwork, name)))
+        )
+        sections.append(
+            (
+                f"neighbours-{name}",
+                f"Kept neighbours: {name}",
+                _png(neighbour_figure(subnetwork, name)),
+            )
+        )
+        match = _LAYER.search(name)
+        if match:
+            suffix = name[match.end() :]
+            sections.append(
+                (
+                    f"layers-{suffix}",
+                    f"Across layers: {suffix}",
+                    _png(layer_figure(subnetwork, suffix)),
+                )
+            )
+    seen: set[str] = set()
+    body, contents = [], []
+    for anchor, title, png in sections:
+        if anchor in seen:
+            continue
+        seen.add(anchor)
+        file_name = re.sub(r"[^A-Za-z0-9_.-]", "_", anchor) + ".png"
+        (out / file_name).write_bytes(png)
+        encoded = base64.b64encode(png).decode()
+        contents.append(f'<li><a href="#{html.escape(anchor)}">{html.escape(title)}</a></li>')
+        body.append(
+            f'<h2 id="{html.escape(anchor)}">{html.escape(title)}</h2>\n'
+            f'<img alt="{html.escape(title)}" src="data:image/png;base64,{encoded}">'
+        )
+    config = subnetwork.config
+    rule = f"k = {config.k}" if config.k else f"keep ratio {config.keep_ratio:g}"
+    page = (
+        "<!doctype html><html><head><meta charset='utf-8'><title>KENviz</title>"
+        "<style>body{font-family:sans-serif;max-width:1100px;margin:auto}img{max-width:100%}"
+        "</style></head><body>"
+        f"<h1>KENviz: {html.escape(str(config.base_model_name_or_path))}</h1>"
+        f"<p>{html.escape(rule)}; {len(subnetwork.pruned)} pruned tensors, "
+        f"{subnetwork.kept_fraction():.1%} of their values kept.</p>"
+        f"<ul>{''.join(contents)}</ul>{''.join(body)}</body></html>"
+    )
+    report = out / "report.html"
+    write_text_atomic(report, page)
+    return report
