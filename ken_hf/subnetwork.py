@@ -9,6 +9,7 @@ from __future__ import annotations
 
 import dataclasses
 import os
+import warnings
 from collections.abc import Callable, Mapping
 from dataclasses import dataclass, field
 from pathlib import Path
@@ -47,6 +48,27 @@ def _flat(parameter: torch.Tensor) -> torch.Tensor:
     if not parameter.is_contiguous():
         raise ValueError("KEN writes into contiguous parameters only")
     return parameter.detach().view(-1)
+
+
+def _newly_initialised(base: Weights) -> set[str]:
+    """Parameters of a base model that its own checkpoint does not hold (none for a state
+    dict, or a model not loaded from a readable checkpoint, with a warning)."""
+    source = getattr(base, "name_or_path", "") if isinstance(base, torch.nn.Module) else ""
+    if not source:
+        return set()
+    from huggingface_hub.errors import EntryNotFoundError
+
+    from .hub import new_parameters
+
+    try:
+        return new_parameters(base, source)
+    except (OSError, ValueError, EntryNotFoundError) as error:
+        warnings.warn(
+            f"cannot read the checkpoint {source!r} to find newly initialised parameters "
+            f"({error}); pass new_tensors explicitly",
+            stacklevel=3,
+        )
+        return set()
 
 
 def _measure_delta(pruned: PrunedTensor, finetuned: torch.Tensor, base: torch.Tensor) -> None:
@@ -104,7 +126,7 @@ class KENSubnetwork:
         finetuned: Weights,
         config: KENConfig,
         *,
-        new_tensors: frozenset[str] | set[str] = frozenset(),
+        new_tensors: frozenset[str] | set[str] | None = None,
         progress: bool = True,
         selector: MaskSelector = select_masks,
     ) -> KENSubnetwork:
@@ -113,9 +135,13 @@ class KENSubnetwork:
         Every floating-point tensor of ``finetuned`` is pruned, stored whole or left to the
         base, as ``config`` says. Tensors absent from ``base`` or named in ``new_tensors``
         (newly initialised ones, such as a classification head: their "pre-trained" values
-        are random) are stored whole and not fingerprinted. ``selector`` computes the masks
-        (the training layer passes one that shares the work among distributed ranks).
+        are random) are stored whole and not fingerprinted. ``new_tensors=None`` finds them
+        when ``base`` is a model loaded from a checkpoint: the parameters that checkpoint
+        does not hold. ``selector`` computes the masks (the training layer passes one that
+        shares the work among distributed ranks).
         """
+        if new_tensors is None:
+            new_tensors = _newly_initialised(base)
         base_tensors = {
             name: t for name, t in parameters_of(base).items() if name not in new_tensors
         }
@@ -289,7 +315,7 @@ def prune_model(
     base: Weights,
     config: KENConfig,
     *,
-    new_tensors: frozenset[str] | set[str] = frozenset(),
+    new_tensors: frozenset[str] | set[str] | None = None,
     progress: bool = True,
     selector: MaskSelector = select_masks,
 ) -> KENSubnetwork:

@@ -222,6 +222,18 @@ def test_tied_embeddings_are_stored_once_and_tied_again(smollm2_pruned):
     assert loaded.lm_head.weight.data_ptr() == loaded.model.embed_tokens.weight.data_ptr()
 
 
+def test_new_head_is_found_and_stored_whole_without_being_named(minilm_finetune):
+    base = _minilm_base(minilm_finetune["base"])  # its classifier is freshly random
+    config = KENConfig(k=8, target_modules=["layer.0.attention.self.query"])
+    subnetwork = KENSubnetwork.from_weights(base, minilm_finetune["model"], config, progress=False)
+    assert set(subnetwork.whole) == {"classifier.weight", "classifier.bias"}
+    assert "classifier.weight" not in subnetwork.fingerprints
+    plain = KENSubnetwork.from_weights(
+        dict(base.named_parameters()), minilm_finetune["model"], config, progress=False
+    )
+    assert plain.whole == {}  # a state dict says nothing about what was new
+
+
 def test_subnetwork_from_state_dicts_equals_from_models(minilm_finetune):
     base = _minilm_base(minilm_finetune["base"])
     finetuned = minilm_finetune["model"]
