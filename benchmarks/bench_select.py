@@ -29,7 +29,7 @@ from safetensors.torch import load_file
 
 from ken_hf import ken_select, ken_select_many
 from ken_hf.assets import minilm_path
-from ken_hf.selection.rows import DEFAULT_MAX_MEMORY, row_chunks
+from ken_hf.selection.rows import DEFAULT_MAX_MEMORY, rows_per_chunk
 
 sys.path.insert(0, str(Path(__file__).resolve().parents[1] / "tests"))
 from oracle import oracle_select  # noqa: E402
@@ -68,7 +68,7 @@ def bench_rows(weights, quick: bool) -> list[dict]:
     results = []
     for width in WIDTHS:
         # A realistic batch: as many rows as one default chunk holds (at most 4096).
-        batch = min(4096, next(row_chunks(1 << 30, width, DEFAULT_MAX_MEMORY)).stop)
+        batch = min(4096, rows_per_chunk(width, DEFAULT_MAX_MEMORY))
         batch //= 8 if quick else 1
         oracle_count = 4 if quick else max(4, min(24, 12_000 // width))
         rows = real_rows(weights, width, batch)

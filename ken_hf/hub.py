@@ -6,6 +6,7 @@ from __future__ import annotations
 import json
 import os
 import struct
+import warnings
 from pathlib import Path
 
 import torch
@@ -88,8 +89,18 @@ def new_parameters(
 ) -> set[str]:
     """Parameters of ``model`` that its base checkpoint does not hold (newly initialised, such
     as a classification head). Names match as ``from_pretrained`` matches them: with or
-    without the model's ``base_model_prefix``."""
-    stored = checkpoint_tensor_names(base_name_or_path, revision=revision)
+    without the model's ``base_model_prefix``. A checkpoint whose tensor names cannot be
+    read (no safetensors file, or offline and not cached) gives an empty set and a warning:
+    nothing is known to be new."""
+    try:
+        stored = checkpoint_tensor_names(base_name_or_path, revision=revision)
+    except (OSError, ValueError, EntryNotFoundError) as error:
+        warnings.warn(
+            f"cannot read the tensor names of {str(base_name_or_path)!r} ({error}); no "
+            "parameter is known to be newly initialised: list new heads in modules_to_save",
+            stacklevel=2,
+        )
+        return set()
     prefix = getattr(model, "base_model_prefix", "")
     new = set()
     for name, _ in model.named_parameters():

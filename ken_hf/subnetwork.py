@@ -9,7 +9,6 @@ from __future__ import annotations
 
 import dataclasses
 import os
-import warnings
 from collections.abc import Callable, Mapping
 from dataclasses import dataclass, field
 from pathlib import Path
@@ -52,23 +51,13 @@ def _flat(parameter: torch.Tensor) -> torch.Tensor:
 
 def _newly_initialised(base: Weights) -> set[str]:
     """Parameters of a base model that its own checkpoint does not hold (none for a state
-    dict, or a model not loaded from a readable checkpoint, with a warning)."""
+    dict or a model not loaded from a checkpoint)."""
     source = getattr(base, "name_or_path", "") if isinstance(base, torch.nn.Module) else ""
     if not source:
         return set()
-    from huggingface_hub.errors import EntryNotFoundError
-
     from .hub import new_parameters
 
-    try:
-        return new_parameters(base, source)
-    except (OSError, ValueError, EntryNotFoundError) as error:
-        warnings.warn(
-            f"cannot read the checkpoint {source!r} to find newly initialised parameters "
-            f"({error}); pass new_tensors explicitly",
-            stacklevel=3,
-        )
-        return set()
+    return new_parameters(base, source)
 
 
 def _measure_delta(pruned: PrunedTensor, finetuned: torch.Tensor, base: torch.Tensor) -> None:

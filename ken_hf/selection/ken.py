@@ -16,7 +16,7 @@ from .rows import (
     check_finite,
     check_k,
     check_same_shape,
-    row_chunks,
+    rows_per_chunk,
 )
 
 
@@ -155,8 +155,8 @@ class _Piece:
 def _chunks_across(
     rows_of: Mapping[str, torch.Tensor], width: int, max_memory: int
 ) -> Iterator[list[_Piece]]:
-    """Chunks of rows, each at most what ``row_chunks`` allows, spanning tensor boundaries."""
-    limit = next(row_chunks(1 << 62, width, max_memory)).stop
+    """Chunks of rows, each at most ``rows_per_chunk``, spanning tensor boundaries."""
+    limit = rows_per_chunk(width, max_memory)
     pieces: list[_Piece] = []
     filled = 0
     for name, rows in rows_of.items():

@@ -3,7 +3,6 @@
 from __future__ import annotations
 
 import numbers
-from collections.abc import Iterator
 
 import torch
 
@@ -53,8 +52,6 @@ def as_rows(weight: torch.Tensor) -> torch.Tensor:
     return weight.reshape(weight.shape[0], -1)
 
 
-def row_chunks(num_rows: int, row_width: int, max_memory: int) -> Iterator[slice]:
-    """Slices of at most as many rows as fit ``max_memory`` bytes of working memory."""
-    per_chunk = max(1, max_memory // max(1, BYTES_PER_ELEMENT * row_width))
-    for start in range(0, num_rows, per_chunk):
-        yield slice(start, min(num_rows, start + per_chunk))
+def rows_per_chunk(row_width: int, max_memory: int) -> int:
+    """How many rows of ``row_width`` values fit ``max_memory`` bytes of working memory."""
+    return max(1, max_memory // max(1, BYTES_PER_ELEMENT * row_width))
