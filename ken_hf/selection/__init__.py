@@ -1,5 +1,5 @@
-"""Layer 1: selection rules over plain tensors (no transformers import here)."""
+"""Layer 1: the KEN selection rule over plain tensors (no transformers import here)."""
 
-from .ken import ken_prune, ken_select, ken_select_many, select_rows
+from .ken import ken_prune, ken_select, ken_select_many
 
-__all__ = ["ken_prune", "ken_select", "ken_select_many", "select_rows"]
+__all__ = ["ken_prune", "ken_select", "ken_select_many"]

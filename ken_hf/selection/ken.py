@@ -93,7 +93,7 @@ def ken_select_many(
             rows_of = {name: as_rows(weights[name]) for name in names}
             for pieces in _chunks_across(rows_of, width, max_memory):
                 chunk = torch.cat([rows_of[p.name][p.rows] for p in pieces]).to(torch.float32)
-                kept = select_rows(chunk, k, compat=compat)
+                kept = _select_rows(chunk, k, compat=compat)
                 offset = 0
                 for p in pieces:
                     count = p.rows.stop - p.rows.start
@@ -105,7 +105,7 @@ def ken_select_many(
     return masks
 
 
-def select_rows(rows: torch.Tensor, k: int, *, compat: bool = False) -> torch.Tensor:
+def _select_rows(rows: torch.Tensor, k: int, *, compat: bool = False) -> torch.Tensor:
     """KEN on a block of rows: float32 ``[R, n]`` -> bool mask ``[R, n]``.
 
     Edge cases as the spec answers them, in both modes: ``k >= n`` keeps the row, a row
