@@ -96,7 +96,7 @@ class KENCallback(TrainerCallback):
         return self
 
     # -- events ---------------------------------------------------------------------------
-    def on_train_begin(self, args, state, control, model=None, **kwargs):
+    def on_train_begin(self, args, state, control, **kwargs):
         trainer = self._find_trainer()
         model = _unwrap(trainer)
         _refuse_sharded(trainer)
