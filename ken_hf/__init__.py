@@ -26,6 +26,7 @@ _LAZY = {
     "AutoKENModelForQuestionAnswering": "modeling",
     "AutoKENModelForSeq2SeqLM": "modeling",
     "KENCallback": "callback",
+    "AutoK": "callback",
 }
 
 __all__ = ["__version__", "ken_prune", "ken_select", "ken_select_many", *_LAZY]
