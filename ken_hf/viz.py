@@ -24,10 +24,17 @@ import html
 import io
 import re
 from pathlib import Path
+from typing import TYPE_CHECKING
 
 import numpy as np
 
 from .subnetwork import KENSubnetwork
+
+if TYPE_CHECKING:
+    from matplotlib.figure import Figure
+
+# A subnetwork in memory, or a saved folder / Hub id to read it from.
+Source = KENSubnetwork | str | Path
 
 MAX_PIXELS = 768
 _LAYER = re.compile(r"\.(\d+)\.")
@@ -42,7 +49,7 @@ def _pyplot():
     return plt
 
 
-def load(subnetwork: KENSubnetwork | str | Path) -> KENSubnetwork:
+def load(subnetwork: Source) -> KENSubnetwork:
     """A subnetwork in memory, or read from a saved folder (or Hub id)."""
     if isinstance(subnetwork, KENSubnetwork):
         return subnetwork
@@ -124,7 +131,7 @@ def neighbour_image(
     return reduce_blocks(neighbour_counts(kept), kept, max_pixels)
 
 
-def matrix_figure(subnetwork, name: str, max_pixels: int = MAX_PIXELS):
+def matrix_figure(subnetwork: Source, name: str, max_pixels: int = MAX_PIXELS) -> Figure:
     """Kept positions of matrix ``name`` (blank = reset to pre-trained)."""
     plt = _pyplot()
     subnetwork = load(subnetwork)
@@ -139,7 +146,7 @@ def matrix_figure(subnetwork, name: str, max_pixels: int = MAX_PIXELS):
     return figure
 
 
-def neighbour_figure(subnetwork, name: str, max_pixels: int = MAX_PIXELS):
+def neighbour_figure(subnetwork: Source, name: str, max_pixels: int = MAX_PIXELS) -> Figure:
     """For kept positions of ``name``: kept neighbours among the 4 adjacent (0-4)."""
     plt = _pyplot()
     subnetwork = load(subnetwork)
@@ -164,7 +171,7 @@ def layers_of(subnetwork: KENSubnetwork, suffix: str) -> list[tuple[int, str]]:
     return sorted(found)
 
 
-def layer_figure(subnetwork, suffix: str, max_pixels: int = 256):
+def layer_figure(subnetwork: Source, suffix: str, max_pixels: int = 256) -> Figure:
     """Both views of matrix ``suffix`` (e.g. ``attention.self.query.weight``) in every layer."""
     plt = _pyplot()
     subnetwork = load(subnetwork)
@@ -219,7 +226,7 @@ def summary_rows(subnetwork: KENSubnetwork) -> list[dict]:
     return rows
 
 
-def summary_figure(subnetwork):
+def summary_figure(subnetwork: Source) -> Figure:
     """Kept fraction per tensor family and layer (heat map); mean |fine-tuned -
     pre-trained| of kept against reset values, per layer."""
     plt = _pyplot()
@@ -266,14 +273,14 @@ def summary_figure(subnetwork):
     return figure
 
 
-def _png(figure) -> bytes:
+def _png(figure: Figure) -> bytes:
     buffer = io.BytesIO()
     figure.savefig(buffer, format="png", dpi=110)
     _pyplot().close(figure)
     return buffer.getvalue()
 
 
-def write_report(subnetwork, out_dir: str | Path, tensors: list[str] | None = None) -> Path:
+def write_report(subnetwork: Source, out_dir: str | Path, tensors: list[str] | None = None) -> Path:
     """Write PNG files and one self-contained ``report.html`` (images embedded, a table of
     contents) for ``tensors`` (default: the three largest pruned matrices), the layer view
     of each of their matrix names, and the summary. Returns the HTML path."""
