@@ -49,6 +49,12 @@ def _flat(parameter: torch.Tensor) -> torch.Tensor:
     return parameter.detach().view(-1)
 
 
+def _write_at(parameter: torch.Tensor, positions: torch.Tensor, values: torch.Tensor) -> None:
+    """Write ``values`` ``[count]`` at the flat ``positions`` ``[count]`` of ``parameter``."""
+    flat = _flat(parameter)
+    flat.index_copy_(0, positions.to(flat.device), values.to(flat.device, flat.dtype))
+
+
 def _newly_initialised(base: Weights) -> set[str]:
     """Parameters of a base model that its own checkpoint does not hold (none for a state
     dict or a model not loaded from a checkpoint)."""
@@ -231,9 +237,8 @@ class KENSubnetwork:
         with torch.no_grad():
             for name, pruned in self.pruned.items():
                 flat = _flat(parameters[name])
-                positions = pruned.positions.to(flat.device)
-                saved[name] = flat.index_select(0, positions)
-                flat.index_copy_(0, positions, pruned.values.to(flat.device, flat.dtype))
+                saved[name] = flat.index_select(0, pruned.positions.to(flat.device))
+                _write_at(parameters[name], pruned.positions, pruned.values)
             for name, tensor in self.whole.items():
                 saved[name] = parameters[name].detach().clone()
                 parameters[name].copy_(tensor)
@@ -244,8 +249,7 @@ class KENSubnetwork:
         parameters = parameters_of(model)
         with torch.no_grad():
             for name, pruned in self.pruned.items():
-                flat = _flat(parameters[name])
-                flat.index_copy_(0, pruned.positions.to(flat.device), saved[name])
+                _write_at(parameters[name], pruned.positions, saved[name])
             for name in self.whole:
                 parameters[name].copy_(saved[name])
 
@@ -325,9 +329,5 @@ def prune_model(
             parameter.copy_(base_tensors[name])  # everything back to pre-trained...
             if name in subnetwork.pruned:  # ...but the kept fine-tuned values
                 pruned = subnetwork.pruned[name]
-                _flat(parameter).index_copy_(
-                    0,
-                    pruned.positions.to(parameter.device),
-                    pruned.values.to(parameter.device, parameter.dtype),
-                )
+                _write_at(parameter, pruned.positions, pruned.values)
     return subnetwork

@@ -56,10 +56,15 @@ def load(subnetwork: Source) -> KENSubnetwork:
     return KENSubnetwork.from_pretrained(subnetwork)
 
 
+def matrix_shape(subnetwork: KENSubnetwork, name: str) -> tuple[int, int]:
+    """``(rows, columns)`` as KEN sees tensor ``name`` (rank-1 tensors: one row)."""
+    shape = subnetwork.pruned[name].shape
+    return (1, shape.numel()) if len(shape) <= 1 else (shape[0], shape.numel() // max(1, shape[0]))
+
+
 def kept_matrix(subnetwork: KENSubnetwork, name: str) -> np.ndarray:
     """Bool ``[rows, columns]`` of kept positions (rank-1 tensors: one row)."""
-    mask = subnetwork.mask(name).numpy()
-    return mask.reshape(1, -1) if mask.ndim <= 1 else mask.reshape(mask.shape[0], -1)
+    return subnetwork.mask(name).numpy().reshape(matrix_shape(subnetwork, name))
 
 
 def neighbour_counts(kept: np.ndarray) -> np.ndarray:
@@ -139,7 +144,7 @@ def matrix_figure(subnetwork: Source, name: str, max_pixels: int = MAX_PIXELS) -
     image = np.where(image > 0, image, np.nan)  # reset (or all-reset blocks) stay blank
     figure, axis = plt.subplots(figsize=(6, 5))
     fraction = subnetwork.pruned[name].positions.numel() / subnetwork.pruned[name].shape.numel()
-    shape = kept_matrix(subnetwork, name).shape
+    shape = matrix_shape(subnetwork, name)
     shown = _draw_matrix(axis, image, shape, f"{name}\nkept {fraction:.1%}", "cividis", 1)
     figure.colorbar(shown, ax=axis, label="kept fraction (per pixel)")
     figure.tight_layout()
@@ -152,7 +157,7 @@ def neighbour_figure(subnetwork: Source, name: str, max_pixels: int = MAX_PIXELS
     subnetwork = load(subnetwork)
     image = neighbour_image(subnetwork, name, max_pixels)
     figure, axis = plt.subplots(figsize=(6, 5))
-    shape = kept_matrix(subnetwork, name).shape
+    shape = matrix_shape(subnetwork, name)
     title = f"{name}\nkept neighbours of kept positions"
     shown = _draw_matrix(axis, image, shape, title, "viridis", 4)
     figure.colorbar(shown, ax=axis, label="kept neighbours (0-4)")
