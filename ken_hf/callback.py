@@ -251,7 +251,7 @@ def _shared_selector():
         return select_masks
     distributed = torch.distributed
 
-    def selector(groups, compat, progress):
+    def selector(groups, pretrained, config, progress):
         rank, world = distributed.get_rank(), distributed.get_world_size()
         owner: dict[str, int] = {}
         load = [0] * world
@@ -263,7 +263,7 @@ def _shared_selector():
             k: {name: t for name, t in group.items() if owner[name] == rank}
             for k, group in groups.items()
         }
-        masks = select_masks(mine, compat, progress)
+        masks = select_masks(mine, pretrained, config, progress)
         for name, tensor in tensors:
             buffer = (
                 masks[name].to(torch.uint8)

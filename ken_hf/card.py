@@ -54,7 +54,8 @@ def model_card(subnetwork: KENSubnetwork, folder: Path) -> str:
         f"ken-hf {config.library_version}: only the kept fine-tuned values are stored; "
         "every other value comes from the base model when it is loaded.",
         "",
-        f"- Selection: {rule}{' (compatibility mode)' if config.compat else ''}",
+        f"- Selection: {rule}{' (compatibility mode)' if config.compat else ''}"
+        + ("" if config.rule == "ken" else f", rule {config.rule!r} (a baseline, not KEN)"),
         f"- Pruned tensors: {len(subnetwork.pruned)}, {kept_values:,} of {pruned_values:,} "
         f"values kept ({subnetwork.kept_fraction():.1%})",
         f"- Stored whole: {len(subnetwork.whole)} tensors, {whole_values:,} values",

@@ -14,6 +14,7 @@ from dataclasses import asdict, dataclass, field, fields
 from pathlib import Path
 
 from .io import write_text_atomic
+from .selection.rules import check_rule
 
 CONFIG_NAME = "ken_config.json"
 REQUIRED_KEYS = ("k", "keep_ratio", "base_model_name_or_path")
@@ -62,6 +63,14 @@ class KENConfig:
         default=False,
         metadata={"help": "Reproduce the published KEN code bit for bit, quirks included."},
     )
+    rule: str = field(
+        default="ken",
+        metadata={
+            "help": "Selection rule: 'ken' (the paper's), or for comparisons 'ken_delta' (KEN "
+            "on fine-tuned minus pre-trained), 'largest_delta', 'random'."
+        },
+    )
+    seed: int = field(default=0, metadata={"help": "Seed of the 'random' rule."})
     base_model_name_or_path: str | None = field(
         default=None, metadata={"help": "Hub id or folder of the pre-trained base model."}
     )
@@ -92,6 +101,9 @@ class KENConfig:
             and 0 < self.keep_ratio <= 1
         ):
             raise ValueError(f"KENConfig.keep_ratio must be in (0, 1], got {self.keep_ratio!r}")
+        check_rule(self.rule)
+        if self.compat and self.rule != "ken":
+            raise ValueError(f"KENConfig.compat applies to rule 'ken' only, not {self.rule!r}")
         for name in ("target_modules", "exclude_modules"):
             value = getattr(self, name)
             if isinstance(value, str):

@@ -17,7 +17,7 @@ import torch
 
 from .config import KENConfig
 from .fingerprint import tensor_fingerprint
-from .selection import ken_select_many
+from .selection import select_by_rule
 from .selection.rows import as_rows
 from .serialization import (
     SUBNETWORK_NAME,
@@ -28,17 +28,34 @@ from .serialization import (
 )
 
 Weights = torch.nn.Module | Mapping[str, torch.Tensor]
-# Selects masks for tensors grouped by k: ({k: {name: tensor}}, compat, progress) -> masks.
-MaskSelector = Callable[[dict[int, dict[str, torch.Tensor]], bool, bool], dict[str, torch.Tensor]]
+# Selects masks for tensors grouped by k:
+# ({k: {name: fine-tuned}}, {name: pre-trained}, config, progress) -> {name: mask}.
+MaskSelector = Callable[
+    [dict[int, dict[str, torch.Tensor]], Mapping[str, torch.Tensor], KENConfig, bool],
+    dict[str, torch.Tensor],
+]
 
 
 def select_masks(
-    groups: dict[int, dict[str, torch.Tensor]], compat: bool, progress: bool
+    groups: dict[int, dict[str, torch.Tensor]],
+    pretrained: Mapping[str, torch.Tensor],
+    config: KENConfig,
+    progress: bool,
 ) -> dict[str, torch.Tensor]:
-    """KEN masks for tensors grouped by their k, in this process."""
+    """Masks by ``config.rule`` for tensors grouped by their k, in this process."""
     masks: dict[str, torch.Tensor] = {}
     for k, tensors in groups.items():
-        masks.update(ken_select_many(tensors, k, compat=compat, progress=progress))
+        masks.update(
+            select_by_rule(
+                tensors,
+                k,
+                rule=config.rule,
+                pretrained=pretrained,
+                compat=config.compat,
+                seed=config.seed,
+                progress=progress,
+            )
+        )
     return masks
 
 
@@ -157,7 +174,7 @@ class KENSubnetwork:
             if config.targets(name):
                 k = config.k_for(as_rows(tensor).shape[1])
                 to_prune.setdefault(k, {})[name] = tensor.detach()
-        masks = selector(to_prune, config.compat, progress)
+        masks = selector(to_prune, base_tensors, config, progress)
         pruned = {}
         for name, mask in masks.items():
             pruned[name] = PrunedTensor.from_mask(mask, finetuned_tensors[name])

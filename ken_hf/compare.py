@@ -1,0 +1,348 @@
+"""KEN against PEFT (LoRA) and simple sparse baselines, on one task and one training budget.
+
+For each seed: one full fine-tune, from which KEN and the sparse baselines select
+subnetworks at several k (all stored in the KEN subnetwork format); and LoRA fine-tunes at
+several ranks. Every row's metric is computed on the model rebuilt from the files that row
+saved, so the table reports what a user who loads those files gets.
+"""
+
+from __future__ import annotations
+
+import dataclasses
+import json
+import math
+import os
+import platform
+import statistics
+import time
+from pathlib import Path
+
+import torch
+import transformers
+from tqdm.auto import tqdm
+
+from .config import KENConfig, module_name
+from .finetune import (
+    FineTuneSettings,
+    build_trainer,
+    load_splits,
+    load_tokenizer,
+    model_label,
+    model_source,
+    new_classifier,
+)
+from .hub import new_parameters
+from .io import write_text_atomic
+from .modeling import AutoKENModelForSequenceClassification
+from .selection import RULES
+from .serialization import SUBNETWORK_NAME
+from .subnetwork import KENSubnetwork
+
+RULE_LABELS = {
+    "ken": "KEN",
+    "ken_delta": "KEN on the change (variant)",
+    "largest_delta": "largest abs(change)",
+    "random": "random",
+}
+
+
+@dataclasses.dataclass
+class CompareSettings:
+    """The task and budget shared by every method, and the methods' own settings."""
+
+    task: FineTuneSettings = dataclasses.field(
+        default_factory=lambda: FineTuneSettings(output_dir="runs/compare")
+    )
+    seeds: tuple[int, ...] = (0, 1, 2)
+    keep_ratios: tuple[float, ...] = (0.25, 0.5, 0.75)
+    paper_k: int | None = 300  # an absolute k per row, as the paper states its k
+    rules: tuple[str, ...] = RULES
+    lora_ranks: tuple[int, ...] = (8, 32)
+    lora_learning_rate: float = 5e-4  # LoRA's usual rate, 10x the full fine-tune's
+
+
+def run_comparison(settings: CompareSettings) -> dict:
+    """Run every method on every seed; write ``results.json``, ``results.md`` and
+    ``results.png`` into ``settings.task.output_dir``; return the JSON's content."""
+    for rule in settings.rules:
+        if rule not in RULES:
+            raise ValueError(f"unknown rule {rule!r}; choose from {', '.join(RULES)}")
+    out = Path(settings.task.output_dir)
+    rows: list[dict] = []
+    start = time.perf_counter()
+    for seed in settings.seeds:
+        task = dataclasses.replace(settings.task, seed=seed, output_dir=str(out / f"seed{seed}"))
+        rows += _run_seed(settings, task)
+    results = {
+        "settings": dataclasses.asdict(settings),
+        "model": model_source(settings.task),
+        "model_label": model_label(settings.task),
+        "machine": _machine(),
+        "seconds": time.perf_counter() - start,
+        "runs": rows,
+        "summary": summarise(rows, settings.task.metric),
+    }
+    write_text_atomic(out / "results.json", json.dumps(results, indent=2) + "\n")
+    write_text_atomic(out / "results.md", markdown_table(results))
+    plot(results, out / "results.png")
+    return results
+
+
+def _run_seed(settings: CompareSettings, task: FineTuneSettings) -> list[dict]:
+    tokenizer = load_tokenizer(task)
+    train, held_out = load_splits(task, tokenizer)
+    folder = Path(task.output_dir)
+    metric = f"eval_{task.metric}"
+
+    def evaluate(model: torch.nn.Module) -> float:
+        trainer = build_trainer(task, model, tokenizer, train, held_out, output_dir=folder)
+        return trainer.evaluate()[metric]
+
+    # 1. The full fine-tune, the source of every sparse subnetwork.
+    model = new_classifier(task, tokenizer)
+    pretrained = {name: p.detach().clone() for name, p in model.named_parameters()}
+    new_tensors = new_parameters(model, model_source(task))
+    seconds = _train(build_trainer(task, model, tokenizer, train, held_out, output_dir=folder))
+    full_folder = folder / "full"
+    model.save_pretrained(full_folder)
+    total = sum(p.numel() for p in model.parameters())
+    full_file = full_folder / "model.safetensors"
+    reloaded = transformers.AutoModelForSequenceClassification.from_pretrained(full_folder)
+    rows = [
+        _row(task, "full", "full fine-tune", evaluate(reloaded), [full_file], total, total, seconds)
+    ]
+    print(f"seed {task.seed}: full fine-tune {rows[0]['metric']:.4f}")
+
+    # 2., 4., 5. Sparse subnetworks of that fine-tune, every rule at every k.
+    budgets = [("keep_ratio", ratio, f"keep {ratio:.0%}") for ratio in settings.keep_ratios]
+    if settings.paper_k is not None:
+        budgets.append(("k", settings.paper_k, f"k={settings.paper_k}"))
+    jobs = [(rule, budget) for rule in settings.rules for budget in budgets]
+    for rule, (kind, amount, budget_label) in tqdm(jobs, desc=f"seed {task.seed} subnetworks"):
+        config = KENConfig(
+            **{kind: amount},
+            rule=rule,
+            seed=task.seed,
+            base_model_name_or_path=model_source(task),
+        )
+        begin = time.perf_counter()
+        subnetwork = KENSubnetwork.from_weights(
+            pretrained, model, config, new_tensors=new_tensors, progress=False
+        )
+        prune_seconds = time.perf_counter() - begin
+        where = folder / f"{rule}-{budget_label.replace(' ', '').replace('%', 'pct')}"
+        subnetwork.save_pretrained(where)
+        kept = sum(p.positions.numel() for p in subnetwork.pruned.values()) + sum(
+            t.numel() for t in subnetwork.whole.values()
+        )
+        value = evaluate(AutoKENModelForSequenceClassification.from_pretrained(where))
+        row = _row(
+            task,
+            rule,
+            f"{RULE_LABELS[rule]} {budget_label}",
+            value,
+            [where / SUBNETWORK_NAME],
+            total,
+            kept,
+            seconds,
+            prune_seconds,
+        )
+        rows.append(row)
+        tqdm.write(f"seed {task.seed}: {row['label']} {value:.4f}")
+
+    # 3. LoRA at each rank, the new head trained whole.
+    heads = sorted({module_name(name) for name in new_tensors})
+    for rank in settings.lora_ranks:
+        rows.append(_run_lora(task, tokenizer, train, held_out, rank, heads, settings, evaluate))
+        print(f"seed {task.seed}: {rows[-1]['label']} {rows[-1]['metric']:.4f}")
+    return rows
+
+
+def _run_lora(task, tokenizer, train, held_out, rank, heads, settings, evaluate) -> dict:
+    from peft import LoraConfig, PeftModel, TaskType, get_peft_model
+
+    lora = LoraConfig(
+        task_type=TaskType.SEQ_CLS,
+        r=rank,
+        lora_alpha=2 * rank,
+        target_modules="all-linear",
+        modules_to_save=heads,
+    )
+    model = get_peft_model(new_classifier(task, tokenizer), lora)
+    trainable, total = model.get_nb_trainable_parameters()
+    folder = Path(task.output_dir) / f"lora-r{rank}"
+    trainer = build_trainer(
+        task,
+        model,
+        tokenizer,
+        train,
+        held_out,
+        learning_rate=settings.lora_learning_rate,
+        output_dir=folder,
+    )
+    seconds = _train(trainer)
+    model.save_pretrained(folder)
+    reloaded = PeftModel.from_pretrained(new_classifier(task, tokenizer), folder)
+    files = [folder / "adapter_model.safetensors"]
+    return _row(task, "lora", f"LoRA r={rank}", evaluate(reloaded), files, trainable, None, seconds)
+
+
+def _train(trainer: transformers.Trainer) -> float:
+    start = time.perf_counter()
+    trainer.train()
+    return time.perf_counter() - start
+
+
+def _row(
+    task: FineTuneSettings,
+    method: str,
+    label: str,
+    metric: float,
+    files: list[Path],
+    trainable: int,
+    kept: int | None,
+    train_seconds: float,
+    prune_seconds: float = 0.0,
+) -> dict:
+    missing = [str(f) for f in files if not f.is_file()]
+    if missing:
+        raise FileNotFoundError(f"{label}: expected file(s) {missing} were not written")
+    return {
+        "seed": task.seed,
+        "method": method,
+        "label": label,
+        "metric": metric,
+        "files": [str(f) for f in files],
+        "bytes": sum(f.stat().st_size for f in files),
+        "trainable_parameters": trainable,
+        "kept_values": kept,
+        "train_seconds": train_seconds,
+        "prune_seconds": prune_seconds,
+    }
+
+
+def summarise(rows: list[dict], metric: str) -> list[dict]:
+    """One entry per label, in first-seen order: metric mean and sample standard deviation
+    over seeds (None with one seed), mean bytes, percent of the full fine-tune's file."""
+    labels = list(dict.fromkeys(row["label"] for row in rows))
+    full_bytes = statistics.mean(r["bytes"] for r in rows if r["method"] == "full")
+    summary = []
+    for label in labels:
+        group = [r for r in rows if r["label"] == label]
+        values = [r["metric"] for r in group]
+        stored = statistics.mean(r["bytes"] for r in group)
+        kept = [r["kept_values"] for r in group if r["kept_values"] is not None]
+        summary.append(
+            {
+                "label": label,
+                "method": group[0]["method"],
+                "metric": metric,
+                "mean": statistics.mean(values),
+                "std": statistics.stdev(values) if len(values) > 1 else None,
+                "seeds": len(values),
+                "bytes": stored,
+                "percent_of_full": 100 * stored / full_bytes,
+                "trainable_parameters": group[0]["trainable_parameters"],
+                "kept_values": statistics.mean(kept) if kept else None,
+                "train_seconds": statistics.mean(r["train_seconds"] for r in group),
+                "prune_seconds": statistics.mean(r["prune_seconds"] for r in group),
+            }
+        )
+    return summary
+
+
+def markdown_table(results: dict) -> str:
+    """The summary as a markdown table, with the settings it came from."""
+    settings = results["settings"]["task"]
+    lines = [
+        f"Model {results['model_label']} (`{results['model']}`), data `{settings['dataset']}` "
+        f"({settings['train_size']} train / {settings['eval_size']} held out), "
+        f"{settings['epochs']:g} epochs, seeds {results['settings']['seeds']}; "
+        f"{results['machine']['cpus']} CPUs, torch {results['machine']['torch']}.",
+        "",
+        f"| method | {results['summary'][0]['metric']} (mean ± sd) | stored | % of full "
+        "| trainable params | values kept | training s | pruning s |",
+        "|---|---|---|---|---|---|---|---|",
+    ]
+    for entry in results["summary"]:
+        spread = f" ± {entry['std']:.4f}" if entry["std"] is not None else ""
+        kept = f"{entry['kept_values']:,.0f}" if entry["kept_values"] is not None else "-"
+        lines.append(
+            f"| {entry['label']} | {entry['mean']:.4f}{spread} | {_size(entry['bytes'])} "
+            f"| {entry['percent_of_full']:.1f} | {entry['trainable_parameters']:,} | {kept} "
+            f"| {entry['train_seconds']:.0f} | {entry['prune_seconds']:.1f} |"
+        )
+    return "\n".join(lines) + "\n"
+
+
+def plot(results: dict, path: Path) -> None:
+    """Metric against bytes stored (log scale), one labelled point per method, error bars
+    of one standard deviation."""
+    import matplotlib
+
+    matplotlib.use("Agg")
+    import matplotlib.pyplot as plt
+
+    colours = {"full": "black", "lora": "tab:purple", "ken": "tab:blue"}
+    colours.update({"ken_delta": "tab:cyan", "largest_delta": "tab:green", "random": "tab:gray"})
+    figure, axes = plt.subplots(figsize=(11, 7))
+    summary = results["summary"]
+    low = min(e["mean"] - (e["std"] or 0.0) for e in summary)
+    high = max(e["mean"] + (e["std"] or 0.0) for e in summary)
+    heights = _label_heights(summary, gap=(high - low) * 0.03 or 0.01)
+    for entry, label_y in zip(summary, heights, strict=True):
+        colour = colours[entry["method"]]
+        axes.errorbar(
+            entry["bytes"],
+            entry["mean"],
+            yerr=entry["std"] or 0.0,
+            fmt="o",
+            color=colour,
+            capsize=3,
+        )
+        axes.annotate(
+            entry["label"],
+            (entry["bytes"], entry["mean"]),
+            xytext=(entry["bytes"] * 1.08, label_y),
+            fontsize=7,
+            color=colour,
+            va="center",
+            arrowprops={"arrowstyle": "-", "color": colour, "lw": 0.5},
+        )
+    axes.set_xscale("log")
+    axes.set_xlabel("bytes stored (log scale)")
+    axes.set_ylabel(f"held-out {results['summary'][0]['metric']}")
+    axes.set_title(f"{results['model_label']}: KEN, sparse baselines and LoRA")
+    axes.grid(True, which="both", alpha=0.3)
+    figure.tight_layout()
+    temporary = path.with_suffix(".tmp.png")
+    figure.savefig(temporary, dpi=120)
+    plt.close(figure)
+    os.replace(temporary, path)
+
+
+def _label_heights(summary: list[dict], gap: float) -> list[float]:
+    """Label heights near each point, at least ``gap`` apart among points whose bytes are
+    within a factor of 3 (their labels would overlap): points sharing a k share bytes."""
+    heights: dict[int, float] = {}
+    for index in sorted(range(len(summary)), key=lambda i: summary[i]["mean"]):
+        x, y = math.log10(summary[index]["bytes"]), summary[index]["mean"]
+        near = [h for i, h in heights.items() if abs(math.log10(summary[i]["bytes"]) - x) < 0.5]
+        for taken in sorted(near):
+            if abs(taken - y) < gap:
+                y = taken + gap
+        heights[index] = y
+    return [heights[i] for i in range(len(summary))]
+
+
+def _size(count: float) -> str:
+    return f"{count / 2**20:.2f} MiB"
+
+
+def _machine() -> dict:
+    return {
+        "platform": platform.platform(),
+        "cpus": os.cpu_count(),
+        "torch": torch.__version__,
+        "transformers": transformers.__version__,
+    }

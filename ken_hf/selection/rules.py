@@ -1,0 +1,76 @@
+"""Selection rules by name, over many tensors: KEN and the rules it is compared against.
+
+- ``"ken"``: KEN on the fine-tuned values (the paper's method);
+- ``"ken_delta"``: KEN's rule applied to the change ``finetuned - pretrained`` instead of
+  the fine-tuned values (a variant, not the paper's method);
+- ``"largest_delta"``: the k largest ``|finetuned - pretrained|`` per row;
+- ``"random"``: k positions per row drawn at random (seeded per tensor name).
+
+All return masks of KEN's shape (k per row, rows as KEN sees them), so that every rule's
+result is stored, applied and compared the same way.
+"""
+
+from __future__ import annotations
+
+import zlib
+from collections.abc import Mapping
+
+import torch
+
+from .baselines import largest_delta_select, random_select
+from .ken import ken_select_many
+from .rows import check_same_shape
+
+RULES = ("ken", "ken_delta", "largest_delta", "random")
+# Rules that look at the pre-trained values as well as the fine-tuned ones.
+NEEDS_PRETRAINED = frozenset({"ken_delta", "largest_delta"})
+
+
+def check_rule(rule: str) -> str:
+    if rule not in RULES:
+        raise ValueError(f"unknown selection rule {rule!r}; choose one of {', '.join(RULES)}")
+    return rule
+
+
+def select_by_rule(
+    finetuned: Mapping[str, torch.Tensor],
+    k: int,
+    *,
+    rule: str = "ken",
+    pretrained: Mapping[str, torch.Tensor] | None = None,
+    compat: bool = False,
+    seed: int = 0,
+    progress: bool = False,
+) -> dict[str, torch.Tensor]:
+    """``{name: bool mask of finetuned[name]'s shape}`` by ``rule`` with ``k`` kept per row.
+
+    ``pretrained`` (same names and shapes) is needed by ``ken_delta`` and ``largest_delta``.
+    ``compat`` applies to ``ken`` only. ``random`` draws from ``seed`` mixed with each
+    tensor's name, so a tensor's mask does not depend on which other tensors are selected.
+    """
+    check_rule(rule)
+    if compat and rule != "ken":
+        raise ValueError(f"compat reproduces the published KEN code; it has no {rule!r} mode")
+    if rule in NEEDS_PRETRAINED:
+        if pretrained is None:
+            raise ValueError(f"rule {rule!r} needs the pre-trained tensors")
+        missing = [name for name in finetuned if name not in pretrained]
+        if missing:
+            raise ValueError(f"rule {rule!r}: no pre-trained tensor {missing[0]!r}")
+    if rule == "ken":
+        return ken_select_many(finetuned, k, compat=compat, progress=progress)
+    if rule == "ken_delta":
+        changes = {}
+        for name, tensor in finetuned.items():
+            check_same_shape(pretrained[name], tensor, name)
+            changes[name] = tensor.float() - pretrained[name].to(tensor.device).float()
+        return ken_select_many(changes, k, progress=progress)
+    if rule == "largest_delta":
+        return {
+            name: largest_delta_select(tensor, k, pretrained=pretrained[name], name=name)
+            for name, tensor in finetuned.items()
+        }
+    return {
+        name: random_select(tensor, k, seed=seed ^ zlib.crc32(name.encode()), name=name)
+        for name, tensor in finetuned.items()
+    }
