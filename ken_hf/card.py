@@ -2,15 +2,16 @@
 
 from __future__ import annotations
 
+from collections.abc import Mapping
 from pathlib import Path
 from typing import TYPE_CHECKING
 
 from huggingface_hub import ModelCardData
 
-from .serialization import SUBNETWORK_NAME
+from .serialization import SUBNETWORK_NAME, SubnetworkReader
 
 if TYPE_CHECKING:
-    from .subnetwork import KENSubnetwork
+    from .config import KENConfig
 
 _AUTO_CLASSES = {
     "ForSequenceClassification": "AutoKENModelForSequenceClassification",
@@ -21,10 +22,10 @@ _AUTO_CLASSES = {
 }
 
 
-def model_card(subnetwork: KENSubnetwork, folder: Path) -> str:
-    """Markdown with YAML metadata: base model, library, tags; then what was kept, sizes,
-    metrics when known, and how to load it."""
-    config = subnetwork.config
+def model_card(config: KENConfig, folder: Path, metrics: Mapping[str, float] | None = None) -> str:
+    """Markdown with YAML metadata: base model, library, tags; then what was kept (read from
+    the subnetwork file's header in ``folder``), sizes, ``metrics`` when known, and how to
+    load it."""
     data = ModelCardData(
         base_model=config.base_model_name_or_path,
         library_name="ken-hf",
@@ -32,9 +33,10 @@ def model_card(subnetwork: KENSubnetwork, folder: Path) -> str:
     )
     rule = f"k = {config.k} values per row" if config.k else f"keep ratio {config.keep_ratio:g}"
     stored = (folder / SUBNETWORK_NAME).stat().st_size
-    pruned_values = sum(p.shape.numel() for p in subnetwork.pruned.values())
-    kept_values = sum(p.positions.numel() for p in subnetwork.pruned.values())
-    whole_values = sum(t.numel() for t in subnetwork.whole.values())
+    with SubnetworkReader(folder / SUBNETWORK_NAME) as reader:
+        counts = reader.summary()
+    pruned_values, kept_values = counts["pruned_values"], counts["kept_values"]
+    kept_fraction = kept_values / pruned_values if pruned_values else 1.0
     auto = next(
         (
             name
@@ -56,15 +58,15 @@ def model_card(subnetwork: KENSubnetwork, folder: Path) -> str:
         "",
         f"- Selection: {rule}{' (compatibility mode)' if config.compat else ''}"
         + ("" if config.rule == "ken" else f", rule {config.rule!r} (a baseline, not KEN)"),
-        f"- Pruned tensors: {len(subnetwork.pruned)}, {kept_values:,} of {pruned_values:,} "
-        f"values kept ({subnetwork.kept_fraction():.1%})",
-        f"- Stored whole: {len(subnetwork.whole)} tensors, {whole_values:,} values",
+        f"- Pruned tensors: {counts['pruned_tensors']}, {kept_values:,} of {pruned_values:,} "
+        f"values kept ({kept_fraction:.1%})",
+        f"- Stored whole: {counts['whole_tensors']} tensors, {counts['whole_values']:,} values",
         f"- Subnetwork file: {stored / 2**20:.2f} MiB",
         f"- Model class: {config.model_class}",
     ]
-    if subnetwork.metrics:
+    if metrics:
         lines += ["", "| metric | value |", "|---|---|"]
-        lines += [f"| {name} | {value:.4f} |" for name, value in sorted(subnetwork.metrics.items())]
+        lines += [f"| {name} | {value:.4f} |" for name, value in sorted(metrics.items())]
     lines += [
         "",
         "## Load",

@@ -3,6 +3,7 @@
 from __future__ import annotations
 
 import argparse
+import json
 import sys
 
 
@@ -76,6 +77,88 @@ def _compare(args: argparse.Namespace) -> int:
     return 0
 
 
+def _prune(args: argparse.Namespace) -> int:
+    from .config import KENConfig
+    from .streaming import prune_checkpoints
+
+    config = KENConfig(
+        k=args.k,
+        keep_ratio=args.keep_ratio,
+        compat=args.compat,
+        rule=args.rule,
+        target_modules=args.target_modules,
+        exclude_modules=args.exclude_modules,
+        modules_to_save=args.modules_to_save,
+    )
+    result = prune_checkpoints(
+        args.base, args.finetuned, config, args.out, device=args.device, progress=True
+    )
+    print(
+        f"subnetwork: {args.out} ({result['bytes'] / 2**20:.1f} MiB, "
+        f"{result['kept_fraction']:.1%} of pruned values kept, {result['tensors']} tensors)"
+    )
+    return 0
+
+
+def _apply(args: argparse.Namespace) -> int:
+    from .streaming import apply_checkpoint
+
+    result = apply_checkpoint(
+        args.base, args.ken, args.out, max_shard_size=_bytes(args.max_shard_size)
+    )
+    print(
+        f"checkpoint: {args.out} ({result['bytes'] / 2**30:.2f} GiB, {result['tensors']} tensors)"
+    )
+    return 0
+
+
+def _inspect(args: argparse.Namespace) -> int:
+    from .streaming import inspect_subnetwork
+
+    info = inspect_subnetwork(args.path)
+    if args.json:
+        print(json.dumps(info, indent=2))
+        return 0
+    budget = f"k = {info['k']}" if info["k"] else f"keep ratio {info['keep_ratio']:g}"
+    rows = [
+        (
+            "base",
+            f"{info['base']}" + (f" @ {info['base_revision']}" if info["base_revision"] else ""),
+        ),
+        ("model class", info["model_class"]),
+        ("selection", f"{budget}, rule {info['rule']}" + (", compat" if info["compat"] else "")),
+        ("pruned tensors", f"{info['pruned_tensors']} ({info['pruned_values']:,} values)"),
+        ("kept", f"{info['kept_values']:,} ({info['kept_fraction']:.1%})"),
+        ("stored whole", f"{info['whole_tensors']} ({info['whole_values']:,} values)"),
+        ("file", f"{info['bytes'] / 2**20:.2f} MiB"),
+        ("format version", f"{info['format_version']} (ken-hf {info['library_version']})"),
+    ]
+    for label, value in rows:
+        print(f"{label:<16} {value}")
+    if args.tensors:
+        for name, entry in info["tensors"].items():
+            kept = f"{entry['count']:,} kept" if entry["kind"] == "pruned" else "whole"
+            print(f"  {name}  {entry['dtype']} {entry['shape']}  {kept}")
+    return 0
+
+
+_SIZE_UNITS = {"KIB": 2**10, "MIB": 2**20, "GIB": 2**30, "KB": 10**3, "MB": 10**6, "GB": 10**9}
+
+
+def _bytes(text: str) -> int:
+    """``"5GB"``, ``"500MB"``, ``"1GiB"`` or a plain number of bytes."""
+    upper = text.strip().upper()
+    unit = next((u for u in _SIZE_UNITS if upper.endswith(u)), None)
+    number = upper.removesuffix(unit) if unit else upper.removesuffix("B")
+    try:
+        value = int(float(number) * (_SIZE_UNITS[unit] if unit else 1))
+    except ValueError:
+        raise ValueError(f"--max-shard-size: cannot read {text!r} as a size") from None
+    if value < 1:
+        raise ValueError(f"--max-shard-size must be positive, got {text!r}")
+    return value
+
+
 def _viz(args: argparse.Namespace) -> int:
     from .viz import write_report
 
@@ -129,6 +212,51 @@ def build_parser() -> argparse.ArgumentParser:
     compare.add_argument("--lora-learning-rate", type=float, default=compared.lora_learning_rate)
     compare.set_defaults(run=_compare)
 
+    prune = commands.add_parser(
+        "prune",
+        help="KEN from two checkpoints to a subnetwork folder, a tensor at a time",
+        description="Read a base and a fine-tuned checkpoint (folders or Hub ids, sharded "
+        "safetensors) tensor by tensor, memory-mapped, and write the KEN subnetwork folder "
+        "atomically. Memory: about two copies of the largest tensor plus working memory.",
+    )
+    prune.add_argument("--base", required=True, help="pre-trained checkpoint: Hub id or folder")
+    prune.add_argument("--finetuned", required=True, help="fine-tuned checkpoint: Hub id or folder")
+    budget = prune.add_mutually_exclusive_group(required=True)
+    budget.add_argument("--k", type=int, help="values kept per row")
+    budget.add_argument("--keep-ratio", type=float, help="share of each row kept, in (0, 1]")
+    prune.add_argument("--out", required=True, help="subnetwork folder to write")
+    prune.add_argument("--compat", action="store_true", help="bit for bit as the published code")
+    prune.add_argument("--rule", choices=RULES, default="ken", help="selection rule (ken)")
+    prune.add_argument("--target-modules", nargs="+", help="modules KEN prunes (default: all)")
+    prune.add_argument("--exclude-modules", nargs="+", help="modules reset to pre-trained")
+    prune.add_argument("--modules-to-save", nargs="+", help="modules stored whole")
+    prune.add_argument("--device", default="cpu", help="where selection runs: cpu or cuda")
+    prune.set_defaults(run=_prune)
+
+    apply = commands.add_parser(
+        "apply",
+        help="base + subnetwork -> a plain merged checkpoint",
+        description="Write base + KEN subnetwork as a full Hugging Face checkpoint (sharded "
+        "safetensors, config, tokenizer) for servers that do not know KEN. The base is checked "
+        "against the subnetwork's fingerprints as it is read.",
+    )
+    apply.add_argument("--base", required=True, help="pre-trained checkpoint: Hub id or folder")
+    apply.add_argument("--ken", required=True, help="subnetwork: Hub id or folder")
+    apply.add_argument("--out", required=True, help="checkpoint folder to write")
+    apply.add_argument("--max-shard-size", default="5GB", help="largest shard (default 5GB)")
+    apply.set_defaults(run=_apply)
+
+    inspect = commands.add_parser(
+        "inspect",
+        help="what a subnetwork holds",
+        description="Base, k or keep ratio, rule, tensors, kept fraction, bytes and format "
+        "version of a subnetwork folder or Hub id, read from its headers.",
+    )
+    inspect.add_argument("path", help="subnetwork folder or Hub id")
+    inspect.add_argument("--tensors", action="store_true", help="list every tensor")
+    inspect.add_argument("--json", action="store_true", help="print JSON")
+    inspect.set_defaults(run=_inspect)
+
     viz = commands.add_parser(
         "viz",
         help="pictures of what KEN kept (PNG files and one HTML report)",
@@ -149,7 +277,7 @@ def main(argv: list[str] | None = None) -> int:
     args = parser.parse_args(argv)
     try:
         return args.run(args)
-    except (ValueError, FileNotFoundError) as error:
+    except (ValueError, FileNotFoundError, NotADirectoryError) as error:
         print(f"ken {args.command}: error: {error}", file=sys.stderr)
         return 2
 

@@ -5,7 +5,6 @@ from __future__ import annotations
 
 import json
 import os
-import struct
 import warnings
 from pathlib import Path
 
@@ -13,6 +12,7 @@ import torch
 from huggingface_hub import HfApi, hf_hub_download, snapshot_download
 from huggingface_hub.errors import EntryNotFoundError
 
+from .checkpoints import read_header
 from .config import CONFIG_NAME
 from .serialization import SUBNETWORK_NAME
 
@@ -70,18 +70,8 @@ def checkpoint_tensor_names(
     try:
         index = resolve_file(name_or_path, "model.safetensors.index.json", revision=revision)
     except (FileNotFoundError, EntryNotFoundError):  # no index: a single-file checkpoint
-        return set(
-            _safetensors_header(resolve_file(name_or_path, "model.safetensors", revision=revision))
-        )
+        return set(read_header(resolve_file(name_or_path, "model.safetensors", revision=revision)))
     return set(json.loads(index.read_text(encoding="utf-8"))["weight_map"])
-
-
-def _safetensors_header(path: Path) -> dict:
-    with open(path, "rb") as handle:
-        (length,) = struct.unpack("<Q", handle.read(8))
-        header = json.loads(handle.read(length))
-    header.pop("__metadata__", None)
-    return header
 
 
 def new_parameters(

@@ -19,6 +19,7 @@ file raises ``KENFormatError`` and never reaches a model.
 from __future__ import annotations
 
 import json
+import math
 import os
 from dataclasses import dataclass
 from pathlib import Path
@@ -27,7 +28,8 @@ import numpy as np
 import torch
 import xxhash
 from safetensors import safe_open
-from safetensors.torch import save_file
+
+from .safetensors_stream import SafetensorsWriter
 
 FORMAT = "ken-hf-subnetwork"
 FORMAT_VERSION = "1"
@@ -91,6 +93,10 @@ def pack_positions(positions: torch.Tensor, numel: int) -> torch.Tensor:
     """Flat positions -> uint8 bitmask ``[ceil(numel / 8)]``: bit j of byte i is element 8i+j."""
     bits = np.zeros(numel, dtype=bool)
     bits[positions.numpy()] = True
+    return _pack_bits(bits)
+
+
+def _pack_bits(bits: np.ndarray) -> torch.Tensor:
     return torch.from_numpy(np.packbits(bits, bitorder="little"))
 
 
@@ -117,67 +123,189 @@ def _checksum(tensor: torch.Tensor, shape: list[int]) -> str:
     return hasher.hexdigest()
 
 
-def write_subnetwork(stored: StoredSubnetwork, path: str | os.PathLike) -> None:
-    """Write ``stored`` to ``path`` (a safetensors file)."""
-    arrays: dict[str, torch.Tensor] = {}
-    entries: dict[str, dict] = {}
-    for name, pruned in stored.pruned.items():
-        values = pruned.values.detach().cpu().contiguous()
-        shape = list(pruned.shape)
+def _smaller_encoding(numel: int, count: int) -> str:
+    """``"indices"`` when an index list of ``count`` takes fewer bytes than a bitmask."""
+    index_size = torch.tensor([], dtype=_index_dtype(numel)).element_size()
+    return "indices" if count * index_size < -(-numel // 8) else "mask"
+
+
+class SubnetworkWriter:
+    """Writes a subnetwork file one tensor at a time (``write_subnetwork`` writes one held in
+    memory). Use as a context manager; set ``fingerprints`` before the block ends."""
+
+    def __init__(self, path: str | os.PathLike) -> None:
+        self._file = SafetensorsWriter(path)
+        self._entries: dict[str, dict] = {}
+        self.fingerprints: dict[str, str] = {}
+
+    def add_pruned(self, name: str, pruned: PrunedTensor) -> None:
         numel = pruned.shape.numel()
-        index_dtype = _index_dtype(numel)
-        index_bytes = values.numel() * torch.tensor([], dtype=index_dtype).element_size()
-        if index_bytes < -(-numel // 8):
-            encoding, positions = "indices", pruned.positions.to(index_dtype)
+        if _smaller_encoding(numel, pruned.positions.numel()) == "indices":
+            encoding, positions = "indices", pruned.positions.to(_index_dtype(numel))
         else:
             encoding, positions = "mask", pack_positions(pruned.positions, numel)
-        arrays[f"pruned.{name}.values"] = values
-        arrays[f"pruned.{name}.{encoding}"] = positions
-        entries[name] = {
+        delta = [pruned.delta_kept, pruned.delta_reset]
+        self._add_pruned(name, list(pruned.shape), pruned.values, encoding, positions, delta)
+
+    def add_pruned_mask(
+        self, name: str, mask: torch.Tensor, finetuned: torch.Tensor, delta: list
+    ) -> int:
+        """A pruned tensor from its bool ``mask`` and ``finetuned`` values (same shape),
+        without the int64 position list (8 bytes per kept value) that ``PrunedTensor`` holds.
+        ``delta``: ``[delta_kept, delta_reset]``. Returns the kept count."""
+        bits = mask.detach().cpu().reshape(-1).numpy()
+        values = finetuned.detach().reshape(-1)[mask.reshape(-1).to(finetuned.device)]
+        if _smaller_encoding(bits.size, values.numel()) == "indices":
+            encoding = "indices"
+            positions = torch.from_numpy(np.flatnonzero(bits)).to(_index_dtype(bits.size))
+        else:
+            encoding, positions = "mask", _pack_bits(bits)
+        self._add_pruned(name, list(mask.shape), values, encoding, positions, delta)
+        return values.numel()
+
+    def _add_pruned(self, name, shape, values, encoding, positions, delta) -> None:
+        values = values.detach().cpu().contiguous()
+        self._file.add(f"pruned.{name}.values", values)
+        self._file.add(f"pruned.{name}.{encoding}", positions)
+        self._entries[name] = {
             "kind": "pruned",
             "shape": shape,
             "dtype": str(values.dtype).removeprefix("torch."),
             "count": values.numel(),
             "encoding": encoding,
-            "delta": [pruned.delta_kept, pruned.delta_reset],
+            "delta": delta,
             "checksums": [_checksum(values, shape), _checksum(positions, shape)],
         }
-    for name, tensor in stored.whole.items():
+
+    def add_whole(self, name: str, tensor: torch.Tensor) -> None:
         tensor = tensor.detach().cpu().contiguous()
-        arrays[f"whole.{name}"] = tensor
-        entries[name] = {
+        self._file.add(f"whole.{name}", tensor)
+        self._entries[name] = {
             "kind": "whole",
             "shape": list(tensor.shape),
             "dtype": str(tensor.dtype).removeprefix("torch."),
             "checksums": [_checksum(tensor, list(tensor.shape))],
         }
-    # Model order, not sorted: errors name the first tensor as the model lists them.
-    document = json.dumps({"tensors": entries, "fingerprints": stored.fingerprints})
-    metadata = {
-        "format": FORMAT,
-        "format_version": FORMAT_VERSION,
-        "ken": document,
-        "digest": xxhash.xxh3_64_hexdigest(document.encode()),
-    }
-    save_file(arrays, str(path), metadata=metadata)
+
+    def __enter__(self) -> SubnetworkWriter:
+        return self
+
+    def __exit__(self, kind, error, traceback) -> None:
+        if kind is not None:
+            self._file.abort()
+            return
+        # Model order, not sorted: errors name the first tensor as the model lists them.
+        document = json.dumps({"tensors": self._entries, "fingerprints": self.fingerprints})
+        self._file.metadata = {
+            "format": FORMAT,
+            "format_version": FORMAT_VERSION,
+            "ken": document,
+            "digest": xxhash.xxh3_64_hexdigest(document.encode()),
+        }
+        self._file.close()
+
+
+def write_subnetwork(stored: StoredSubnetwork, path: str | os.PathLike) -> None:
+    """Write ``stored`` to ``path`` (a safetensors file)."""
+    with SubnetworkWriter(path) as writer:
+        for name, pruned in stored.pruned.items():
+            writer.add_pruned(name, pruned)
+        for name, tensor in stored.whole.items():
+            writer.add_whole(name, tensor)
+        writer.fingerprints = stored.fingerprints
+
+
+class SubnetworkReader:
+    """Reads a subnetwork file one tensor at a time, each validated as it is read
+    (``read_subnetwork`` reads them all). The header is checked on opening: format,
+    version, digest, and that every stored array is one the header describes.
+
+    Use as a context manager; ``names`` lists the tensors in the model's order.
+    """
+
+    def __init__(self, path: str | os.PathLike) -> None:
+        self.path = Path(path)
+        if not self.path.is_file():
+            raise KENFormatError(f"{self.path}: no such subnetwork file")
+        try:
+            self._handle = safe_open(str(self.path), framework="pt")
+            self._document = _read_document(self.path, self._handle.metadata() or {})
+            self._keys = set(self._handle.keys())
+        except KENFormatError:
+            raise
+        except Exception as error:  # safetensors raises its own error types
+            raise KENFormatError(
+                f"{self.path}: not a readable safetensors file ({error})"
+            ) from None
+        extra = sorted(self._keys - _described_keys(self._document["tensors"]))
+        if extra:
+            raise KENFormatError(f"{self.path}: arrays not described by the header: {extra[:5]}")
+        fingerprints = self._document["fingerprints"]
+        if not all(isinstance(k, str) and isinstance(v, str) for k, v in fingerprints.items()):
+            raise KENFormatError(f"{self.path}: malformed base fingerprints")
+        self.fingerprints: dict[str, str] = dict(fingerprints)
+        self.names: list[str] = list(self._document["tensors"])
+
+    def entry(self, name: str) -> dict:
+        """The header's record of tensor ``name`` (kind, shape, dtype, count, encoding)."""
+        return self._document["tensors"][name]
+
+    def summary(self) -> dict[str, int]:
+        """Counts from the header alone (no tensor is read): tensors and values pruned,
+        kept and stored whole."""
+        entries = [self.entry(name) for name in self.names]
+        pruned = [e for e in entries if e.get("kind") == "pruned"]
+        whole = [e for e in entries if e.get("kind") == "whole"]
+        return {
+            "pruned_tensors": len(pruned),
+            "pruned_values": sum(math.prod(e["shape"]) for e in pruned),
+            "kept_values": sum(e["count"] for e in pruned),
+            "whole_tensors": len(whole),
+            "whole_values": sum(math.prod(e["shape"]) for e in whole),
+        }
+
+    def read(self, name: str) -> PrunedTensor | torch.Tensor:
+        """Tensor ``name``: a ``PrunedTensor``, or the tensor itself when stored whole."""
+        return _validate_entry(self.path, name, self.entry(name), self._get)
+
+    def _get(self, key: str) -> torch.Tensor | None:
+        if key not in self._keys:
+            return None
+        try:
+            return self._handle.get_tensor(key)
+        except Exception as error:
+            raise KENFormatError(f"{self.path}: array {key!r} is unreadable ({error})") from None
+
+    def __enter__(self) -> SubnetworkReader:
+        return self
+
+    def __exit__(self, *exception) -> None:
+        self._handle = None  # safe_open handles close when released
 
 
 def read_subnetwork(path: str | os.PathLike) -> StoredSubnetwork:
     """Read and fully validate a subnetwork file; raise ``KENFormatError`` on any problem."""
-    path = Path(path)
-    if not path.is_file():
-        raise KENFormatError(f"{path}: no such subnetwork file")
-    try:
-        with safe_open(str(path), framework="pt") as handle:
-            metadata = handle.metadata() or {}
-            document = _read_document(path, metadata)
-            names = set(handle.keys())
-            arrays = {key: handle.get_tensor(key) for key in names}
-    except KENFormatError:
-        raise
-    except Exception as error:  # safetensors raises its own error types on malformed files
-        raise KENFormatError(f"{path}: not a readable safetensors file ({error})") from None
-    return _validate(path, document, arrays)
+    pruned: dict[str, PrunedTensor] = {}
+    whole: dict[str, torch.Tensor] = {}
+    with SubnetworkReader(path) as reader:
+        for name in reader.names:
+            tensor = reader.read(name)
+            if isinstance(tensor, PrunedTensor):
+                pruned[name] = tensor
+            else:
+                whole[name] = tensor
+        return StoredSubnetwork(pruned, whole, reader.fingerprints)
+
+
+def _described_keys(entries: dict) -> set[str]:
+    """The array names the header's entries call for (malformed entries fail on reading)."""
+    keys = set()
+    for name, entry in entries.items():
+        if isinstance(entry, dict) and entry.get("kind") == "whole":
+            keys.add(f"whole.{name}")
+        elif isinstance(entry, dict):
+            keys.update({f"pruned.{name}.values", f"pruned.{name}.{entry.get('encoding')}"})
+    return keys
 
 
 def _read_document(path: Path, metadata: dict[str, str]) -> dict:
@@ -202,96 +330,77 @@ def _read_document(path: Path, metadata: dict[str, str]) -> dict:
     return document
 
 
-def _validate(path: Path, document: dict, arrays: dict[str, torch.Tensor]) -> StoredSubnetwork:
-    pruned: dict[str, PrunedTensor] = {}
-    whole: dict[str, torch.Tensor] = {}
-    expected_keys: set[str] = set()
+def _validate_entry(path: Path, name: str, entry, get) -> PrunedTensor | torch.Tensor:
+    """Check one header entry against its arrays (``get(key)`` -> tensor or None)."""
 
-    def fail(name: str, problem: str) -> KENFormatError:
+    def fail(problem: str) -> KENFormatError:
         return KENFormatError(f"{path}: tensor {name!r}: {problem}")
 
-    for name, entry in document["tensors"].items():
-        if not isinstance(entry, dict):
-            raise fail(name, "malformed entry")
-        shape, dtype_name = entry.get("shape"), entry.get("dtype")
-        if not isinstance(shape, list) or not all(isinstance(d, int) and d >= 0 for d in shape):
-            raise fail(name, f"bad shape {shape!r}")
-        if dtype_name not in _VALUE_DTYPES:
-            raise fail(name, f"unsupported dtype {dtype_name!r}")
-        dtype = _VALUE_DTYPES[dtype_name]
-        numel = int(torch.Size(shape).numel())
-        checksums = entry.get("checksums")
-        if entry.get("kind") == "whole":
-            key = f"whole.{name}"
-            tensor = _array(arrays, key, fail, name)
-            if tensor.dtype != dtype or list(tensor.shape) != shape:
-                raise fail(
-                    name, f"stored {tensor.dtype} {list(tensor.shape)}, header says {dtype} {shape}"
-                )
-            _check_sums(fail, name, checksums, [tensor], shape)
-            whole[name] = tensor
-            expected_keys.add(key)
-        elif entry.get("kind") == "pruned":
-            count, encoding = entry.get("count"), entry.get("encoding")
-            if not isinstance(count, int) or not 0 <= count <= numel:
-                raise fail(name, f"bad kept count {count!r}")
-            kept = _array(arrays, f"pruned.{name}.values", fail, name)
-            if kept.dtype != dtype or kept.shape != (count,):
-                raise fail(
-                    name,
-                    f"values are {kept.dtype} {tuple(kept.shape)}, expected {dtype} ({count},)",
-                )
-            if encoding == "mask":
-                packed = _array(arrays, f"pruned.{name}.mask", fail, name)
-                if packed.dtype != torch.uint8 or packed.shape != (-(-numel // 8),):
-                    raise fail(name, "packed mask has the wrong type or length")
-                _check_sums(fail, name, checksums, [kept, packed], shape)
-                if numel % 8 and int(packed[-1]) >> (numel % 8):
-                    raise fail(name, "packed mask has bits set past the tensor's end")
-                positions = unpack_positions(packed, numel)
-            elif encoding == "indices":
-                positions = _array(arrays, f"pruned.{name}.indices", fail, name)
-                if positions.dtype != _index_dtype(numel) or positions.shape != (count,):
-                    raise fail(name, "index list has the wrong type or length")
-                _check_sums(fail, name, checksums, [kept, positions], shape)
-                positions = positions.long()
-                if count and (positions[0] < 0 or positions[-1] >= numel):
-                    raise fail(name, "index out of range")
-                if count > 1 and not bool((positions[1:] > positions[:-1]).all()):
-                    raise fail(name, "indices are not strictly increasing")
-            else:
-                raise fail(name, f"unknown encoding {encoding!r}")
-            if positions.numel() != count:
-                raise fail(name, f"mask keeps {positions.numel()} positions, header says {count}")
-            delta = entry.get("delta", [None, None])
-            if not (
-                isinstance(delta, list)
-                and len(delta) == 2
-                and all(d is None or isinstance(d, int | float) for d in delta)
-            ):
-                raise fail(name, f"bad delta statistics {delta!r}")
-            pruned[name] = PrunedTensor(torch.Size(shape), positions, kept, *delta)
-            expected_keys.update({f"pruned.{name}.values", f"pruned.{name}.{encoding}"})
-        else:
-            raise fail(name, f"unknown kind {entry.get('kind')!r}")
-    extra = sorted(set(arrays) - expected_keys)
-    if extra:
-        raise KENFormatError(f"{path}: arrays not described by the header: {extra[:5]}")
-    fingerprints = document["fingerprints"]
-    if not all(isinstance(k, str) and isinstance(v, str) for k, v in fingerprints.items()):
-        raise KENFormatError(f"{path}: malformed base fingerprints")
-    return StoredSubnetwork(pruned, whole, dict(fingerprints))
+    def array(key: str) -> torch.Tensor:
+        tensor = get(key)
+        if tensor is None:
+            raise fail(f"array {key!r} is missing")
+        return tensor
+
+    if not isinstance(entry, dict):
+        raise fail("malformed entry")
+    shape, dtype_name = entry.get("shape"), entry.get("dtype")
+    if not isinstance(shape, list) or not all(isinstance(d, int) and d >= 0 for d in shape):
+        raise fail(f"bad shape {shape!r}")
+    if dtype_name not in _VALUE_DTYPES:
+        raise fail(f"unsupported dtype {dtype_name!r}")
+    dtype = _VALUE_DTYPES[dtype_name]
+    numel = int(torch.Size(shape).numel())
+    checksums = entry.get("checksums")
+    if entry.get("kind") == "whole":
+        tensor = array(f"whole.{name}")
+        if tensor.dtype != dtype or list(tensor.shape) != shape:
+            raise fail(f"stored {tensor.dtype} {list(tensor.shape)}, header says {dtype} {shape}")
+        _check_sums(fail, checksums, [tensor], shape)
+        return tensor
+    if entry.get("kind") != "pruned":
+        raise fail(f"unknown kind {entry.get('kind')!r}")
+    count, encoding = entry.get("count"), entry.get("encoding")
+    if not isinstance(count, int) or not 0 <= count <= numel:
+        raise fail(f"bad kept count {count!r}")
+    kept = array(f"pruned.{name}.values")
+    if kept.dtype != dtype or kept.shape != (count,):
+        raise fail(f"values are {kept.dtype} {tuple(kept.shape)}, expected {dtype} ({count},)")
+    if encoding == "mask":
+        packed = array(f"pruned.{name}.mask")
+        if packed.dtype != torch.uint8 or packed.shape != (-(-numel // 8),):
+            raise fail("packed mask has the wrong type or length")
+        _check_sums(fail, checksums, [kept, packed], shape)
+        if numel % 8 and int(packed[-1]) >> (numel % 8):
+            raise fail("packed mask has bits set past the tensor's end")
+        positions = unpack_positions(packed, numel)
+    elif encoding == "indices":
+        positions = array(f"pruned.{name}.indices")
+        if positions.dtype != _index_dtype(numel) or positions.shape != (count,):
+            raise fail("index list has the wrong type or length")
+        _check_sums(fail, checksums, [kept, positions], shape)
+        positions = positions.long()
+        if count and (positions[0] < 0 or positions[-1] >= numel):
+            raise fail("index out of range")
+        if count > 1 and not bool((positions[1:] > positions[:-1]).all()):
+            raise fail("indices are not strictly increasing")
+    else:
+        raise fail(f"unknown encoding {encoding!r}")
+    if positions.numel() != count:
+        raise fail(f"mask keeps {positions.numel()} positions, header says {count}")
+    delta = entry.get("delta", [None, None])
+    if not (
+        isinstance(delta, list)
+        and len(delta) == 2
+        and all(d is None or isinstance(d, int | float) for d in delta)
+    ):
+        raise fail(f"bad delta statistics {delta!r}")
+    return PrunedTensor(torch.Size(shape), positions, kept, *delta)
 
 
-def _array(arrays, key, fail, name) -> torch.Tensor:
-    if key not in arrays:
-        raise fail(name, f"array {key!r} is missing")
-    return arrays[key]
-
-
-def _check_sums(fail, name, checksums, tensors, shape) -> None:
+def _check_sums(fail, checksums, tensors, shape) -> None:
     if not isinstance(checksums, list) or len(checksums) != len(tensors):
-        raise fail(name, "checksums missing")
+        raise fail("checksums missing")
     for expected, tensor in zip(checksums, tensors, strict=True):
         if _checksum(tensor, shape) != expected:
-            raise fail(name, "checksum mismatch (corrupted data)")
+            raise fail("checksum mismatch (corrupted data)")

@@ -83,14 +83,25 @@ def _newly_initialised(base: Weights) -> set[str]:
     return new_parameters(base, source)
 
 
-def _measure_delta(pruned: PrunedTensor, finetuned: torch.Tensor, base: torch.Tensor) -> None:
-    """Record mean |fine-tuned - pre-trained| over the kept and the reset positions."""
-    delta = (finetuned.detach().double() - base.detach().to(finetuned.device).double()).abs()
-    flat = delta.reshape(-1)
-    count, total = pruned.positions.numel(), flat.numel()
-    kept = float(flat.index_select(0, pruned.positions.to(flat.device)).sum())
-    pruned.delta_kept = kept / count if count else None
-    pruned.delta_reset = (float(flat.sum()) - kept) / (total - count) if total > count else None
+def delta_statistics(
+    finetuned: torch.Tensor, base: torch.Tensor, mask: torch.Tensor, *, block: int = 2**22
+) -> list[float | None]:
+    """``[mean |fine-tuned - pre-trained| over the kept positions, ... over the reset ones]``
+    (None where there are none), for tensors and bool ``mask`` of one shape; computed in
+    flat blocks of ``block`` values so that memory stays small next to the tensor."""
+    finetuned, mask = finetuned.detach().reshape(-1), mask.reshape(-1)
+    base = base.detach().reshape(-1)
+    kept = total = 0.0
+    for start in range(0, finetuned.numel(), block):
+        piece = slice(start, start + block)
+        change = (finetuned[piece].double() - base[piece].to(finetuned.device).double()).abs()
+        total += float(change.sum())
+        kept += float(change[mask[piece].to(change.device)].sum())
+    count, numel = int(mask.sum()), finetuned.numel()
+    return [
+        kept / count if count else None,
+        (total - kept) / (numel - count) if numel > count else None,
+    ]
 
 
 class BaseMismatchError(ValueError):
@@ -178,7 +189,9 @@ class KENSubnetwork:
         pruned = {}
         for name, mask in masks.items():
             pruned[name] = PrunedTensor.from_mask(mask, finetuned_tensors[name])
-            _measure_delta(pruned[name], finetuned_tensors[name], base_tensors[name])
+            pruned[name].delta_kept, pruned[name].delta_reset = delta_statistics(
+                finetuned_tensors[name], base_tensors[name], mask
+            )
         fingerprints = {
             name: tensor_fingerprint(base_tensors[name])
             for name in finetuned_tensors
@@ -289,7 +302,7 @@ class KENSubnetwork:
                 write_text_atomic(
                     staging / "config.json", json.dumps(self.model_config, indent=2, sort_keys=True)
                 )
-            write_text_atomic(staging / "README.md", model_card(self, staging))
+            write_text_atomic(staging / "README.md", model_card(self.config, staging, self.metrics))
 
     @classmethod
     def from_pretrained(

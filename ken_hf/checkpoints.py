@@ -1,0 +1,211 @@
+"""Transformers checkpoints read tensor by tensor: a folder or Hub id with ``model.safetensors``
+or sharded ``model-*.safetensors`` plus ``model.safetensors.index.json``. Headers are read
+first (names, dtypes, shapes at no cost); a tensor is read only when asked for, from a
+memory-mapped file. Pickle checkpoints (``*.bin``) are never loaded.
+
+Tensor names are matched across two checkpoints as ``from_pretrained`` matches them: a
+base saved without the model's ``base_model_prefix`` (``bert-base-uncased`` as ``BertModel``,
+a Llama as ``LlamaModel``) against a fine-tune that has it, and the other way round.
+"""
+
+from __future__ import annotations
+
+import json
+import os
+import struct
+from pathlib import Path
+
+import torch
+from huggingface_hub import snapshot_download
+from safetensors import safe_open
+
+INDEX_NAME = "model.safetensors.index.json"
+WEIGHTS_NAME = "model.safetensors"
+# Files of a checkpoint besides its weights, copied where a checkpoint is written.
+TOKENIZER_FILES = (
+    "tokenizer.json",
+    "tokenizer_config.json",
+    "special_tokens_map.json",
+    "vocab.txt",
+    "vocab.json",
+    "merges.txt",
+    "tokenizer.model",
+    "spiece.model",
+    "added_tokens.json",
+    "chat_template.jinja",
+)
+_DOWNLOAD_PATTERNS = ["*.safetensors", "*.json", "*.txt", "*.model", "*.jinja"]
+_DTYPES = {
+    "F64": torch.float64,
+    "F32": torch.float32,
+    "F16": torch.float16,
+    "BF16": torch.bfloat16,
+    "I64": torch.int64,
+    "I32": torch.int32,
+    "I16": torch.int16,
+    "I8": torch.int8,
+    "U8": torch.uint8,
+    "BOOL": torch.bool,
+}
+
+
+class CheckpointError(ValueError):
+    """A checkpoint that cannot be read, or two that do not belong together."""
+
+
+class Checkpoint:
+    """The safetensors weights of a transformers checkpoint, one tensor at a time.
+
+    Attributes:
+        folder: the local folder (a Hub id is downloaded, weights and JSON files only).
+        names: tensor names in file order.
+        config: the checkpoint's ``config.json`` as a dict (empty if it has none).
+    """
+
+    def __init__(self, name_or_path: str | os.PathLike, *, revision: str | None = None) -> None:
+        self.source = str(name_or_path)
+        self.folder = _resolve(name_or_path, revision)
+        self.config = (
+            read_json(self.folder / "config.json")
+            if (self.folder / "config.json").is_file()
+            else {}
+        )
+        if (self.folder / INDEX_NAME).is_file():
+            weight_map = read_json(self.folder / INDEX_NAME).get("weight_map")
+            if not isinstance(weight_map, dict):
+                raise CheckpointError(f"{self.folder / INDEX_NAME}: no weight_map")
+            files = sorted(set(weight_map.values()))
+        elif (self.folder / WEIGHTS_NAME).is_file():
+            files = [WEIGHTS_NAME]
+        else:
+            raise CheckpointError(
+                f"{self.source}: no {WEIGHTS_NAME} or {INDEX_NAME} (pickle *.bin checkpoints "
+                "are never loaded: convert them to safetensors first)"
+            )
+        self._header: dict[str, dict] = {}
+        self._file_of: dict[str, Path] = {}
+        for file in files:
+            path = self.folder / file
+            for name, record in read_header(path).items():
+                self._header[name] = record
+                self._file_of[name] = path
+        self.names = list(self._header)
+        self._handles: dict[Path, object] = {}
+
+    @property
+    def architecture(self) -> str | None:
+        return architecture_of(self.config)
+
+    @property
+    def base_model_prefix(self) -> str | None:
+        return base_model_prefix_of(self.config)
+
+    def shape(self, name: str) -> tuple[int, ...]:
+        return tuple(self._header[name]["shape"])
+
+    def dtype(self, name: str) -> torch.dtype | None:
+        """The tensor's torch dtype (None for a dtype torch cannot hold here)."""
+        return _DTYPES.get(self._header[name]["dtype"])
+
+    def nbytes(self, name: str) -> int:
+        start, end = self._header[name]["data_offsets"]
+        return end - start
+
+    def read(self, name: str) -> torch.Tensor:
+        """Tensor ``name`` on the CPU (a fresh, writable tensor)."""
+        path = self._file_of[name]
+        if path not in self._handles:
+            self._handles[path] = safe_open(str(path), framework="pt")
+        return self._handles[path].get_tensor(name)
+
+    def close(self) -> None:
+        self._handles.clear()
+
+    def __enter__(self) -> Checkpoint:
+        return self
+
+    def __exit__(self, *exception) -> None:
+        self.close()
+
+
+def architecture_of(model_config: dict) -> str | None:
+    """The transformers class a ``config.json`` names (its first architecture)."""
+    return (model_config.get("architectures") or [None])[0]
+
+
+def base_model_prefix_of(model_config: dict) -> str | None:
+    """The ``base_model_prefix`` of that class (``bert``, ``model``, ...), if known."""
+    import transformers
+
+    model_class = getattr(transformers, architecture_of(model_config) or "", None)
+    return getattr(model_class, "base_model_prefix", None) or None
+
+
+def match_names(names: list[str], base: Checkpoint, prefix: str | None) -> dict[str, str]:
+    """``{name: base tensor name}`` for each of ``names`` (a fine-tuned model's tensors) that
+    ``base`` holds: the same name, or with ``prefix`` (the fine-tuned class's
+    ``base_model_prefix``) taken off or put on."""
+    stored = set(base.names)
+    matched = {}
+    for name in names:
+        candidates = [name]
+        if prefix:
+            candidates += [name.removeprefix(f"{prefix}."), f"{prefix}.{name}"]
+        found = next((c for c in candidates if c in stored), None)
+        if found is not None:
+            matched[name] = found
+    return matched
+
+
+def copy_side_files(source: Path, target: Path, names: tuple[str, ...]) -> list[str]:
+    """Copy the files of ``names`` that ``source`` has into ``target``; returns those copied."""
+    import shutil
+
+    copied = []
+    for name in names:
+        if (source / name).is_file():
+            shutil.copyfile(source / name, target / name)
+            copied.append(name)
+    return copied
+
+
+def _resolve(name_or_path: str | os.PathLike, revision: str | None) -> Path:
+    if Path(name_or_path).is_dir():
+        return Path(name_or_path)
+    if Path(name_or_path).exists():
+        raise CheckpointError(f"{name_or_path}: expected a checkpoint folder, found a file")
+    try:
+        return Path(
+            snapshot_download(
+                str(name_or_path), revision=revision, allow_patterns=_DOWNLOAD_PATTERNS
+            )
+        )
+    except Exception as error:  # offline, unknown repository, bad id: one clear line
+        raise CheckpointError(
+            f"{name_or_path}: not a local folder, and the Hub could not provide it ({error})"
+        ) from None
+
+
+def read_header(path: Path) -> dict[str, dict]:
+    """``{tensor name: {dtype, shape, data_offsets}}`` of a safetensors file, header only."""
+    try:
+        with open(path, "rb") as handle:
+            (length,) = struct.unpack("<Q", handle.read(8))
+            if length > os.path.getsize(path):
+                raise ValueError("header length past the end of the file")
+            header = json.loads(handle.read(length))
+    except (OSError, ValueError, struct.error) as error:
+        raise CheckpointError(f"{path}: not a readable safetensors file ({error})") from None
+    header.pop("__metadata__", None)
+    return header
+
+
+def read_json(path: Path) -> dict:
+    """A JSON object from ``path``, or ``CheckpointError`` naming the file."""
+    try:
+        value = json.loads(path.read_text(encoding="utf-8"))
+    except (OSError, UnicodeDecodeError, json.JSONDecodeError) as error:
+        raise CheckpointError(f"{path}: not valid JSON ({error})") from None
+    if not isinstance(value, dict):
+        raise CheckpointError(f"{path}: expected a JSON object")
+    return value
