@@ -8,9 +8,12 @@ checkpoint instead, so that KEN resets to the pre-trained values, not the resume
 
 Distributed runs (DDP, e.g. ``accelerate launch --num_processes 2``): the tensors are
 shared out among the ranks, each selects its share, and the masks are broadcast, so every
-rank ends with identical weights; only the main process writes files. Sharded runs
-(DeepSpeed ZeRO-3, FSDP) are not supported yet: the callback refuses them with a clear
-error rather than selecting on shards.
+rank ends with identical weights; only the main process writes files.
+
+Sharded runs (FSDP2, DeepSpeed ZeRO-3; see ``ken_hf.sharding``): full tensors are gathered
+one at a time; the main process alone keeps the snapshot (one full copy of the weights on
+its host), selects, and scatters each rebuilt tensor back into every rank's shard. FSDP
+version 1 is refused (use ``fsdp_version: 2``), and so is ``auto_k`` with sharding.
 """
 
 from __future__ import annotations
@@ -28,6 +31,7 @@ from transformers.utils import logging
 from .config import KENConfig
 from .hub import new_parameters
 from .io import write_text_atomic
+from .sharding import full_numel, prune_sharded, sharding_of, snapshot_sharded
 from .subnetwork import KENSubnetwork, parameters_of, prune_model, select_masks
 
 logger = logging.get_logger(__name__)
@@ -89,6 +93,7 @@ class KENCallback(TrainerCallback):
         self.report: dict = {}
         self.auto_k_curve: list[dict] = []
         self._trainer: Trainer | None = None
+        self._sharding: str | None = None
 
     def bind(self, trainer: Trainer) -> KENCallback:
         """Use ``trainer`` (normally found automatically: the Trainer that calls us)."""
@@ -99,7 +104,8 @@ class KENCallback(TrainerCallback):
     def on_train_begin(self, args, state, control, **kwargs):
         trainer = self._find_trainer()
         model = _unwrap(trainer)
-        _refuse_sharded(trainer)
+        self._sharding = _check_sharding(trainer, model, self.auto_k)
+        main = trainer.is_world_process_zero()
         base_name = self.config.base_model_name_or_path or getattr(model, "name_or_path", "")
         if base_name and self.config.base_model_name_or_path is None:
             revision = getattr(model.config, "_commit_hash", None)
@@ -124,10 +130,16 @@ class KENCallback(TrainerCallback):
                 base_name, config=model.config, revision=self.config.base_model_revision
             )
             source = parameters_of(base)
+        elif self._sharding:
+            self.pretrained = snapshot_sharded(model, self.snapshot_device, main=main)
+            return
         else:
             source = parameters_of(model)
+        keep = main or not self._sharding  # sharded: only the main process selects
         self.pretrained = {
-            name: t.detach().to(self.snapshot_device, copy=True) for name, t in source.items()
+            name: t.detach().to(self.snapshot_device, copy=True)
+            for name, t in source.items()
+            if keep
         }
 
     def on_train_end(self, args, state, control, **kwargs):
@@ -140,17 +152,31 @@ class KENCallback(TrainerCallback):
                 self.config, k=None, keep_ratio=self._search_keep_ratio(trainer, model, before)
             )
         start = time.perf_counter()
-        self.subnetwork = prune_model(
-            model,
-            self.pretrained,
-            self.config,
-            new_tensors=self.new_tensors,
-            progress=state.is_world_process_zero and not args.disable_tqdm,
-            selector=_shared_selector(),
-        )
+        progress = state.is_world_process_zero and not args.disable_tqdm
+        if self._sharding:
+            self.subnetwork = prune_sharded(
+                model,
+                self.pretrained,
+                self.config,
+                new_tensors=self.new_tensors,
+                main=state.is_world_process_zero,
+                progress=progress,
+            )
+        else:
+            self.subnetwork = prune_model(
+                model,
+                self.pretrained,
+                self.config,
+                new_tensors=self.new_tensors,
+                progress=progress,
+                selector=_shared_selector(),
+            )
         seconds = time.perf_counter() - start
         after = trainer.evaluate(metric_key_prefix="ken_after") if evaluate else {}
-        total = sum(p.numel() for p in parameters_of(model).values())
+        self.pretrained = {}
+        if self.subnetwork is None:  # sharded, not the main process: nothing to report
+            return
+        total = sum(full_numel(p) for p in parameters_of(model).values())
         summary = {
             "ken_reset_fraction": self.subnetwork.reset_fraction(total),
             "ken_kept_fraction": self.subnetwork.kept_fraction(),
@@ -177,7 +203,6 @@ class KENCallback(TrainerCallback):
             self.subnetwork.save_pretrained(folder)
             write_text_atomic(folder / "ken_report.json", json.dumps(self.report, indent=2) + "\n")
             logger.info(f"KEN subnetwork saved to {folder}")
-        self.pretrained = {}
 
     # -- helpers --------------------------------------------------------------------------
     def _find_trainer(self) -> Trainer:
@@ -233,15 +258,21 @@ def _unwrap(trainer: Trainer) -> torch.nn.Module:
     return trainer.accelerator.unwrap_model(trainer.model, keep_torch_compile=False)
 
 
-def _refuse_sharded(trainer: Trainer) -> None:
-    if getattr(trainer, "is_deepspeed_enabled", False) or getattr(
-        trainer, "is_fsdp_enabled", False
-    ):
+def _check_sharding(trainer: Trainer, model: torch.nn.Module, auto_k) -> str | None:
+    """The model's sharding (``sharding_of``); FSDP version 1, and ``auto_k`` with any
+    sharding, are refused with the reason."""
+    sharding = sharding_of(model)
+    if getattr(trainer, "is_fsdp_enabled", False) and sharding is None:
         raise NotImplementedError(
-            "KENCallback does not support sharded training (DeepSpeed ZeRO-3 / FSDP) yet: "
-            "it needs each full tensor, gathered one at a time. Use DDP, or prune the saved "
-            "checkpoint afterwards with KENSubnetwork.from_weights."
+            "KENCallback needs FSDP2 (fsdp_version: 2 in the FSDP config): FSDP version 1 "
+            "shards flattened groups of parameters, and KEN selects per parameter row"
         )
+    if sharding and auto_k is not None:
+        raise NotImplementedError(
+            f"KENCallback: auto_k is not available with sharded training ({sharding}); give "
+            "k or keep_ratio"
+        )
+    return sharding
 
 
 def _shared_selector():

@@ -11,13 +11,15 @@ a Llama as ``LlamaModel``) against a fine-tune that has it, and the other way ro
 from __future__ import annotations
 
 import json
+import math
+import mmap
 import os
 import struct
 from pathlib import Path
 
+import numpy as np
 import torch
 from huggingface_hub import snapshot_download
-from safetensors import safe_open
 
 INDEX_NAME = "model.safetensors.index.json"
 WEIGHTS_NAME = "model.safetensors"
@@ -84,13 +86,15 @@ class Checkpoint:
             )
         self._header: dict[str, dict] = {}
         self._file_of: dict[str, Path] = {}
+        self._data_start: dict[Path, int] = {}
         for file in files:
             path = self.folder / file
-            for name, record in read_header(path).items():
+            header, self._data_start[path] = read_header_and_start(path)
+            for name, record in header.items():
                 self._header[name] = record
                 self._file_of[name] = path
         self.names = list(self._header)
-        self._handles: dict[Path, object] = {}
+        self._maps: dict[Path, mmap.mmap] = {}
 
     @property
     def architecture(self) -> str | None:
@@ -112,14 +116,32 @@ class Checkpoint:
         return end - start
 
     def read(self, name: str) -> torch.Tensor:
-        """Tensor ``name`` on the CPU (a fresh, writable tensor)."""
+        """Tensor ``name`` on the CPU: a fresh, writable copy out of the memory-mapped file,
+        whose pages are then dropped from this process's memory (so reading a whole
+        checkpoint never makes it resident)."""
         path = self._file_of[name]
-        if path not in self._handles:
-            self._handles[path] = safe_open(str(path), framework="pt")
-        return self._handles[path].get_tensor(name)
+        dtype = self.dtype(name)
+        if dtype is None:
+            raise CheckpointError(f"{path}: tensor {name!r} has unsupported dtype")
+        if path not in self._maps:
+            with open(path, "rb") as handle:
+                self._maps[path] = mmap.mmap(handle.fileno(), 0, access=mmap.ACCESS_READ)
+        mapped = self._maps[path]
+        begin, end = (self._data_start[path] + o for o in self._header[name]["data_offsets"])
+        shape = self.shape(name)
+        expected = math.prod(shape) * torch.empty((), dtype=dtype).element_size()
+        if end - begin != expected or end > len(mapped) or begin < self._data_start[path]:
+            raise CheckpointError(f"{path}: tensor {name!r} has a bad byte range")
+        data = np.frombuffer(mapped, dtype=np.uint8, count=end - begin, offset=begin).copy()
+        if end > begin:
+            start_page = begin - begin % mmap.PAGESIZE
+            mapped.madvise(mmap.MADV_DONTNEED, start_page, end - start_page)
+        return torch.from_numpy(data).view(dtype).reshape(shape)
 
     def close(self) -> None:
-        self._handles.clear()
+        for mapped in self._maps.values():
+            mapped.close()
+        self._maps.clear()
 
     def __enter__(self) -> Checkpoint:
         return self
@@ -188,16 +210,23 @@ def _resolve(name_or_path: str | os.PathLike, revision: str | None) -> Path:
 
 def read_header(path: Path) -> dict[str, dict]:
     """``{tensor name: {dtype, shape, data_offsets}}`` of a safetensors file, header only."""
+    return read_header_and_start(path)[0]
+
+
+def read_header_and_start(path: Path) -> tuple[dict[str, dict], int]:
+    """The header of a safetensors file and the byte where its tensor data starts."""
     try:
         with open(path, "rb") as handle:
             (length,) = struct.unpack("<Q", handle.read(8))
             if length > os.path.getsize(path):
                 raise ValueError("header length past the end of the file")
             header = json.loads(handle.read(length))
+        if not isinstance(header, dict):
+            raise ValueError("header is not a JSON object")
     except (OSError, ValueError, struct.error) as error:
         raise CheckpointError(f"{path}: not a readable safetensors file ({error})") from None
     header.pop("__metadata__", None)
-    return header
+    return header, 8 + length
 
 
 def read_json(path: Path) -> dict:

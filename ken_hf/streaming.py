@@ -39,7 +39,7 @@ from .serialization import (
     SubnetworkReader,
     SubnetworkWriter,
 )
-from .subnetwork import BaseMismatchError, delta_statistics
+from .subnetwork import BaseMismatchError, delta_statistics, placement
 
 FLOATING = (torch.float64, torch.float32, torch.float16, torch.bfloat16)
 
@@ -93,12 +93,13 @@ def prune_checkpoints(
             ):
                 for name in names:
                     weight = tuned.read(name).to(device)
-                    if name not in pairs or config.saves_whole(name):
+                    fate = placement(name, config, in_base=name in pairs)
+                    if fate == "whole":
                         writer.add_whole(name, weight)
                     else:
                         pretrained = base_ckpt.read(pairs[name])
                         writer.fingerprints[name] = tensor_fingerprint(pretrained)
-                        if config.targets(name):
+                        if fate == "pruned":
                             pretrained = pretrained.to(device)
                             mask = _select(name, weight, pretrained, config)
                             delta = delta_statistics(weight, pretrained, mask)

@@ -104,6 +104,15 @@ def delta_statistics(
     ]
 
 
+def placement(name: str, config: KENConfig, *, in_base: bool) -> str:
+    """Where a fine-tuned floating-point tensor goes: ``"whole"`` (stored whole: listed in
+    ``modules_to_save``, or not in the base, such as a new head), ``"pruned"`` (KEN keeps k
+    values per row) or ``"reset"`` (back to its pre-trained values)."""
+    if not in_base or config.saves_whole(name):
+        return "whole"
+    return "pruned" if config.targets(name) else "reset"
+
+
 class BaseMismatchError(ValueError):
     """A subnetwork applied to a base model it was not made from."""
 
@@ -174,7 +183,8 @@ class KENSubnetwork:
         to_prune: dict[int, dict[str, torch.Tensor]] = {}
         whole: dict[str, torch.Tensor] = {}
         for name, tensor in finetuned_tensors.items():
-            if name not in base_tensors or config.saves_whole(name):
+            fate = placement(name, config, in_base=name in base_tensors)
+            if fate == "whole":
                 whole[name] = tensor.detach().clone()
                 continue
             if base_tensors[name].shape != tensor.shape:
@@ -182,7 +192,7 @@ class KENSubnetwork:
                     f"tensor {name!r}: base shape {tuple(base_tensors[name].shape)} differs "
                     f"from fine-tuned shape {tuple(tensor.shape)}"
                 )
-            if config.targets(name):
+            if fate == "pruned":
                 k = config.k_for(as_rows(tensor).shape[1])
                 to_prune.setdefault(k, {})[name] = tensor.detach()
         masks = selector(to_prune, base_tensors, config, progress)
@@ -197,17 +207,35 @@ class KENSubnetwork:
             for name in finetuned_tensors
             if name in base_tensors
         }
-        model_config = None
-        if isinstance(finetuned, torch.nn.Module) and hasattr(finetuned, "config"):
-            model_config = finetuned.config.to_dict()
-            config = dataclasses.replace(
-                config,
-                model_class=config.model_class or type(finetuned).__name__,
-                base_model_name_or_path=config.base_model_name_or_path
-                or getattr(finetuned, "name_or_path", None)
-                or None,
-            )
-        return cls(config, pruned, whole, fingerprints, model_config)
+        if isinstance(finetuned, torch.nn.Module):
+            return cls.of_model(finetuned, config, pruned, whole, fingerprints)
+        return cls(config, pruned, whole, fingerprints)
+
+    @classmethod
+    def of_model(
+        cls,
+        model: torch.nn.Module,
+        config: KENConfig,
+        pruned: dict[str, PrunedTensor],
+        whole: dict[str, torch.Tensor],
+        fingerprints: dict[str, str],
+    ) -> KENSubnetwork:
+        """A subnetwork of ``model``: its config (``config.json``) is kept, and ``config``
+        gets the model's class and source where it does not name them."""
+        if not hasattr(model, "config"):
+            return cls(config, pruned, whole, fingerprints)
+        # FSDP2 subclasses the model's class on the fly: record the class it came from.
+        model_class = next(
+            c for c in type(model).__mro__ if not c.__module__.startswith("torch.distributed")
+        )
+        config = dataclasses.replace(
+            config,
+            model_class=config.model_class or model_class.__name__,
+            base_model_name_or_path=config.base_model_name_or_path
+            or getattr(model, "name_or_path", None)
+            or None,
+        )
+        return cls(config, pruned, whole, fingerprints, model.config.to_dict())
 
     # -- what it holds ------------------------------------------------------------------
     def kept_fraction(self) -> float:
@@ -356,8 +384,16 @@ def prune_model(
                 continue
             if not parameter.is_floating_point():
                 continue
-            parameter.copy_(base_tensors[name])  # everything back to pre-trained...
-            if name in subnetwork.pruned:  # ...but the kept fine-tuned values
-                pruned = subnetwork.pruned[name]
-                _write_at(parameter, pruned.positions, pruned.values)
+            reset_to_subnetwork(parameter, base_tensors[name], subnetwork.pruned.get(name))
     return subnetwork
+
+
+def reset_to_subnetwork(
+    parameter: torch.Tensor, base: torch.Tensor, pruned: PrunedTensor | None
+) -> None:
+    """Write into ``parameter`` what a subnetwork rebuilds from ``base`` (same shape): the
+    pre-trained values, with the kept fine-tuned values of ``pruned`` (if any) in place."""
+    with torch.no_grad():
+        parameter.copy_(base)
+        if pruned is not None:
+            _write_at(parameter, pruned.positions, pruned.values)

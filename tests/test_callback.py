@@ -22,7 +22,7 @@ from transformers import (
 
 from ken_hf import AutoKENModelForCausalLM, AutoKENModelForSequenceClassification, KENCallback
 from ken_hf.assets import minilm_path, movie_reviews, smollm2_path
-from ken_hf.callback import AutoK, _refuse_sharded
+from ken_hf.callback import AutoK, _check_sharding
 from ken_hf.metrics import classification_metrics
 from ken_hf.tasks import movie_review_splits
 
@@ -193,12 +193,99 @@ def test_auto_k_searches_a_bounded_number_of_ratios(tmp_path, splits):
     assert sum("ken_auto_k_ratio" in entry for entry in trainer.state.log_history) == 3
 
 
-def test_sharded_training_is_refused_clearly():
-    class Sharded:
-        is_fsdp_enabled = True
+def test_fsdp_version_1_and_auto_k_with_sharding_are_refused_clearly():
+    class FSDP1Trainer:
+        is_fsdp_enabled = True  # but no DTensor parameter: flattened FSDP1 shards
 
-    with pytest.raises(NotImplementedError, match="FSDP"):
-        _refuse_sharded(Sharded())
+    with pytest.raises(NotImplementedError, match="FSDP2"):
+        _check_sharding(FSDP1Trainer(), torch.nn.Linear(2, 2), None)
+    assert _check_sharding(object(), torch.nn.Linear(2, 2), AutoK()) is None
+
+
+FSDP2_SCRIPT = """
+import json, os, sys, torch, torch.distributed as dist
+from torch.distributed.device_mesh import init_device_mesh
+from torch.distributed.fsdp import fully_shard
+from transformers import AutoModelForSequenceClassification
+from ken_hf import KENConfig, prune_model
+from ken_hf.assets import minilm_path
+from ken_hf.fingerprint import tensor_fingerprint
+from ken_hf.hub import new_parameters
+from ken_hf.sharding import gathered, prune_sharded, sharding_of, snapshot_sharded
+dist.init_process_group("gloo")
+rank, out = dist.get_rank(), sys.argv[1]
+mesh = init_device_mesh("cpu", (dist.get_world_size(),))
+torch.manual_seed(0)
+model = AutoModelForSequenceClassification.from_pretrained(minilm_path(), num_labels=2)
+new = new_parameters(model, minilm_path())
+reference = AutoModelForSequenceClassification.from_pretrained(minilm_path(), num_labels=2)
+reference.load_state_dict(model.state_dict())
+reference_base = {n: p.detach().clone() for n, p in reference.named_parameters()}
+for layer in model.bert.encoder.layer:
+    fully_shard(layer, mesh=mesh)
+fully_shard(model, mesh=mesh)
+assert sharding_of(model) == "fsdp2"
+pretrained = snapshot_sharded(model, torch.device("cpu"), main=rank == 0)
+assert (len(pretrained) > 0) == (rank == 0)
+# The same "fine-tune" on both: seeded changes, written through rank 0 into the shards.
+for (name, parameter), (_, twin) in zip(model.named_parameters(), reference.named_parameters()):
+    change = 0.01 * torch.randn(twin.shape, generator=torch.Generator().manual_seed(len(name)))
+    with gathered(parameter, write_back=True) as full:
+        if rank == 0:
+            full.add_(change)
+    with torch.no_grad():
+        twin.add_(change)
+config = KENConfig(keep_ratio=0.25, exclude_modules=["bert.embeddings.word_embeddings"])
+subnetwork = prune_sharded(model, pretrained, config, new_tensors=new, main=rank == 0,
+                           progress=False)
+expected = prune_model(reference, reference_base, config, new_tensors=new, progress=False)
+same = True
+for (name, parameter), (_, twin) in zip(model.named_parameters(), reference.named_parameters()):
+    with gathered(parameter) as full:
+        same = same and torch.equal(full, twin)
+local_rows = model.classifier.weight.to_local().shape[0]
+result = {"rank": rank, "same_weights": same, "local_rows": local_rows}
+if rank == 0:
+    result["model_class"] = subnetwork.config.model_class
+    result["same_subnetwork"] = (
+        subnetwork.fingerprints == expected.fingerprints
+        and set(subnetwork.whole) == set(expected.whole)
+        and all(torch.equal(subnetwork.pruned[n].positions, p.positions)
+                and torch.equal(subnetwork.pruned[n].values, p.values)
+                for n, p in expected.pruned.items())
+        and set(subnetwork.pruned) == set(expected.pruned))
+    result["pruned"] = len(subnetwork.pruned)
+else:
+    result["subnetwork_is_none"] = subnetwork is None
+with open(os.path.join(out, f"rank{rank}.json"), "w") as f:
+    json.dump(result, f)
+dist.destroy_process_group()
+"""
+
+
+def test_fsdp2_two_cpu_processes_gather_one_tensor_at_a_time(tmp_path):
+    """FSDP2 sharding (torch's fully_shard, on CPU with gloo; the Trainer itself runs FSDP
+    only on accelerators): the sharded path ends with the weights and the subnetwork that
+    prune_model gives on the unsharded model."""
+    script = tmp_path / "fsdp2_run.py"
+    script.write_text(FSDP2_SCRIPT)
+    out = tmp_path / "out"
+    out.mkdir()
+    done = subprocess.run(
+        [sys.executable, "-m", "torch.distributed.run", "--nproc_per_node", "2", str(script),
+         str(out)],
+        capture_output=True,
+        text=True,
+        timeout=900,
+        env=dict(os.environ, OMP_NUM_THREADS="1"),
+    )  # fmt: skip
+    assert done.returncode == 0, done.stderr[-4000:]
+    ranks = [json.loads((out / f"rank{r}.json").read_text()) for r in (0, 1)]
+    assert all(r["same_weights"] for r in ranks)
+    assert [r["local_rows"] for r in ranks] == [1, 1]  # really sharded: 2 classifier rows
+    assert ranks[0]["same_subnetwork"] and ranks[0]["pruned"] > 50
+    assert ranks[0]["model_class"] == "BertForSequenceClassification"
+    assert ranks[1]["subnetwork_is_none"]
 
 
 DDP_SCRIPT = """

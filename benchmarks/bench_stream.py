@@ -1,0 +1,202 @@
+"""Streaming KEN on a checkpoint pair larger than memory likes: `ken prune` and `ken apply`
+(peak RSS, wall time, MB/s) against the Python API with both models loaded, and a
+projection to a 7B model.
+
+The pair is synthetic and Llama-shaped (vocab 32000, hidden 2048, MLP 8192, 24 layers,
+untied head: 1.74B parameters, 3.5 GB in bf16 each): the base is N(0, 0.02) noise, the
+fine-tune is the base plus N(0, 0.001) noise, written once as sharded safetensors under
+``$KEN_HF_CACHE/bench-llama`` (no real model of this size is available offline here).
+Each measured run is a fresh process; its peak RSS is its own VmHWM.
+
+    python benchmarks/bench_stream.py [--k 64]
+
+Prints a table and writes benchmarks/results/bench_stream.json.
+"""
+
+from __future__ import annotations
+
+import argparse
+import json
+import platform
+import shutil
+import subprocess
+import sys
+import time
+from pathlib import Path
+
+import torch
+from transformers import LlamaConfig, LlamaForCausalLM
+
+from ken_hf.assets import cache_dir
+from ken_hf.safetensors_stream import ShardedWriter
+
+RESULTS = Path(__file__).resolve().parent / "results"
+SHAPE = {
+    "vocab_size": 32000,
+    "hidden_size": 2048,
+    "intermediate_size": 8192,
+    "num_hidden_layers": 24,
+    "num_attention_heads": 16,
+    "num_key_value_heads": 16,
+    "tie_word_embeddings": False,
+}
+# Llama-2-7B, for the projection.
+SEVEN_B = {"parameters": 6_738_415_616, "largest_tensor_values": 32000 * 4096}
+
+# Runs in a fresh process: the work, then its own peak RSS (VmHWM) and seconds as JSON.
+_PROBE = """
+import json, sys, time
+start = time.perf_counter()
+{work}
+seconds = time.perf_counter() - start
+peak = next(int(l.split()[1]) * 1024 for l in open("/proc/self/status") if l.startswith("VmHWM:"))
+print(json.dumps({{"peak_rss": peak, "seconds": seconds}}))
+"""
+# What `ken prune` holds before its first tensor: imports, the model class it looks up, the
+# selection's kernels warmed up. The projection scales what lies above this.
+_IMPORTS_ONLY = (
+    "import torch, transformers, ken_hf.cli, ken_hf.streaming; transformers.LlamaForCausalLM; "
+    "from ken_hf.selection import ken_select; ken_select(torch.randn(4, 64), 8)"
+)
+_CLI = "from ken_hf.cli import main; assert main({args!r}) == 0"
+_PYTHON_API = """
+from safetensors.torch import load_file
+from pathlib import Path
+from ken_hf import KENConfig, KENSubnetwork
+def load(folder):
+    weights = {{}}
+    for shard in sorted(Path(folder).glob("model-*.safetensors")):
+        weights.update(load_file(str(shard)))
+    return weights
+base, finetuned = load({base!r}), load({finetuned!r})
+subnetwork = KENSubnetwork.from_weights(base, finetuned, KENConfig(k={k}))
+subnetwork.save_pretrained({out!r})
+"""
+
+
+def write_pair(folder: Path) -> dict:
+    """Write base and fine-tune once (1 GB shards); returns the config's numbers."""
+    config = LlamaConfig(**SHAPE, dtype="bfloat16")
+    config.architectures = ["LlamaForCausalLM"]
+    with torch.device("meta"):
+        shapes = {n: p.shape for n, p in LlamaForCausalLM(config).named_parameters()}
+    done = folder / "done"
+    if not done.exists():
+        shutil.rmtree(folder, ignore_errors=True)
+        writers = {}
+        for kind in ("base", "finetuned"):
+            (folder / kind).mkdir(parents=True)
+            config.save_pretrained(folder / kind)
+            writers[kind] = ShardedWriter(folder / kind, 10**9)
+        generator = torch.Generator().manual_seed(0)
+        for name, shape in shapes.items():
+            base = torch.randn(shape, generator=generator) * 0.02
+            change = torch.randn(shape, generator=generator) * 0.001
+            writers["base"].add(name, base.to(torch.bfloat16))
+            writers["finetuned"].add(name, (base + change).to(torch.bfloat16))
+            del base, change
+        for writer in writers.values():
+            writer.close()
+        done.touch()
+    parameters = sum(s.numel() for s in shapes.values())
+    return {
+        "parameters": parameters,
+        "bytes_each": parameters * 2,
+        "largest_tensor_values": max(s.numel() for s in shapes.values()),
+    }
+
+
+def measure(work: str) -> dict:
+    out = subprocess.run(
+        [sys.executable, "-c", _PROBE.format(work=work)], capture_output=True, text=True
+    )
+    if out.returncode:
+        raise RuntimeError(out.stderr[-3000:])
+    return json.loads(out.stdout.strip().splitlines()[-1])
+
+
+def main() -> None:
+    parser = argparse.ArgumentParser(description=__doc__.split("\n")[0])
+    parser.add_argument("--k", type=int, default=64, help="values kept per row (default 64)")
+    parser.add_argument("--skip-python-api", action="store_true")
+    args = parser.parse_args()
+    folder = cache_dir() / "bench-llama"
+    start = time.perf_counter()
+    pair = write_pair(folder)
+    print(f"pair ready ({time.perf_counter() - start:.0f} s): {pair}")
+    work = folder / "runs"
+    shutil.rmtree(work, ignore_errors=True)
+    work.mkdir()
+    base, finetuned = str(folder / "base"), str(folder / "finetuned")
+    runs = {"start-up only": measure(_IMPORTS_ONLY)}
+    runs["ken prune"] = measure(
+        _CLI.format(
+            args=[
+                "prune",
+                "--base",
+                base,
+                "--finetuned",
+                finetuned,
+                "--k",
+                str(args.k),
+                "--out",
+                str(work / "ken"),
+            ]  # fmt: skip
+        )
+    )
+    runs["ken apply"] = measure(
+        _CLI.format(
+            args=[
+                "apply",
+                "--base",
+                base,
+                "--ken",
+                str(work / "ken"),
+                "--out",
+                str(work / "merged"),
+            ]
+        )  # fmt: skip
+    )
+    if not args.skip_python_api:
+        runs["Python API, both loaded"] = measure(
+            _PYTHON_API.format(base=base, finetuned=finetuned, k=args.k, out=str(work / "api"))
+        )
+    largest = pair["largest_tensor_values"] * 2
+    bound = 2 * largest + 2**30
+    baseline = runs["start-up only"]["peak_rss"]
+    per_second = pair["parameters"] / runs["ken prune"]["seconds"]
+    seven_b_largest = SEVEN_B["largest_tensor_values"] * 2
+    projection = {
+        "prune_seconds": SEVEN_B["parameters"] / per_second,
+        "prune_peak_rss": baseline
+        + (runs["ken prune"]["peak_rss"] - baseline) * seven_b_largest / largest,
+        "bound": 2 * seven_b_largest + 2**30,
+    }
+    for run in runs.values():
+        run["mb_per_second"] = 2 * pair["bytes_each"] / 1e6 / run["seconds"]
+    results = {
+        "machine": {"cpus": torch.get_num_threads(), "platform": platform.platform()},
+        "k": args.k,
+        "pair": pair,
+        "bound_bytes": bound,
+        "runs": runs,
+        "projection_7b": projection,
+    }
+    RESULTS.mkdir(exist_ok=True)
+    (RESULTS / "bench_stream.json").write_text(json.dumps(results, indent=2) + "\n")
+    print(f"\n{pair['parameters'] / 1e9:.2f}B parameters, {pair['bytes_each'] / 2**30:.2f} GiB "
+          f"per checkpoint (bf16), k={args.k}; bound 2 x largest tensor + 1 GiB = "
+          f"{bound / 2**30:.2f} GiB")  # fmt: skip
+    print("| run | peak RSS | wall time | MB/s (both checkpoints) |")
+    print("|---|---|---|---|")
+    for name, run in runs.items():
+        print(f"| {name} | {run['peak_rss'] / 2**30:.2f} GiB | {run['seconds']:.0f} s "
+              f"| {run['mb_per_second']:.0f} |")  # fmt: skip
+    print(f"\nprojection to 7B ({SEVEN_B['parameters'] / 1e9:.2f}B, bf16): ken prune "
+          f"{projection['prune_seconds'] / 60:.0f} min, peak RSS "
+          f"{projection['prune_peak_rss'] / 2**30:.2f} GiB (bound "
+          f"{projection['bound'] / 2**30:.2f} GiB)")  # fmt: skip
+
+
+if __name__ == "__main__":
+    main()
