@@ -22,7 +22,7 @@ demo: $(STAMP)
 	$(VENV)/bin/ken demo
 
 test: $(STAMP)
-	$(PY) -m ruff check ken_hf tests benchmarks
+	$(PY) -m ruff check ken_hf tests benchmarks recipes
 	$(PY) -m pytest -q
 
 bench: $(STAMP)

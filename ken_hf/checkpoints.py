@@ -19,7 +19,6 @@ from pathlib import Path
 
 import numpy as np
 import torch
-from huggingface_hub import snapshot_download
 
 INDEX_NAME = "model.safetensors.index.json"
 WEIGHTS_NAME = "model.safetensors"
@@ -37,6 +36,7 @@ TOKENIZER_FILES = (
     "chat_template.jinja",
 )
 _DOWNLOAD_PATTERNS = ["*.safetensors", "*.json", "*.txt", "*.model", "*.jinja"]
+_READ_PIECE = 16 * 2**20  # bytes of a mapped file copied at a time
 _DTYPES = {
     "F64": torch.float64,
     "F32": torch.float32,
@@ -132,10 +132,16 @@ class Checkpoint:
         expected = math.prod(shape) * torch.empty((), dtype=dtype).element_size()
         if end - begin != expected or end > len(mapped) or begin < self._data_start[path]:
             raise CheckpointError(f"{path}: tensor {name!r} has a bad byte range")
-        data = np.frombuffer(mapped, dtype=np.uint8, count=end - begin, offset=begin).copy()
-        if end > begin:
-            start_page = begin - begin % mmap.PAGESIZE
-            mapped.madvise(mmap.MADV_DONTNEED, start_page, end - start_page)
+        data = np.empty(end - begin, dtype=np.uint8)
+        # Copied in pieces, each piece's pages dropped once copied: at no time is more than
+        # one piece of the file resident besides the copy.
+        for offset in range(0, end - begin, _READ_PIECE):
+            count = min(_READ_PIECE, end - begin - offset)
+            source = np.frombuffer(mapped, dtype=np.uint8, count=count, offset=begin + offset)
+            data[offset : offset + count] = source
+            del source
+            first_page = (begin + offset) // mmap.PAGESIZE * mmap.PAGESIZE
+            mapped.madvise(mmap.MADV_DONTNEED, first_page, begin + offset + count - first_page)
         return torch.from_numpy(data).view(dtype).reshape(shape)
 
     def close(self) -> None:
@@ -192,20 +198,12 @@ def copy_side_files(source: Path, target: Path, names: tuple[str, ...]) -> list[
 
 
 def _resolve(name_or_path: str | os.PathLike, revision: str | None) -> Path:
-    if Path(name_or_path).is_dir():
-        return Path(name_or_path)
-    if Path(name_or_path).exists():
-        raise CheckpointError(f"{name_or_path}: expected a checkpoint folder, found a file")
+    from .hub import resolve_folder
+
     try:
-        return Path(
-            snapshot_download(
-                str(name_or_path), revision=revision, allow_patterns=_DOWNLOAD_PATTERNS
-            )
-        )
-    except Exception as error:  # offline, unknown repository, bad id: one clear line
-        raise CheckpointError(
-            f"{name_or_path}: not a local folder, and the Hub could not provide it ({error})"
-        ) from None
+        return resolve_folder(name_or_path, revision=revision, allow_patterns=_DOWNLOAD_PATTERNS)
+    except FileNotFoundError as error:
+        raise CheckpointError(str(error)) from error
 
 
 def read_header(path: Path) -> dict[str, dict]:

@@ -9,7 +9,7 @@ import sys
 
 def _finetune_arguments(parser: argparse.ArgumentParser, defaults) -> None:
     """The arguments every training command shares (``defaults``: a FineTuneSettings)."""
-    from .finetune import PACKAGED_DATASET, PACKAGED_MODELS
+    from .settings import PACKAGED_DATASET, PACKAGED_MODELS
 
     parser.add_argument(
         "--model",
@@ -50,15 +50,16 @@ def _finetune_fields(args: argparse.Namespace) -> dict:
 
 
 def _demo(args: argparse.Namespace) -> int:
-    from .demo import DemoSettings, run_demo
+    from .demo import run_demo
+    from .settings import DemoSettings
 
     run_demo(DemoSettings(**_finetune_fields(args), keep_ratio=args.keep_ratio, seed=args.seed))
     return 0
 
 
 def _compare(args: argparse.Namespace) -> int:
-    from .compare import CompareSettings, run_comparison
-    from .finetune import FineTuneSettings
+    from .compare import run_comparison
+    from .settings import CompareSettings, FineTuneSettings
 
     settings = CompareSettings(
         task=FineTuneSettings(**_finetune_fields(args)),
@@ -168,7 +169,7 @@ def _viz(args: argparse.Namespace) -> int:
 
 
 def build_parser() -> argparse.ArgumentParser:
-    from .demo import DemoSettings
+    from .settings import DemoSettings
 
     defaults = DemoSettings()
     parser = argparse.ArgumentParser(prog="ken", description="KEN pruning for Hugging Face models")
@@ -185,8 +186,8 @@ def build_parser() -> argparse.ArgumentParser:
     demo.add_argument("--seed", type=int, default=defaults.seed)
     demo.set_defaults(run=_demo)
 
-    from .compare import CompareSettings
-    from .selection import RULES
+    from .selection.rules import RULES
+    from .settings import CompareSettings
 
     compared = CompareSettings()
     compare = commands.add_parser(
@@ -277,7 +278,7 @@ def main(argv: list[str] | None = None) -> int:
     args = parser.parse_args(argv)
     try:
         return args.run(args)
-    except (ValueError, FileNotFoundError, NotADirectoryError) as error:
+    except (ValueError, OSError) as error:  # bad arguments, files, Hub ids: one line
         print(f"ken {args.command}: error: {error}", file=sys.stderr)
         return 2
 

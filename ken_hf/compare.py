@@ -23,7 +23,6 @@ from tqdm.auto import tqdm
 
 from .config import KENConfig, module_name
 from .finetune import (
-    FineTuneSettings,
     build_trainer,
     load_splits,
     load_tokenizer,
@@ -36,6 +35,7 @@ from .io import write_text_atomic
 from .modeling import AutoKENModelForSequenceClassification
 from .selection import RULES
 from .serialization import SUBNETWORK_NAME
+from .settings import CompareSettings, FineTuneSettings
 from .subnetwork import KENSubnetwork
 
 RULE_LABELS = {
@@ -44,21 +44,6 @@ RULE_LABELS = {
     "largest_delta": "largest abs(change)",
     "random": "random",
 }
-
-
-@dataclasses.dataclass
-class CompareSettings:
-    """The task and budget shared by every method, and the methods' own settings."""
-
-    task: FineTuneSettings = dataclasses.field(
-        default_factory=lambda: FineTuneSettings(output_dir="runs/compare")
-    )
-    seeds: tuple[int, ...] = (0, 1, 2)
-    keep_ratios: tuple[float, ...] = (0.25, 0.5, 0.75)
-    paper_k: int | None = 300  # an absolute k per row, as the paper states its k
-    rules: tuple[str, ...] = RULES
-    lora_ranks: tuple[int, ...] = (8, 32)
-    lora_learning_rate: float = 5e-4  # LoRA's usual rate, 10x the full fine-tune's
 
 
 def run_comparison(settings: CompareSettings) -> dict:
@@ -73,18 +58,19 @@ def run_comparison(settings: CompareSettings) -> dict:
     for seed in settings.seeds:
         task = dataclasses.replace(settings.task, seed=seed, output_dir=str(out / f"seed{seed}"))
         rows += _run_seed(settings, task)
-    results = {
-        "settings": dataclasses.asdict(settings),
-        "model": model_source(settings.task),
-        "model_label": model_label(settings.task),
-        "machine": _machine(),
-        "seconds": time.perf_counter() - start,
-        "runs": rows,
-        "summary": summarise(rows, settings.task.metric),
-    }
-    write_text_atomic(out / "results.json", json.dumps(results, indent=2) + "\n")
-    write_text_atomic(out / "results.md", markdown_table(results))
-    plot(results, out / "results.png")
+        # Written after every seed: a long comparison cut short keeps the seeds it finished.
+        results = {
+            "settings": dataclasses.asdict(settings),
+            "model": model_source(settings.task),
+            "model_label": model_label(settings.task),
+            "machine": _machine(),
+            "seconds": time.perf_counter() - start,
+            "runs": rows,
+            "summary": summarise(rows, settings.task.metric),
+        }
+        write_text_atomic(out / "results.json", json.dumps(results, indent=2) + "\n")
+        write_text_atomic(out / "results.md", markdown_table(results))
+        plot(results, out / "results.png")
     return results
 
 
@@ -257,7 +243,7 @@ def markdown_table(results: dict) -> str:
     lines = [
         f"Model {results['model_label']} (`{results['model']}`), data `{settings['dataset']}` "
         f"({settings['train_size']} train / {settings['eval_size']} held out), "
-        f"{settings['epochs']:g} epochs, seeds {results['settings']['seeds']}; "
+        f"{settings['epochs']:g} epochs, seeds {sorted({r['seed'] for r in results['runs']})}; "
         f"{results['machine']['cpus']} CPUs, torch {results['machine']['torch']}.",
         "",
         f"| method | {results['summary'][0]['metric']} (mean ± sd) | stored | % of full "
@@ -276,8 +262,9 @@ def markdown_table(results: dict) -> str:
 
 
 def plot(results: dict, path: Path) -> None:
-    """Metric against bytes stored (log scale), one labelled point per method, error bars
-    of one standard deviation."""
+    """Metric against bytes stored (log scale), error bars of one standard deviation; every
+    point carries a number, spread apart where points crowd, and the key beside the plot
+    names each one with its metric."""
     import matplotlib
 
     matplotlib.use("Agg")
@@ -285,31 +272,37 @@ def plot(results: dict, path: Path) -> None:
 
     colours = {"full": "black", "lora": "tab:purple", "ken": "tab:blue"}
     colours.update({"ken_delta": "tab:cyan", "largest_delta": "tab:green", "random": "tab:gray"})
-    figure, axes = plt.subplots(figsize=(11, 7))
+    figure, (axes, key) = plt.subplots(
+        1, 2, figsize=(13, 7), gridspec_kw={"width_ratios": [2.2, 1]}
+    )
     summary = results["summary"]
     low = min(e["mean"] - (e["std"] or 0.0) for e in summary)
     high = max(e["mean"] + (e["std"] or 0.0) for e in summary)
-    heights = _label_heights(summary, gap=(high - low) * 0.03 or 0.01)
-    for entry, label_y in zip(summary, heights, strict=True):
+    heights = _label_heights(summary, gap=(high - low) * 0.025 or 0.01)
+    lines = []
+    for number, (entry, label_y) in enumerate(zip(summary, heights, strict=True), start=1):
         colour = colours[entry["method"]]
         axes.errorbar(
-            entry["bytes"],
-            entry["mean"],
-            yerr=entry["std"] or 0.0,
-            fmt="o",
-            color=colour,
-            capsize=3,
-        )
+            entry["bytes"], entry["mean"], yerr=entry["std"] or 0.0, fmt="o", color=colour,
+            capsize=3, alpha=0.8,
+        )  # fmt: skip
         axes.annotate(
-            entry["label"],
+            str(number),
             (entry["bytes"], entry["mean"]),
-            xytext=(entry["bytes"] * 1.08, label_y),
-            fontsize=7,
+            xytext=(entry["bytes"] * 1.1, label_y),
+            fontsize=8,
             color=colour,
             va="center",
             arrowprops={"arrowstyle": "-", "color": colour, "lw": 0.5},
         )
+        spread = f" ± {entry['std']:.4f}" if entry["std"] is not None else ""
+        lines.append((f"{number:>2}  {entry['label']}: {entry['mean']:.4f}{spread}", colour))
+    for row, (text, colour) in enumerate(lines):
+        key.text(0, 1 - row / max(len(lines), 24), text, color=colour, fontsize=8, va="top",
+                 family="monospace", transform=key.transAxes)  # fmt: skip
+    key.axis("off")
     axes.set_xscale("log")
+    axes.set_xlim(right=max(e["bytes"] for e in summary) * 1.6)
     axes.set_xlabel("bytes stored (log scale)")
     axes.set_ylabel(f"held-out {results['summary'][0]['metric']}")
     axes.set_title(f"{results['model_label']}: KEN, sparse baselines and LoRA")
@@ -323,11 +316,11 @@ def plot(results: dict, path: Path) -> None:
 
 def _label_heights(summary: list[dict], gap: float) -> list[float]:
     """Label heights near each point, at least ``gap`` apart among points whose bytes are
-    within a factor of 3 (their labels would overlap): points sharing a k share bytes."""
+    within a factor of 1.5 (their labels would overlap): points sharing a k share bytes."""
     heights: dict[int, float] = {}
     for index in sorted(range(len(summary)), key=lambda i: summary[i]["mean"]):
         x, y = math.log10(summary[index]["bytes"]), summary[index]["mean"]
-        near = [h for i, h in heights.items() if abs(math.log10(summary[i]["bytes"]) - x) < 0.5]
+        near = [h for i, h in heights.items() if abs(math.log10(summary[i]["bytes"]) - x) < 0.18]
         for taken in sorted(near):
             if abs(taken - y) < gap:
                 y = taken + gap

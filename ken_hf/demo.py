@@ -3,24 +3,16 @@
 
 from __future__ import annotations
 
-import dataclasses
 import time
 from pathlib import Path
 
 from transformers import Trainer
 
 from .callback import KENCallback
-from .finetune import FineTuneSettings, build_trainer, load_splits, load_tokenizer, new_classifier
+from .finetune import build_trainer, load_splits, load_tokenizer, new_classifier
 from .modeling import AutoKENModelForSequenceClassification
 from .serialization import SUBNETWORK_NAME
-
-
-@dataclasses.dataclass
-class DemoSettings(FineTuneSettings):
-    """The fine-tune of the demo, and the keep ratio KEN applies at its end."""
-
-    keep_ratio: float = 0.75
-    output_dir: str = "runs/demo"
+from .settings import DemoSettings
 
 
 def fine_tune_with_ken(settings: DemoSettings, callback) -> tuple[Trainer, float]:

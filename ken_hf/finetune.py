@@ -3,7 +3,6 @@
 
 from __future__ import annotations
 
-import dataclasses
 from pathlib import Path
 
 import torch
@@ -18,33 +17,9 @@ from transformers import (
     TrainingArguments,
 )
 
-from .assets import minilm_path, smollm2_path
 from .metrics import classification_metrics
+from .settings import PACKAGED_DATASET, PACKAGED_MODELS, FineTuneSettings
 from .tasks import movie_review_splits
-
-PACKAGED_DATASET = "movie-snippets"
-# Real models that ship in packages here (../shared/REAL_ASSETS.md), by a name no Hub id has.
-PACKAGED_MODELS = {
-    "packaged:all-MiniLM-L6-v2": minilm_path,
-    "packaged:SmolLM2-135M-Instruct": smollm2_path,
-}
-
-
-@dataclasses.dataclass
-class FineTuneSettings:
-    """What is fine-tuned, on what, and how long."""
-
-    model: str | None = None  # Hub id, folder or packaged name; None = packaged MiniLM
-    dataset: str = PACKAGED_DATASET  # Hub id or folder with text/label columns
-    train_size: int = 4000
-    eval_size: int = 2000
-    epochs: float = 2.0
-    learning_rate: float = 5e-5
-    batch_size: int = 32
-    max_length: int = 64
-    seed: int = 0
-    output_dir: str = "runs/finetune"
-    metric: str = "accuracy"
 
 
 def model_source(settings: FineTuneSettings) -> str:

@@ -20,16 +20,30 @@ SUBNETWORK_FILES = [CONFIG_NAME, SUBNETWORK_NAME, "config.json", "README.md"]
 
 
 def resolve_folder(
-    name_or_path: str | os.PathLike, *, revision: str | None = None, **hub_kwargs
+    name_or_path: str | os.PathLike,
+    *,
+    revision: str | None = None,
+    allow_patterns: list[str] = SUBNETWORK_FILES,
+    **hub_kwargs,
 ) -> Path:
-    """A local folder as is, or the subnetwork files of a Hub repository, downloaded."""
-    if Path(name_or_path).is_dir():
-        return Path(name_or_path)
-    return Path(
-        snapshot_download(
-            str(name_or_path), revision=revision, allow_patterns=SUBNETWORK_FILES, **hub_kwargs
+    """A local folder as is, or the files of a Hub repository that match
+    ``allow_patterns`` (default: a subnetwork's), downloaded or from the Hub cache."""
+    path = Path(name_or_path)
+    if path.is_dir():
+        return path
+    text = str(name_or_path)
+    # A Hub id is "name" or "owner/name"; anything else is meant as a local path.
+    if path.exists() or text.startswith(("/", ".", "~")) or text.count("/") > 1:
+        raise FileNotFoundError(f"{text}: no such folder")
+    try:
+        folder = snapshot_download(
+            text, revision=revision, allow_patterns=allow_patterns, **hub_kwargs
         )
-    )
+    except Exception as error:  # offline, unknown repository, bad id: say which, and why
+        raise FileNotFoundError(
+            f"{text}: not a local folder, and the Hub could not provide it ({error})"
+        ) from error
+    return Path(folder)
 
 
 def resolve_file(

@@ -129,6 +129,17 @@ def _smaller_encoding(numel: int, count: int) -> str:
     return "indices" if count * index_size < -(-numel // 8) else "mask"
 
 
+def _masked_values(flat: torch.Tensor, mask: torch.Tensor, block: int = 2**22) -> torch.Tensor:
+    """``flat[mask]`` for 1-D tensors, in blocks: selecting by a bool mask builds an int64
+    helper as long as the mask (8 bytes per value), so whole tensors would pay that."""
+    mask = mask.to(flat.device)
+    pieces = [
+        torch.masked_select(flat[start : start + block], mask[start : start + block])
+        for start in range(0, flat.numel(), block)
+    ]
+    return torch.cat(pieces) if pieces else flat[:0].clone()
+
+
 class SubnetworkWriter:
     """Writes a subnetwork file one tensor at a time (``write_subnetwork`` writes one held in
     memory). Use as a context manager; set ``fingerprints`` before the block ends."""
@@ -154,7 +165,7 @@ class SubnetworkWriter:
         without the int64 position list (8 bytes per kept value) that ``PrunedTensor`` holds.
         ``delta``: ``[delta_kept, delta_reset]``. Returns the kept count."""
         bits = mask.detach().cpu().reshape(-1).numpy()
-        values = finetuned.detach().reshape(-1)[mask.reshape(-1).to(finetuned.device)]
+        values = _masked_values(finetuned.detach().reshape(-1), mask.reshape(-1))
         if _smaller_encoding(bits.size, values.numel()) == "indices":
             encoding = "indices"
             positions = torch.from_numpy(np.flatnonzero(bits)).to(_index_dtype(bits.size))

@@ -42,6 +42,9 @@ from .serialization import (
 from .subnetwork import BaseMismatchError, delta_statistics, placement
 
 FLOATING = (torch.float64, torch.float32, torch.float16, torch.bfloat16)
+# Working memory of the selection, per tensor: half the library default, so that the whole
+# run stays within two copies of the largest tensor plus 1 GiB, start-up included.
+SELECTION_MEMORY = 128 * 2**20
 
 
 def prune_checkpoints(
@@ -214,6 +217,7 @@ def _select(name: str, weight: torch.Tensor, pretrained: torch.Tensor, config: K
         pretrained={name: pretrained},
         compat=config.compat,
         seed=config.seed,
+        max_memory=SELECTION_MEMORY,
     )[name]
 
 

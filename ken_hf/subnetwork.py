@@ -84,7 +84,7 @@ def _newly_initialised(base: Weights) -> set[str]:
 
 
 def delta_statistics(
-    finetuned: torch.Tensor, base: torch.Tensor, mask: torch.Tensor, *, block: int = 2**22
+    finetuned: torch.Tensor, base: torch.Tensor, mask: torch.Tensor, *, block: int = 2**20
 ) -> list[float | None]:
     """``[mean |fine-tuned - pre-trained| over the kept positions, ... over the reset ones]``
     (None where there are none), for tensors and bool ``mask`` of one shape; computed in
@@ -96,8 +96,9 @@ def delta_statistics(
         piece = slice(start, start + block)
         change = (finetuned[piece].double() - base[piece].to(finetuned.device).double()).abs()
         total += float(change.sum())
-        kept += float(change[mask[piece].to(change.device)].sum())
-    count, numel = int(mask.sum()), finetuned.numel()
+        kept += float(torch.masked_select(change, mask[piece].to(change.device)).sum())
+    # count_nonzero: a bool sum() would widen the whole mask to int64 first
+    count, numel = int(torch.count_nonzero(mask)), finetuned.numel()
     return [
         kept / count if count else None,
         (total - kept) / (numel - count) if numel > count else None,

@@ -12,9 +12,10 @@ from safetensors import safe_open
 
 from ken_hf import AutoKENModelForSequenceClassification, KENConfig
 from ken_hf.cli import main
-from ken_hf.compare import CompareSettings, run_comparison
-from ken_hf.finetune import FineTuneSettings, build_trainer, load_splits, load_tokenizer
+from ken_hf.compare import run_comparison
+from ken_hf.finetune import build_trainer, load_splits, load_tokenizer
 from ken_hf.selection import RULES
+from ken_hf.settings import CompareSettings, FineTuneSettings
 
 
 @pytest.fixture(scope="module")

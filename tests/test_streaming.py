@@ -14,7 +14,7 @@ from pathlib import Path
 import pytest
 import torch
 from safetensors.torch import load_file, save_file
-from transformers import AutoModelForSequenceClassification
+from transformers import AutoModelForCausalLM, AutoModelForSequenceClassification
 
 from ken_hf import AutoKENModelForSequenceClassification, KENConfig, KENSubnetwork
 from ken_hf.cli import main
@@ -151,3 +151,50 @@ def test_a_killed_prune_leaves_no_output_and_a_rerun_succeeds(checkpoints):
     assert not out.exists()
     assert subprocess.run(command, capture_output=True).returncode == 0
     assert read_subnetwork(out / SUBNETWORK_NAME).pruned
+
+
+def test_llama_base_against_its_sequence_classifier_in_bf16(tmp_path):
+    """A causal-LM base (tied head, not stored) against a bf16 LlamaForSequenceClassification
+    fine-tune: shared tensors matched, the new score head stored whole, and the folder loads
+    into the same model the Python API builds."""
+    from ken_hf.assets import smollm2_path
+
+    base_folder = smollm2_path(num_layers=2)
+    base = tmp_path / "base"
+    torch.manual_seed(0)
+    causal = AutoModelForCausalLM.from_pretrained(base_folder, dtype=torch.bfloat16)
+    causal.save_pretrained(base)
+    tuned = AutoModelForSequenceClassification.from_pretrained(
+        base, num_labels=2, dtype=torch.bfloat16
+    )
+    with torch.no_grad():
+        for parameter in tuned.model.layers.parameters():
+            parameter.add_(0.01 * torch.randn_like(parameter))
+    tuned.save_pretrained(tmp_path / "finetuned")
+    out = tmp_path / "ken"
+    args = ["prune", "--base", str(base), "--finetuned", str(tmp_path / "finetuned")]
+    assert main([*args, "--k", "16", "--exclude-modules", "embed_tokens", "--out", str(out)]) == 0
+    stored = read_subnetwork(out / SUBNETWORK_NAME)
+    assert set(stored.whole) == {"score.weight"}
+    assert "model.embed_tokens.weight" in stored.fingerprints
+    assert "model.embed_tokens.weight" not in stored.pruned  # excluded: reset to the base
+    assert all(p.values.dtype == torch.bfloat16 for p in stored.pruned.values())
+    loaded = AutoKENModelForSequenceClassification.from_pretrained(out, dtype=torch.bfloat16)
+    reference = KENSubnetwork.from_weights(
+        AutoModelForSequenceClassification.from_pretrained(
+            base, num_labels=2, dtype=torch.bfloat16
+        ),
+        tuned,
+        KENConfig(k=16, exclude_modules=["embed_tokens"]),
+        progress=False,
+    )
+    assert set(reference.pruned) == set(stored.pruned)
+    for name, expected in reference.pruned.items():
+        assert torch.equal(stored.pruned[name].positions, expected.positions), name
+    ids = torch.tensor([[1, 2, 3, 4]])
+    with torch.no_grad():
+        rebuilt = AutoModelForSequenceClassification.from_pretrained(
+            base, num_labels=2, dtype=torch.bfloat16
+        )
+        reference.apply_to(rebuilt)
+        assert torch.equal(loaded(input_ids=ids).logits, rebuilt(input_ids=ids).logits)

@@ -19,7 +19,7 @@ import torch
 
 from .baselines import largest_delta_select, random_select
 from .ken import ken_select_many
-from .rows import check_same_shape
+from .rows import DEFAULT_MAX_MEMORY, check_same_shape
 
 RULES = ("ken", "ken_delta", "largest_delta", "random")
 # Rules that look at the pre-trained values as well as the fine-tuned ones.
@@ -41,12 +41,14 @@ def select_by_rule(
     compat: bool = False,
     seed: int = 0,
     progress: bool = False,
+    max_memory: int = DEFAULT_MAX_MEMORY,
 ) -> dict[str, torch.Tensor]:
     """``{name: bool mask of finetuned[name]'s shape}`` by ``rule`` with ``k`` kept per row.
 
     ``pretrained`` (same names and shapes) is needed by ``ken_delta`` and ``largest_delta``.
     ``compat`` applies to ``ken`` only. ``random`` draws from ``seed`` mixed with each
     tensor's name, so a tensor's mask does not depend on which other tensors are selected.
+    ``max_memory``: the KEN rules' working memory per chunk of rows (see ``ken_select``).
     """
     check_rule(rule)
     if compat and rule != "ken":
@@ -58,13 +60,15 @@ def select_by_rule(
         if missing:
             raise ValueError(f"rule {rule!r}: no pre-trained tensor {missing[0]!r}")
     if rule == "ken":
-        return ken_select_many(finetuned, k, compat=compat, progress=progress)
+        return ken_select_many(
+            finetuned, k, compat=compat, progress=progress, max_memory=max_memory
+        )
     if rule == "ken_delta":
         changes = {}
         for name, tensor in finetuned.items():
             check_same_shape(pretrained[name], tensor, name)
             changes[name] = tensor.float() - pretrained[name].to(tensor.device).float()
-        return ken_select_many(changes, k, progress=progress)
+        return ken_select_many(changes, k, progress=progress, max_memory=max_memory)
     if rule == "largest_delta":
         return {
             name: largest_delta_select(tensor, k, pretrained=pretrained[name], name=name)
