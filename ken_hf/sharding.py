@@ -34,14 +34,18 @@ from .subnetwork import (
 def sharding_of(model: torch.nn.Module) -> str | None:
     """``"fsdp2"`` (DTensor parameters), ``"deepspeed"`` (ZeRO-3 partitioned parameters) or
     None (every parameter whole on every rank)."""
-    from torch.distributed.tensor import DTensor
-
     for parameter in model.parameters():
-        if isinstance(parameter, DTensor):
+        if _is_dtensor(parameter):
             return "fsdp2"
         if hasattr(parameter, "ds_id"):
             return "deepspeed"
     return None
+
+
+def _is_dtensor(tensor: torch.Tensor) -> bool:
+    from torch.distributed.tensor import DTensor
+
+    return isinstance(tensor, DTensor)
 
 
 def full_numel(parameter: torch.Tensor) -> int:
@@ -55,7 +59,7 @@ def gathered(parameter: torch.Tensor, *, write_back: bool = False) -> Iterator[t
     same order). With ``write_back``, what rank 0 leaves in the yielded tensor replaces every
     rank's shard on exit. An unsharded parameter is yielded as it is."""
     with torch.no_grad():
-        if hasattr(parameter, "device_mesh"):  # FSDP2: a DTensor
+        if _is_dtensor(parameter):  # FSDP2
             from torch.distributed.tensor import distribute_tensor
 
             full = parameter.full_tensor()
