@@ -18,6 +18,7 @@ from pathlib import Path
 import torch
 from tqdm.auto import tqdm
 
+from .card import model_card
 from .checkpoints import (
     TOKENIZER_FILES,
     Checkpoint,
@@ -70,11 +71,7 @@ def prune_checkpoints(
         Checkpoint(base, revision=base_revision) as base_ckpt,
         Checkpoint(finetuned, revision=finetuned_revision) as tuned,
     ):
-        names = [
-            n
-            for n in tuned.names
-            if tuned.dtype(n) is not None and tuned.dtype(n).is_floating_point
-        ]
+        names = [n for n in tuned.names if tuned.dtype(n) in FLOATING]
         if not names:
             raise CheckpointError(f"{tuned.source}: no floating-point tensors")
         pairs = match_names(
@@ -114,8 +111,6 @@ def prune_checkpoints(
             if tuned.config:
                 write_text_atomic(staging / "config.json", json.dumps(tuned.config, indent=2))
             copy_side_files(tuned.folder, staging, TOKENIZER_FILES)
-            from .card import model_card
-
             write_text_atomic(staging / "README.md", model_card(config, staging))
         return {
             "tensors": len(names),
