@@ -15,6 +15,7 @@ import math
 import mmap
 import os
 import struct
+from collections.abc import Iterable
 from pathlib import Path
 
 import numpy as np
@@ -169,11 +170,11 @@ def base_model_prefix_of(model_config: dict) -> str | None:
     return getattr(model_class, "base_model_prefix", None) or None
 
 
-def match_names(names: list[str], base: Checkpoint, prefix: str | None) -> dict[str, str]:
-    """``{name: base tensor name}`` for each of ``names`` (a fine-tuned model's tensors) that
-    ``base`` holds: the same name, or with ``prefix`` (the fine-tuned class's
-    ``base_model_prefix``) taken off or put on."""
-    stored = set(base.names)
+def match_names(names: Iterable[str], stored: Iterable[str], prefix: str | None) -> dict[str, str]:
+    """``{name: stored name}`` for each of ``names`` (a model's tensors) that a checkpoint
+    holding ``stored`` has, as ``from_pretrained`` matches them: the same name, or with
+    ``prefix`` (the model class's ``base_model_prefix``) taken off or put on."""
+    stored = set(stored)
     matched = {}
     for name in names:
         candidates = [name]

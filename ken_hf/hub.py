@@ -12,7 +12,7 @@ import torch
 from huggingface_hub import HfApi, hf_hub_download, snapshot_download
 from huggingface_hub.errors import EntryNotFoundError
 
-from .checkpoints import read_header
+from .checkpoints import match_names, read_header
 from .config import CONFIG_NAME
 from .serialization import SUBNETWORK_NAME
 
@@ -105,10 +105,6 @@ def new_parameters(
             stacklevel=2,
         )
         return set()
-    prefix = getattr(model, "base_model_prefix", "")
-    new = set()
-    for name, _ in model.named_parameters():
-        candidates = {name, f"{prefix}.{name}", name.removeprefix(f"{prefix}.")}
-        if not candidates & stored:
-            new.add(name)
-    return new
+    names = [name for name, _ in model.named_parameters()]
+    found = match_names(names, stored, getattr(model, "base_model_prefix", None))
+    return {name for name in names if name not in found}

@@ -24,8 +24,8 @@ from .selection.rows import as_rows
 from .serialization import PrunedTensor
 from .subnetwork import (
     KENSubnetwork,
-    delta_statistics,
     placement,
+    pruned_tensor,
     reset_to_subnetwork,
     select_masks,
 )
@@ -121,10 +121,7 @@ def prune_sharded(
             if fate == "pruned":
                 k = config.k_for(as_rows(full).shape[1])
                 mask = select_masks({k: {name: full}}, {name: base}, config, False)[name]
-                pruned[name] = PrunedTensor.from_mask(mask, full)
-                pruned[name].delta_kept, pruned[name].delta_reset = delta_statistics(
-                    full, base, mask
-                )
+                pruned[name] = pruned_tensor(mask, full, base)
             reset_to_subnetwork(full, base.to(full.device), pruned.get(name))
     if not main:
         return None

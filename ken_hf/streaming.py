@@ -75,7 +75,7 @@ def prune_checkpoints(
         if not names:
             raise CheckpointError(f"{tuned.source}: no floating-point tensors")
         pairs = match_names(
-            names, base_ckpt, tuned.base_model_prefix or base_ckpt.base_model_prefix
+            names, base_ckpt.names, tuned.base_model_prefix or base_ckpt.base_model_prefix
         )
         _check_pairs(pairs, base_ckpt, tuned)
         config = _recorded(config, base, base_revision, tuned.architecture)
@@ -148,7 +148,7 @@ def apply_checkpoint(
             n for n in reader.names if n not in reader.fingerprints
         ]
         prefix = base_model_prefix_of(model_config) or base_ckpt.base_model_prefix
-        pairs = match_names(list(reader.fingerprints), base_ckpt, prefix)
+        pairs = match_names(reader.fingerprints, base_ckpt.names, prefix)
         missing = [n for n in reader.fingerprints if n not in pairs]
         if missing:
             raise BaseMismatchError(

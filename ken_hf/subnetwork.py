@@ -105,6 +105,14 @@ def delta_statistics(
     ]
 
 
+def pruned_tensor(mask: torch.Tensor, finetuned: torch.Tensor, base: torch.Tensor) -> PrunedTensor:
+    """The ``PrunedTensor`` of ``finetuned`` kept at ``mask`` (same shape), with the delta
+    statistics against ``base`` recorded."""
+    pruned = PrunedTensor.from_mask(mask, finetuned)
+    pruned.delta_kept, pruned.delta_reset = delta_statistics(finetuned, base, mask)
+    return pruned
+
+
 def placement(name: str, config: KENConfig, *, in_base: bool) -> str:
     """Where a fine-tuned floating-point tensor goes: ``"whole"`` (stored whole: listed in
     ``modules_to_save``, or not in the base, such as a new head), ``"pruned"`` (KEN keeps k
@@ -199,10 +207,7 @@ class KENSubnetwork:
         masks = selector(to_prune, base_tensors, config, progress)
         pruned = {}
         for name, mask in masks.items():
-            pruned[name] = PrunedTensor.from_mask(mask, finetuned_tensors[name])
-            pruned[name].delta_kept, pruned[name].delta_reset = delta_statistics(
-                finetuned_tensors[name], base_tensors[name], mask
-            )
+            pruned[name] = pruned_tensor(mask, finetuned_tensors[name], base_tensors[name])
         fingerprints = {
             name: tensor_fingerprint(base_tensors[name])
             for name in finetuned_tensors
