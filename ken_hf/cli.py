@@ -209,7 +209,13 @@ def build_parser() -> argparse.ArgumentParser:
     compare.add_argument(
         "--rules", nargs="+", choices=RULES, default=list(compared.rules), help="sparse rules"
     )
-    compare.add_argument("--lora-ranks", type=int, nargs="+", default=list(compared.lora_ranks))
+    compare.add_argument(
+        "--lora-ranks",
+        type=int,
+        nargs="*",
+        default=list(compared.lora_ranks),
+        help="LoRA ranks (default 8 32; none given: no LoRA runs)",
+    )
     compare.add_argument("--lora-learning-rate", type=float, default=compared.lora_learning_rate)
     compare.set_defaults(run=_compare)
 

@@ -305,7 +305,9 @@ def plot(results: dict, path: Path) -> None:
     axes.set_xlim(right=max(e["bytes"] for e in summary) * 1.6)
     axes.set_xlabel("bytes stored (log scale)")
     axes.set_ylabel(f"held-out {results['summary'][0]['metric']}")
-    axes.set_title(f"{results['model_label']}: KEN, sparse baselines and LoRA")
+    with_lora = any(e["method"] == "lora" for e in summary)
+    compared = "sparse baselines and LoRA" if with_lora else "sparse baselines"
+    axes.set_title(f"{results['model_label']}: KEN, {compared}")
     axes.grid(True, which="both", alpha=0.3)
     figure.tight_layout()
     temporary = path.with_suffix(".tmp.png")

@@ -79,3 +79,11 @@ def test_a_sparse_row_metric_is_reproduced_from_its_files(comparison):
 def test_compare_rejects_an_unknown_rule():
     with pytest.raises(ValueError, match="unknown rule 'best'"):
         run_comparison(CompareSettings(rules=("best",)))
+
+
+def test_compare_lora_ranks_may_be_none():
+    from ken_hf.cli import build_parser
+
+    parser = build_parser()
+    assert parser.parse_args(["compare", "--lora-ranks"]).lora_ranks == []
+    assert parser.parse_args(["compare"]).lora_ranks == list(CompareSettings().lora_ranks)
