@@ -11,7 +11,7 @@ import pytest
 from safetensors import safe_open
 
 from ken_hf import AutoKENModelForSequenceClassification, KENConfig
-from ken_hf.cli import main
+from ken_hf.cli import build_parser, main
 from ken_hf.compare import run_comparison
 from ken_hf.finetune import build_trainer, load_splits, load_tokenizer
 from ken_hf.selection import RULES
@@ -82,8 +82,6 @@ def test_compare_rejects_an_unknown_rule():
 
 
 def test_compare_lora_ranks_may_be_none():
-    from ken_hf.cli import build_parser
-
     parser = build_parser()
     assert parser.parse_args(["compare", "--lora-ranks"]).lora_ranks == []
     assert parser.parse_args(["compare"]).lora_ranks == list(CompareSettings().lora_ranks)
