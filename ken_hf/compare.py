@@ -118,9 +118,6 @@ def _run_seed(settings: CompareSettings, task: FineTuneSettings) -> list[dict]:
         prune_seconds = time.perf_counter() - begin
         where = folder / f"{rule}-{budget_label.replace(' ', '').replace('%', 'pct')}"
         subnetwork.save_pretrained(where)
-        kept = sum(p.positions.numel() for p in subnetwork.pruned.values()) + sum(
-            t.numel() for t in subnetwork.whole.values()
-        )
         value = evaluate(AutoKENModelForSequenceClassification.from_pretrained(where))
         row = _row(
             task,
@@ -129,7 +126,7 @@ def _run_seed(settings: CompareSettings, task: FineTuneSettings) -> list[dict]:
             value,
             [where / SUBNETWORK_NAME],
             total,
-            kept,
+            subnetwork.kept_values(),
             seconds,
             prune_seconds,
         )

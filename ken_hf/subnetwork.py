@@ -249,12 +249,15 @@ class KENSubnetwork:
         total = sum(p.shape.numel() for p in self.pruned.values())
         return sum(p.positions.numel() for p in self.pruned.values()) / total if total else 1.0
 
-    def reset_fraction(self, model_parameters: int) -> float:
-        """Share of all ``model_parameters`` that end at their pre-trained value."""
-        kept = sum(p.positions.numel() for p in self.pruned.values()) + sum(
+    def kept_values(self) -> int:
+        """Values that keep their fine-tuned value: kept positions plus whole tensors."""
+        return sum(p.positions.numel() for p in self.pruned.values()) + sum(
             t.numel() for t in self.whole.values()
         )
-        return 1.0 - kept / model_parameters
+
+    def reset_fraction(self, model_parameters: int) -> float:
+        """Share of all ``model_parameters`` that end at their pre-trained value."""
+        return 1.0 - self.kept_values() / model_parameters
 
     def mask(self, name: str) -> torch.Tensor:
         """Bool tensor of the kept positions of pruned tensor ``name``."""
