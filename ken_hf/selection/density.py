@@ -1,7 +1,7 @@
 """KEN's kernel density step: bandwidth, grid, rounded densities and the grid's priority order.
 
 Every quantity that feeds a comparison reproduces the reference arithmetic of
-../KEN_ALGORITHM.md bit for bit (bandwidth, grid, rounded density). The densities are
+docs/algorithm.md bit for bit (bandwidth, grid, rounded density). The densities are
 computed fast and a little inexactly, with a rigorous bound on the error; the few grid points
 whose density lies so close to a rounding boundary (x.5) that the error could flip the
 rounding are recomputed directly in float64, which agrees with scikit-learn to ~1e-15.
@@ -16,7 +16,9 @@ of ``B`` after an anchor ``c_j``, spaced ``D`` apart (the true float32 grid poin
 
 so ``sum_i`` is ``F * (E @ P)``: ``J * n + n * B`` exps per row instead of ``k * n``, and one
 float32 matrix product. ``B`` is kept small enough that ``P`` stays finite in float32 and the
-terms dropped where ``E`` is flushed to zero stay negligible.
+terms dropped where ``E`` is flushed to zero stay negligible. The bound assumes IEEE float32
+products, so the products run inside ``full_precision_matmul`` (precision.py): TF32 or bf16
+products, which torch's global matmul precision settings allow, would exceed it.
 """
 
 from __future__ import annotations
@@ -25,6 +27,8 @@ import math
 
 import numpy as np
 import torch
+
+from .precision import full_precision_matmul
 
 _SQRT_2PI = math.sqrt(2.0 * math.pi)
 _FLOAT32_EPS = 2.0**-24  # unit roundoff of float32
@@ -160,18 +164,19 @@ def _kernel_sums_by_blocks(
     # Cache-sized tiles of [rows, anchors, n] values.
     anchors_per_tile = max(1, min(num_blocks, _BLOCK_BYTES // (8 * n)))
     rows_per_tile = max(1, _BLOCK_BYTES // (8 * anchors_per_tile * n))
-    for r0 in range(0, num_rows, rows_per_tile):
-        r1 = min(num_rows, r0 + rows_per_tile)
-        b = (rows[r0:r1].double() - centre[r0:r1].unsqueeze(1)) * s[r0:r1].unsqueeze(1)
-        powers = torch.exp(2.0 * b.unsqueeze(2) * md[r0:r1].unsqueeze(1)).float()  # P [r, n, B]
-        for j0 in range(0, num_blocks, anchors_per_tile):
-            j1 = min(num_blocks, j0 + anchors_per_tile)
-            exponent = a[r0:r1, j0:j1].unsqueeze(2) - b.unsqueeze(1)  # [r, j, n]
-            exponent.mul_(exponent)
-            flushed = exponent > _FLUSH
-            # Clamping keeps exp away from subnormal results (a slow path on CPUs).
-            near = exponent.clamp_(max=_FLUSH).neg_().exp_().masked_fill_(flushed, 0.0)  # E
-            torch.bmm(near.float(), powers, out=products[r0:r1, j0:j1])
+    with full_precision_matmul():  # the bound below assumes IEEE float32 products
+        for r0 in range(0, num_rows, rows_per_tile):
+            r1 = min(num_rows, r0 + rows_per_tile)
+            b = (rows[r0:r1].double() - centre[r0:r1].unsqueeze(1)) * s[r0:r1].unsqueeze(1)
+            powers = torch.exp(2.0 * b.unsqueeze(2) * md[r0:r1].unsqueeze(1)).float()  # P [r,n,B]
+            for j0 in range(0, num_blocks, anchors_per_tile):
+                j1 = min(num_blocks, j0 + anchors_per_tile)
+                exponent = a[r0:r1, j0:j1].unsqueeze(2) - b.unsqueeze(1)  # [r, j, n]
+                exponent.mul_(exponent)
+                flushed = exponent > _FLUSH
+                # Clamping keeps exp away from subnormal results (a slow path on CPUs).
+                near = exponent.clamp_(max=_FLUSH).neg_().exp_().masked_fill_(flushed, 0.0)  # E
+                torch.bmm(near.float(), powers, out=products[r0:r1, j0:j1])
     sums = (products.double() * factor).flatten(1)[:, :k]
 
     # Per term: E and P are rounded once each and multiplied once; the float32 products and
