@@ -28,7 +28,7 @@ import torch
 from safetensors.torch import load_file
 
 from ken_hf import ken_select, ken_select_many
-from ken_hf.assets import minilm_path
+from ken_hf.experiments.assets import minilm_path
 from ken_hf.selection.rows import DEFAULT_MAX_MEMORY, rows_per_chunk
 
 sys.path.insert(0, str(Path(__file__).resolve().parents[1] / "tests"))

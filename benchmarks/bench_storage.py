@@ -23,8 +23,8 @@ from peft import LoraConfig, TaskType, get_peft_model
 from transformers import AutoModelForSequenceClassification, AutoTokenizer
 
 from ken_hf import AutoKENModelForSequenceClassification, KENConfig, KENModel, KENSubnetwork
-from ken_hf.assets import minilm_path, movie_reviews, smollm2_path
-from ken_hf.hub import new_parameters
+from ken_hf.checkpoints import new_parameters
+from ken_hf.experiments.assets import minilm_path, movie_reviews, smollm2_path
 
 RESULTS = Path(__file__).resolve().parent / "results"
 RATIOS = (0.25, 0.50, 0.75)

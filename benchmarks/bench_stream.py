@@ -27,8 +27,8 @@ from pathlib import Path
 import torch
 from transformers import LlamaConfig, LlamaForCausalLM
 
-from ken_hf.assets import cache_dir
-from ken_hf.safetensors_stream import ShardedWriter
+from ken_hf.experiments.assets import cache_dir
+from ken_hf.safetensors_io import ShardedWriter
 
 RESULTS = Path(__file__).resolve().parent / "results"
 SHAPE = {

@@ -1,15 +1,117 @@
-"""The ``ken`` command line: thin wrappers over the library's functions."""
+"""The ``ken`` command line: thin wrappers over the library's functions.
+
+Every input the user can get wrong (an argument, a file, a folder, a Hub id) ends with one
+line ``ken <command>: error: ...`` on stderr and exit code 2, never a traceback. Arguments
+are checked while they are parsed, before anything is read or written.
+"""
 
 from __future__ import annotations
 
 import argparse
 import json
 import sys
+from typing import NoReturn
+
+from safetensors import SafetensorError
+
+# What the library raises for inputs it cannot use: ValueError (CheckpointError,
+# KENFormatError, BaseMismatchError and bad settings), OSError (missing files, Hub ids that
+# do not resolve: huggingface_hub's errors are OSErrors), and unreadable safetensors files.
+USER_ERRORS = (ValueError, OSError, SafetensorError)
+MAX_MESSAGE = 400  # characters of an error line; third-party messages can run long
+
+
+class _Parser(argparse.ArgumentParser):
+    """An argument parser whose errors are one line, like every other error of ``ken``."""
+
+    def error(self, message: str) -> NoReturn:
+        self.exit(2, f"{self.prog}: error: {message} (see {self.prog} --help)\n")
+
+
+def _positive_int(text: str) -> int:
+    """An integer of at least 1 (argparse type)."""
+    value = _number(int, text)
+    if value < 1:
+        raise argparse.ArgumentTypeError(f"must be a positive integer, got {text!r}")
+    return value
+
+
+def _non_negative_int(text: str) -> int:
+    """An integer of at least 0 (argparse type)."""
+    value = _number(int, text)
+    if value < 0:
+        raise argparse.ArgumentTypeError(f"must be 0 or more, got {text!r}")
+    return value
+
+
+def _positive_float(text: str) -> float:
+    """A number above 0 (argparse type)."""
+    value = _number(float, text)
+    if not value > 0:
+        raise argparse.ArgumentTypeError(f"must be positive, got {text!r}")
+    return value
+
+
+def _ratio(text: str) -> float:
+    """A share in (0, 1] (argparse type)."""
+    value = _number(float, text)
+    if not 0 < value <= 1:
+        raise argparse.ArgumentTypeError(f"must be in (0, 1], got {text!r}")
+    return value
+
+
+def _number(kind: type[int] | type[float], text: str) -> int | float:
+    """``text`` read as ``kind``, or the argparse error saying it is not a number."""
+    try:
+        return kind(text)
+    except ValueError:
+        raise argparse.ArgumentTypeError(f"not a number: {text!r}") from None
+
+
+_SIZE_UNITS = {"KIB": 2**10, "MIB": 2**20, "GIB": 2**30, "KB": 10**3, "MB": 10**6, "GB": 10**9}
+
+
+def _size(text: str) -> int:
+    """``"5GB"``, ``"500MB"``, ``"1GiB"`` or a plain number of bytes."""
+    upper = text.strip().upper()
+    unit = next((u for u in _SIZE_UNITS if upper.endswith(u)), None)
+    number = upper.removesuffix(unit) if unit else upper.removesuffix("B")
+    try:
+        value = int(float(number) * (_SIZE_UNITS[unit] if unit else 1))
+    except (ValueError, OverflowError):
+        raise argparse.ArgumentTypeError(
+            f"cannot read {text!r} as a size (e.g. 5GB, 500MB, 1GiB)"
+        ) from None
+    if value < 1:
+        raise argparse.ArgumentTypeError(f"must be positive, got {text!r}")
+    return value
+
+
+def _device(text: str) -> str:
+    """A device the selection can run on: ``cpu``, or ``cuda[:i]`` when torch sees it."""
+    import torch
+
+    try:
+        device = torch.device(text)
+    except RuntimeError:
+        raise argparse.ArgumentTypeError(f"{text!r} is not a device (cpu or cuda)") from None
+    if device.type == "cuda":
+        if not torch.cuda.is_available():
+            raise argparse.ArgumentTypeError(
+                f"{text!r} requested, but torch.cuda.is_available() is False"
+            )
+        if device.index is not None and device.index >= torch.cuda.device_count():
+            raise argparse.ArgumentTypeError(
+                f"{text!r}: torch sees {torch.cuda.device_count()} CUDA device(s)"
+            )
+    elif device.type != "cpu":
+        raise argparse.ArgumentTypeError(f"{text!r}: the selection runs on cpu or cuda")
+    return text
 
 
 def _finetune_arguments(parser: argparse.ArgumentParser, defaults) -> None:
     """The arguments every training command shares (``defaults``: a FineTuneSettings)."""
-    from .settings import PACKAGED_DATASET, PACKAGED_MODELS
+    from .experiments.run_settings import PACKAGED_DATASET, PACKAGED_MODELS
 
     parser.add_argument(
         "--model",
@@ -25,12 +127,12 @@ def _finetune_arguments(parser: argparse.ArgumentParser, defaults) -> None:
     parser.add_argument(
         "--metric", default=defaults.metric, help="evaluate metric name or Hub id (accuracy)"
     )
-    parser.add_argument("--train-size", type=int, default=defaults.train_size)
-    parser.add_argument("--eval-size", type=int, default=defaults.eval_size)
-    parser.add_argument("--epochs", type=float, default=defaults.epochs)
-    parser.add_argument("--learning-rate", type=float, default=defaults.learning_rate)
-    parser.add_argument("--batch-size", type=int, default=defaults.batch_size)
-    parser.add_argument("--max-length", type=int, default=defaults.max_length)
+    parser.add_argument("--train-size", type=_positive_int, default=defaults.train_size)
+    parser.add_argument("--eval-size", type=_positive_int, default=defaults.eval_size)
+    parser.add_argument("--epochs", type=_positive_float, default=defaults.epochs)
+    parser.add_argument("--learning-rate", type=_positive_float, default=defaults.learning_rate)
+    parser.add_argument("--batch-size", type=_positive_int, default=defaults.batch_size)
+    parser.add_argument("--max-length", type=_positive_int, default=defaults.max_length)
     parser.add_argument("--output-dir", default=defaults.output_dir)
 
 
@@ -50,16 +152,16 @@ def _finetune_fields(args: argparse.Namespace) -> dict:
 
 
 def _demo(args: argparse.Namespace) -> int:
-    from .demo import run_demo
-    from .settings import DemoSettings
+    from .experiments.demo import run_demo
+    from .experiments.run_settings import DemoSettings
 
     run_demo(DemoSettings(**_finetune_fields(args), keep_ratio=args.keep_ratio, seed=args.seed))
     return 0
 
 
 def _compare(args: argparse.Namespace) -> int:
-    from .compare import run_comparison
-    from .settings import CompareSettings, FineTuneSettings
+    from .experiments.compare import markdown_table, run_comparison
+    from .experiments.run_settings import CompareSettings, FineTuneSettings
 
     settings = CompareSettings(
         task=FineTuneSettings(**_finetune_fields(args)),
@@ -71,8 +173,6 @@ def _compare(args: argparse.Namespace) -> int:
         lora_learning_rate=args.lora_learning_rate,
     )
     results = run_comparison(settings)
-    from .compare import markdown_table
-
     print("\n" + markdown_table(results))
     print(f"results: {settings.task.output_dir}/results.{{json,md,png}}")
     return 0
@@ -104,9 +204,7 @@ def _prune(args: argparse.Namespace) -> int:
 def _apply(args: argparse.Namespace) -> int:
     from .streaming import apply_checkpoint
 
-    result = apply_checkpoint(
-        args.base, args.ken, args.out, max_shard_size=_bytes(args.max_shard_size)
-    )
+    result = apply_checkpoint(args.base, args.ken, args.out, max_shard_size=args.max_shard_size)
     print(
         f"checkpoint: {args.out} ({result['bytes'] / 2**30:.2f} GiB, {result['tensors']} tensors)"
     )
@@ -143,23 +241,6 @@ def _inspect(args: argparse.Namespace) -> int:
     return 0
 
 
-_SIZE_UNITS = {"KIB": 2**10, "MIB": 2**20, "GIB": 2**30, "KB": 10**3, "MB": 10**6, "GB": 10**9}
-
-
-def _bytes(text: str) -> int:
-    """``"5GB"``, ``"500MB"``, ``"1GiB"`` or a plain number of bytes."""
-    upper = text.strip().upper()
-    unit = next((u for u in _SIZE_UNITS if upper.endswith(u)), None)
-    number = upper.removesuffix(unit) if unit else upper.removesuffix("B")
-    try:
-        value = int(float(number) * (_SIZE_UNITS[unit] if unit else 1))
-    except ValueError:
-        raise ValueError(f"--max-shard-size: cannot read {text!r} as a size") from None
-    if value < 1:
-        raise ValueError(f"--max-shard-size must be positive, got {text!r}")
-    return value
-
-
 def _viz(args: argparse.Namespace) -> int:
     from .viz import write_report
 
@@ -168,12 +249,10 @@ def _viz(args: argparse.Namespace) -> int:
     return 0
 
 
-def build_parser() -> argparse.ArgumentParser:
-    from .settings import DemoSettings
+def _add_demo(commands) -> None:
+    from .experiments.run_settings import DemoSettings
 
     defaults = DemoSettings()
-    parser = argparse.ArgumentParser(prog="ken", description="KEN pruning for Hugging Face models")
-    commands = parser.add_subparsers(dest="command", required=True)
     demo = commands.add_parser(
         "demo",
         help="fine-tune with KENCallback on real data, report, reload",
@@ -182,12 +261,14 @@ def build_parser() -> argparse.ArgumentParser:
         "Rotten Tomatoes snippets, offline.",
     )
     _finetune_arguments(demo, defaults)
-    demo.add_argument("--keep-ratio", type=float, default=defaults.keep_ratio)
-    demo.add_argument("--seed", type=int, default=defaults.seed)
+    demo.add_argument("--keep-ratio", type=_ratio, default=defaults.keep_ratio)
+    demo.add_argument("--seed", type=_non_negative_int, default=defaults.seed)
     demo.set_defaults(run=_demo)
 
+
+def _add_compare(commands) -> None:
+    from .experiments.run_settings import CompareSettings
     from .selection.rules import RULES
-    from .settings import CompareSettings
 
     compared = CompareSettings()
     compare = commands.add_parser(
@@ -198,11 +279,15 @@ def build_parser() -> argparse.ArgumentParser:
         "results.json, results.md and results.png into --output-dir.",
     )
     _finetune_arguments(compare, compared.task)
-    compare.add_argument("--seeds", type=int, nargs="+", default=list(compared.seeds))
-    compare.add_argument("--keep-ratios", type=float, nargs="+", default=list(compared.keep_ratios))
+    compare.add_argument(
+        "--seeds", type=_non_negative_int, nargs="+", default=list(compared.seeds)
+    )
+    compare.add_argument(
+        "--keep-ratios", type=_ratio, nargs="+", default=list(compared.keep_ratios)
+    )
     compare.add_argument(
         "--paper-k",
-        type=int,
+        type=_non_negative_int,
         default=compared.paper_k,
         help=f"an absolute k per row as well (default {compared.paper_k}; 0 for none)",
     )
@@ -211,13 +296,19 @@ def build_parser() -> argparse.ArgumentParser:
     )
     compare.add_argument(
         "--lora-ranks",
-        type=int,
+        type=_positive_int,
         nargs="*",
         default=list(compared.lora_ranks),
         help="LoRA ranks (default 8 32; none given: no LoRA runs)",
     )
-    compare.add_argument("--lora-learning-rate", type=float, default=compared.lora_learning_rate)
+    compare.add_argument(
+        "--lora-learning-rate", type=_positive_float, default=compared.lora_learning_rate
+    )
     compare.set_defaults(run=_compare)
+
+
+def _add_prune(commands) -> None:
+    from .selection.rules import RULES
 
     prune = commands.add_parser(
         "prune",
@@ -229,17 +320,21 @@ def build_parser() -> argparse.ArgumentParser:
     prune.add_argument("--base", required=True, help="pre-trained checkpoint: Hub id or folder")
     prune.add_argument("--finetuned", required=True, help="fine-tuned checkpoint: Hub id or folder")
     budget = prune.add_mutually_exclusive_group(required=True)
-    budget.add_argument("--k", type=int, help="values kept per row")
-    budget.add_argument("--keep-ratio", type=float, help="share of each row kept, in (0, 1]")
+    budget.add_argument("--k", type=_positive_int, help="values kept per row")
+    budget.add_argument("--keep-ratio", type=_ratio, help="share of each row kept, in (0, 1]")
     prune.add_argument("--out", required=True, help="subnetwork folder to write")
     prune.add_argument("--compat", action="store_true", help="bit for bit as the published code")
     prune.add_argument("--rule", choices=RULES, default="ken", help="selection rule (ken)")
     prune.add_argument("--target-modules", nargs="+", help="modules KEN prunes (default: all)")
     prune.add_argument("--exclude-modules", nargs="+", help="modules reset to pre-trained")
     prune.add_argument("--modules-to-save", nargs="+", help="modules stored whole")
-    prune.add_argument("--device", default="cpu", help="where selection runs: cpu or cuda")
+    prune.add_argument(
+        "--device", type=_device, default="cpu", help="where selection runs: cpu or cuda"
+    )
     prune.set_defaults(run=_prune)
 
+
+def _add_apply(commands) -> None:
     apply = commands.add_parser(
         "apply",
         help="base + subnetwork -> a plain merged checkpoint",
@@ -250,9 +345,13 @@ def build_parser() -> argparse.ArgumentParser:
     apply.add_argument("--base", required=True, help="pre-trained checkpoint: Hub id or folder")
     apply.add_argument("--ken", required=True, help="subnetwork: Hub id or folder")
     apply.add_argument("--out", required=True, help="checkpoint folder to write")
-    apply.add_argument("--max-shard-size", default="5GB", help="largest shard (default 5GB)")
+    apply.add_argument(
+        "--max-shard-size", type=_size, default="5GB", help="largest shard (default 5GB)"
+    )
     apply.set_defaults(run=_apply)
 
+
+def _add_inspect(commands) -> None:
     inspect = commands.add_parser(
         "inspect",
         help="what a subnetwork holds",
@@ -264,6 +363,8 @@ def build_parser() -> argparse.ArgumentParser:
     inspect.add_argument("--json", action="store_true", help="print JSON")
     inspect.set_defaults(run=_inspect)
 
+
+def _add_viz(commands) -> None:
     viz = commands.add_parser(
         "viz",
         help="pictures of what KEN kept (PNG files and one HTML report)",
@@ -272,20 +373,35 @@ def build_parser() -> argparse.ArgumentParser:
     )
     viz.add_argument("path", help="subnetwork folder or Hub id")
     viz.add_argument(
-        "--tensor", action="append", help="pruned tensor to draw (repeatable; default: largest 3)"
+        "--tensor",
+        action="append",
+        help="pruned tensor to draw: its full name, a unique end of it "
+        "(layer.0.attention.self.query.weight), or a matrix family across layers (query); "
+        "repeatable; default: the largest 3",
     )
     viz.add_argument("--out", default="kenviz", help="output folder (default: kenviz)")
     viz.set_defaults(run=_viz)
+
+
+def build_parser() -> argparse.ArgumentParser:
+    """The ``ken`` parser: one subcommand per job, each running ``args.run(args)``."""
+    parser = _Parser(prog="ken", description="KEN pruning for Hugging Face models")
+    commands = parser.add_subparsers(dest="command", required=True)
+    for add in (_add_demo, _add_compare, _add_prune, _add_apply, _add_inspect, _add_viz):
+        add(commands)
     return parser
 
 
 def main(argv: list[str] | None = None) -> int:
-    parser = build_parser()
-    args = parser.parse_args(argv)
+    """Run ``ken`` with ``argv`` (default: the process's); returns the exit code."""
+    args = build_parser().parse_args(argv)
     try:
         return args.run(args)
-    except (ValueError, OSError) as error:  # bad arguments, files, Hub ids: one line
-        print(f"ken {args.command}: error: {error}", file=sys.stderr)
+    except USER_ERRORS as error:
+        message = " ".join(str(error).split()) or type(error).__name__
+        if len(message) > MAX_MESSAGE:
+            message = message[: MAX_MESSAGE - 3] + "..."
+        print(f"ken {args.command}: error: {message}", file=sys.stderr)
         return 2
 
 

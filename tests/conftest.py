@@ -1,4 +1,4 @@
-"""Shared fixtures: real pre-trained weights from packaged assets (see ken_hf.assets)."""
+"""Shared fixtures: real pre-trained weights from packaged assets (ken_hf.experiments.assets)."""
 
 from __future__ import annotations
 
@@ -14,7 +14,7 @@ os.environ.setdefault("HF_HUB_OFFLINE", "1")  # nothing in the tests may reach t
 @pytest.fixture(scope="session")
 def minilm_weights() -> dict[str, torch.Tensor]:
     """Every tensor of the real all-MiniLM-L6-v2 checkpoint (float32)."""
-    from ken_hf.assets import minilm_path
+    from ken_hf.experiments.assets import minilm_path
 
     return load_file(str(minilm_path() / "model.safetensors"))
 
@@ -25,7 +25,7 @@ def smollm2_weights() -> dict[str, torch.Tensor]:
     with many repeated values. Layout as in the GGUF file (rows = its first numpy axis)."""
     import gguf
 
-    from ken_hf.assets import smollm2_gguf_path
+    from ken_hf.experiments.assets import smollm2_gguf_path
 
     reader = gguf.GGUFReader(str(smollm2_gguf_path()))
     wanted = {
@@ -56,9 +56,9 @@ def minilm_finetune(tmp_path_factory):
         TrainingArguments,
     )
 
-    from ken_hf.assets import minilm_path
-    from ken_hf.hub import new_parameters
-    from ken_hf.tasks import movie_review_splits
+    from ken_hf.checkpoints import new_parameters
+    from ken_hf.experiments.assets import minilm_path
+    from ken_hf.experiments.tasks import movie_review_splits
 
     base = str(minilm_path())
     tokenizer = AutoTokenizer.from_pretrained(base)

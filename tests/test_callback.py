@@ -21,10 +21,10 @@ from transformers import (
 )
 
 from ken_hf import AutoKENModelForCausalLM, AutoKENModelForSequenceClassification, KENCallback
-from ken_hf.assets import minilm_path, movie_reviews, smollm2_path
 from ken_hf.callback import AutoK, _check_sharding
-from ken_hf.metrics import classification_metrics
-from ken_hf.tasks import movie_review_splits
+from ken_hf.experiments.assets import minilm_path, movie_reviews, smollm2_path
+from ken_hf.experiments.metrics import classification_metrics
+from ken_hf.experiments.tasks import movie_review_splits
 
 # Two layers only, to keep selection quick; everything else goes back to pre-trained.
 LAYERS_0_1 = r"bert\.encoder\.layer\.[01]\..*"
@@ -193,13 +193,28 @@ def test_auto_k_searches_a_bounded_number_of_ratios(tmp_path, splits):
     assert sum("ken_auto_k_ratio" in entry for entry in trainer.state.log_history) == 3
 
 
-def test_fsdp_version_1_and_auto_k_with_sharding_are_refused_clearly():
+def test_fsdp_version_1_and_auto_k_with_sharding_are_refused_clearly(tmp_path):
     class FSDP1Trainer:
         is_fsdp_enabled = True  # but no DTensor parameter: flattened FSDP1 shards
 
     with pytest.raises(NotImplementedError, match="FSDP2"):
         _check_sharding(FSDP1Trainer(), torch.nn.Linear(2, 2), None)
-    assert _check_sharding(object(), torch.nn.Linear(2, 2), AutoK()) is None
+    assert _check_sharding(object(), torch.nn.Linear(2, 2), AutoK()) is None  # not sharded
+
+    # Really sharded: fully_shard on a one-process gloo group makes every parameter a DTensor.
+    import torch.distributed as dist
+    from torch.distributed.device_mesh import init_device_mesh
+    from torch.distributed.fsdp import fully_shard
+
+    dist.init_process_group("gloo", init_method=f"file://{tmp_path / 'store'}", rank=0, world_size=1)
+    try:
+        model = torch.nn.Sequential(torch.nn.Linear(4, 4), torch.nn.Linear(4, 2))
+        fully_shard(model, mesh=init_device_mesh("cpu", (1,)))
+        assert _check_sharding(object(), model, None) == "fsdp2"
+        with pytest.raises(NotImplementedError, match=r"auto_k .*sharded training \(fsdp2\)"):
+            _check_sharding(object(), model, AutoK())
+    finally:
+        dist.destroy_process_group()
 
 
 FSDP2_SCRIPT = """
@@ -208,9 +223,9 @@ from torch.distributed.device_mesh import init_device_mesh
 from torch.distributed.fsdp import fully_shard
 from transformers import AutoModelForSequenceClassification
 from ken_hf import KENConfig, prune_model
-from ken_hf.assets import minilm_path
+from ken_hf.experiments.assets import minilm_path
 from ken_hf.fingerprint import tensor_fingerprint
-from ken_hf.hub import new_parameters
+from ken_hf.checkpoints import new_parameters
 from ken_hf.sharding import gathered, prune_sharded, sharding_of, snapshot_sharded
 dist.init_process_group("gloo")
 rank, out = dist.get_rank(), sys.argv[1]
@@ -293,9 +308,9 @@ import json, os, sys, torch
 from transformers import (AutoModelForSequenceClassification, AutoTokenizer,
     DataCollatorWithPadding, Trainer, TrainingArguments)
 from ken_hf import KENCallback
-from ken_hf.assets import minilm_path
+from ken_hf.experiments.assets import minilm_path
 from ken_hf.fingerprint import tensor_fingerprint
-from ken_hf.tasks import movie_review_splits
+from ken_hf.experiments.tasks import movie_review_splits
 out = sys.argv[1]
 tokenizer = AutoTokenizer.from_pretrained(minilm_path())
 train, held_out = movie_review_splits(tokenizer, train_size=64, eval_size=32, max_length=32)

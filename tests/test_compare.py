@@ -12,10 +12,10 @@ from safetensors import safe_open
 
 from ken_hf import AutoKENModelForSequenceClassification, KENConfig
 from ken_hf.cli import build_parser, main
-from ken_hf.compare import run_comparison
-from ken_hf.finetune import build_trainer, load_splits, load_tokenizer
+from ken_hf.experiments.compare import run_comparison
+from ken_hf.experiments.finetune import build_trainer, load_splits, load_tokenizer
+from ken_hf.experiments.run_settings import CompareSettings, FineTuneSettings
 from ken_hf.selection import RULES
-from ken_hf.settings import CompareSettings, FineTuneSettings
 
 
 @pytest.fixture(scope="module")

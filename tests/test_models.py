@@ -123,7 +123,7 @@ def test_base_in_another_dtype_or_another_model_is_refused(minilm_finetune, mini
     half = _minilm_base(minilm_finetune["base"]).to(torch.bfloat16)
     with pytest.raises(BaseMismatchError, match="bert.embeddings.word_embeddings.weight"):
         KENModel.from_pretrained(half, folder)
-    from ken_hf.assets import smollm2_path
+    from ken_hf.experiments.assets import smollm2_path
 
     other = AutoModelForCausalLM.from_pretrained(smollm2_path(2))
     with pytest.raises(BaseMismatchError, match="bert.embeddings.word_embeddings.weight.*missing"):
@@ -180,7 +180,7 @@ def test_ken_model_works_in_trainer_and_pipeline(minilm_finetune, minilm_pruned,
 def smollm2_pruned(tmp_path_factory):
     """SmolLM2-135M cut to 2 layers, trained a few real AdamW steps on movie snippets,
     pruned at keep ratio 0.25 and saved."""
-    from ken_hf.assets import movie_reviews, smollm2_path
+    from ken_hf.experiments.assets import movie_reviews, smollm2_path
 
     path = smollm2_path(2)
     tokenizer = AutoTokenizer.from_pretrained(path)

@@ -157,7 +157,7 @@ def test_llama_base_against_its_sequence_classifier_in_bf16(tmp_path):
     """A causal-LM base (tied head, not stored) against a bf16 LlamaForSequenceClassification
     fine-tune: shared tensors matched, the new score head stored whole, and the folder loads
     into the same model the Python API builds."""
-    from ken_hf.assets import smollm2_path
+    from ken_hf.experiments.assets import smollm2_path
 
     base_folder = smollm2_path(num_layers=2)
     base = tmp_path / "base"

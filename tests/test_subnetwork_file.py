@@ -13,7 +13,7 @@ import xxhash
 from transformers import AutoModelForSequenceClassification
 
 from ken_hf import KENConfig, KENFormatError, KENModel, KENSubnetwork
-from ken_hf.assets import minilm_path
+from ken_hf.experiments.assets import minilm_path
 from ken_hf.serialization import (
     SUBNETWORK_NAME,
     pack_positions,

@@ -8,11 +8,11 @@ from pathlib import Path
 
 from transformers import Trainer
 
-from .callback import KENCallback
+from ..callback import KENCallback
+from ..modeling import AutoKENModelForSequenceClassification
+from ..serialization import SUBNETWORK_NAME
 from .finetune import build_trainer, load_splits, load_tokenizer, new_classifier
-from .modeling import AutoKENModelForSequenceClassification
-from .serialization import SUBNETWORK_NAME
-from .settings import DemoSettings
+from .run_settings import DemoSettings
 
 
 def fine_tune_with_ken(settings: DemoSettings, callback) -> tuple[Trainer, float]:
@@ -71,7 +71,7 @@ def run_demo(settings: DemoSettings) -> dict:
     )
     for label, value in rows:
         print(f"  {label:<{width}}  {value}")
-    from .viz import write_report
+    from ..viz import write_report
 
     report_path = write_report(callback.subnetwork, Path(settings.output_dir) / "kenviz")
     print(f"\n  subnetwork: {folder / SUBNETWORK_NAME}")

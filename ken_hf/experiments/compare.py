@@ -21,7 +21,13 @@ import torch
 import transformers
 from tqdm.auto import tqdm
 
-from .config import KENConfig, module_name
+from ..atomic_files import write_text_atomic
+from ..checkpoints import new_parameters
+from ..config import KENConfig, module_name
+from ..modeling import AutoKENModelForSequenceClassification
+from ..selection import RULES
+from ..serialization import SUBNETWORK_NAME
+from ..subnetwork import KENSubnetwork
 from .finetune import (
     build_trainer,
     load_splits,
@@ -30,13 +36,7 @@ from .finetune import (
     model_source,
     new_classifier,
 )
-from .hub import new_parameters
-from .io import write_text_atomic
-from .modeling import AutoKENModelForSequenceClassification
-from .selection import RULES
-from .serialization import SUBNETWORK_NAME
-from .settings import CompareSettings, FineTuneSettings
-from .subnetwork import KENSubnetwork
+from .run_settings import CompareSettings, FineTuneSettings
 
 RULE_LABELS = {
     "ken": "KEN",

@@ -6,8 +6,8 @@ from __future__ import annotations
 
 import dataclasses
 
+from ..selection.rules import RULES
 from .assets import minilm_path, smollm2_path
-from .selection.rules import RULES
 
 PACKAGED_DATASET = "movie-snippets"
 # Real models that ship in packages here (../shared/REAL_ASSETS.md), by a name no Hub id has.

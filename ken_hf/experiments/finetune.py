@@ -18,7 +18,7 @@ from transformers import (
 )
 
 from .metrics import classification_metrics
-from .settings import PACKAGED_DATASET, PACKAGED_MODELS, FineTuneSettings
+from .run_settings import PACKAGED_DATASET, PACKAGED_MODELS, FineTuneSettings
 from .tasks import movie_review_splits
 
 
@@ -66,7 +66,11 @@ def load_splits(settings: FineTuneSettings, tokenizer) -> tuple[Dataset, Dataset
 
 def load_tokenizer(settings: FineTuneSettings):
     """The model's tokenizer, with a padding token (decoders such as Llama have none)."""
-    tokenizer = AutoTokenizer.from_pretrained(model_source(settings))
+    source = model_source(settings)
+    try:
+        tokenizer = AutoTokenizer.from_pretrained(source)
+    except (OSError, ValueError) as error:  # transformers' own messages do not name the model
+        raise OSError(f"model {source}: {error}") from error
     if tokenizer.pad_token is None:
         tokenizer.pad_token = tokenizer.eos_token
     return tokenizer
