@@ -20,11 +20,13 @@ the saved subnetwork alone.
 from __future__ import annotations
 
 import base64
+import difflib
 import html
 import io
 import re
+import shutil
 from pathlib import Path
-from typing import TYPE_CHECKING
+from typing import TYPE_CHECKING, Literal
 
 import numpy as np
 
@@ -166,14 +168,17 @@ def neighbour_figure(subnetwork: Source, name: str, max_pixels: int = MAX_PIXELS
 
 
 def layers_of(subnetwork: KENSubnetwork, suffix: str) -> list[tuple[int, str]]:
-    """``[(layer, name)]`` of the pruned tensors whose name ends with ``suffix`` and holds a
-    layer number, in layer order."""
-    found = []
+    """``[(layer, name)]`` of the pruned tensors of family ``suffix`` (see ``tensor_family``)
+    or, where none is, of those whose name ends with ``suffix`` and holds a layer number,
+    in layer order."""
+    found, exact = [], []
     for name in subnetwork.pruned:
         match = _LAYER.search(name)
         if name.endswith(suffix) and match:
             found.append((int(match.group(1)), name))
-    return sorted(found)
+            if name[match.end() :] == suffix:
+                exact.append(found[-1])
+    return sorted(exact or found)
 
 
 def layer_figure(subnetwork: Source, suffix: str, max_pixels: int = 256) -> Figure:
@@ -285,70 +290,142 @@ def _png(figure: Figure) -> bytes:
     return buffer.getvalue()
 
 
+def tensor_family(name: str) -> str | None:
+    """The part of ``name`` after its layer number (``attention.self.query.weight`` for
+    ``bert.encoder.layer.0.attention.self.query.weight``); None without a layer number."""
+    match = _LAYER.search(name)
+    return name[match.end() :] if match else None
+
+
+def resolve_tensor(subnetwork: KENSubnetwork, text: str) -> tuple[Literal["matrix", "layers"], str]:
+    """What ``text`` names among the pruned tensors of ``subnetwork``:
+
+    - ``("matrix", name)``: one pruned tensor, by its full name, a unique end of it
+      (``layer.0.attention.self.query.weight``) or a unique part of a tensor without a layer
+      number (``word_embeddings``);
+    - ``("layers", family)``: one family across layers (what ``layer_figure`` draws), by its
+      name after the layer number (``attention.self.query.weight``) or a unique part of
+      that (``query``).
+
+    Parts are whole dot-separated words; where a part fits both a matrix and a rank-1
+    tensor (``query``: weight and bias), the matrix is meant. Raises ``ValueError`` listing
+    the candidates when ``text`` is ambiguous, or the closest names when nothing fits.
+    """
+    names = list(subnetwork.pruned)
+    if not names:
+        raise ValueError("this subnetwork holds no pruned tensor")
+    if text in subnetwork.pruned:
+        return "matrix", text
+    ends = [name for name in names if name.endswith("." + text)]
+    if len(ends) == 1:
+        return "matrix", ends[0]
+    layered: dict[str, str] = {}  # family -> one of its tensors
+    unlayered: list[str] = []
+    for name in names:
+        family = tensor_family(name)
+        if family:
+            layered.setdefault(family, name)
+        else:
+            unlayered.append(name)
+
+    def matrices_first(candidates: list[str]) -> list[str]:
+        """The matrices among ``candidates`` where some are matrices and some are not."""
+        matrices = [c for c in candidates if len(subnetwork.pruned[layered.get(c, c)].shape) == 2]
+        return matrices or candidates
+
+    if text in layered:
+        return "layers", text
+    families = matrices_first([family for family in layered if _has_part(family, text)])
+    if len(families) == 1:
+        return "layers", families[0]
+    alone = matrices_first([name for name in unlayered if _has_part(name, text)])
+    if not families and len(alone) == 1:
+        return "matrix", alone[0]
+    candidates = families or alone or ends
+    if candidates:
+        shown = ", ".join(candidates[:5]) + (", ..." if len(candidates) > 5 else "")
+        raise ValueError(f"tensor {text!r} is ambiguous: it fits {shown}")
+    close = difflib.get_close_matches(text, names + list(layered), n=3)
+    hint = f"closest: {', '.join(close)}" if close else f"names look like {names[0]!r}"
+    raise ValueError(f"tensor {text!r} is not pruned in this subnetwork ({hint})")
+
+
+def _has_part(name: str, text: str) -> bool:
+    """Whether ``text`` is a run of whole dot-separated words of ``name``."""
+    return f".{text}." in f".{name}."
+
+
 def write_report(subnetwork: Source, out_dir: str | Path, tensors: list[str] | None = None) -> Path:
     """Write PNG files and one self-contained ``report.html`` (images embedded, a table of
-    contents) for ``tensors`` (default: the three largest pruned matrices), the layer view
-    of each of their matrix names, and the summary. Returns the HTML path."""
-    from .io import write_text_atomic
+    contents) into ``out_dir`` and return the HTML path.
 
+    ``tensors`` (default: the three largest pruned matrices) are read by ``resolve_tensor``:
+    a tensor gets its kept positions, kept neighbours and the layer view of its family; a
+    family gets its layer view; a summary comes first. Everything is drawn before ``out_dir``
+    is created, and a folder this call created is removed again if writing fails.
+    """
     subnetwork = load(subnetwork)
-    out = Path(out_dir)
-    out.mkdir(parents=True, exist_ok=True)
     if tensors is None:
         matrices = [n for n, p in subnetwork.pruned.items() if len(p.shape) == 2]
         tensors = sorted(matrices, key=lambda n: -subnetwork.pruned[n].shape.numel())[:3]
-    for name in tensors:
-        if name not in subnetwork.pruned:
-            raise ValueError(f"tensor {name!r} is not pruned in this subnetwork")
-    sections: list[tuple[str, str, bytes]] = [
-        ("summary", "Summary", _png(summary_figure(subnetwork)))
-    ]
-    for name in tensors:
-        sections.append(
-            (f"matrix-{name}", f"Kept positions: {name}", _png(matrix_figure(subnetwork, name)))
-        )
-        sections.append(
-            (
-                f"neighbours-{name}",
+    views = [resolve_tensor(subnetwork, text) for text in tensors]
+    sections: dict[str, tuple[str, bytes]] = {
+        "summary": ("Summary", _png(summary_figure(subnetwork)))
+    }
+    for view, name in views:
+        if view == "matrix":
+            sections[f"matrix-{name}"] = (
+                f"Kept positions: {name}",
+                _png(matrix_figure(subnetwork, name)),
+            )
+            sections[f"neighbours-{name}"] = (
                 f"Kept neighbours: {name}",
                 _png(neighbour_figure(subnetwork, name)),
             )
-        )
-        match = _LAYER.search(name)
-        if match:
-            suffix = name[match.end() :]
-            sections.append(
-                (
-                    f"layers-{suffix}",
-                    f"Across layers: {suffix}",
-                    _png(layer_figure(subnetwork, suffix)),
-                )
+        family = name if view == "layers" else tensor_family(name)
+        if family and f"layers-{family}" not in sections:
+            sections[f"layers-{family}"] = (
+                f"Across layers: {family}",
+                _png(layer_figure(subnetwork, family)),
             )
-    seen: set[str] = set()
-    body, contents = [], []
-    for anchor, title, png in sections:
-        if anchor in seen:
-            continue
-        seen.add(anchor)
-        file_name = re.sub(r"[^A-Za-z0-9_.-]", "_", anchor) + ".png"
-        (out / file_name).write_bytes(png)
-        encoded = base64.b64encode(png).decode()
-        contents.append(f'<li><a href="#{html.escape(anchor)}">{html.escape(title)}</a></li>')
-        body.append(
-            f'<h2 id="{html.escape(anchor)}">{html.escape(title)}</h2>\n'
-            f'<img alt="{html.escape(title)}" src="data:image/png;base64,{encoded}">'
+    return _write_pages(subnetwork, Path(out_dir), sections)
+
+
+def _write_pages(
+    subnetwork: KENSubnetwork, out: Path, sections: dict[str, tuple[str, bytes]]
+) -> Path:
+    """Write each section's PNG and ``report.html`` into ``out``; on failure, remove the
+    folders this call created (never one that existed before)."""
+    from .atomic_files import write_text_atomic
+
+    created = next((p for p in reversed([out, *out.parents]) if not p.exists()), None)
+    try:
+        out.mkdir(parents=True, exist_ok=True)
+        body, contents = [], []
+        for anchor, (title, png) in sections.items():
+            file_name = re.sub(r"[^A-Za-z0-9_.-]", "_", anchor) + ".png"
+            (out / file_name).write_bytes(png)
+            encoded = base64.b64encode(png).decode()
+            contents.append(f'<li><a href="#{html.escape(anchor)}">{html.escape(title)}</a></li>')
+            body.append(
+                f'<h2 id="{html.escape(anchor)}">{html.escape(title)}</h2>\n'
+                f'<img alt="{html.escape(title)}" src="data:image/png;base64,{encoded}">'
+            )
+        config = subnetwork.config
+        rule = f"k = {config.k}" if config.k else f"keep ratio {config.keep_ratio:g}"
+        page = (
+            "<!doctype html><html><head><meta charset='utf-8'><title>KENviz</title>"
+            "<style>body{font-family:sans-serif;max-width:1100px;margin:auto}img{max-width:100%}"
+            "</style></head><body>"
+            f"<h1>KENviz: {html.escape(str(config.base_model_name_or_path))}</h1>"
+            f"<p>{html.escape(rule)}; {len(subnetwork.pruned)} pruned tensors, "
+            f"{subnetwork.kept_fraction():.1%} of their values kept.</p>"
+            f"<ul>{''.join(contents)}</ul>{''.join(body)}</body></html>"
         )
-    config = subnetwork.config
-    rule = f"k = {config.k}" if config.k else f"keep ratio {config.keep_ratio:g}"
-    page = (
-        "<!doctype html><html><head><meta charset='utf-8'><title>KENviz</title>"
-        "<style>body{font-family:sans-serif;max-width:1100px;margin:auto}img{max-width:100%}"
-        "</style></head><body>"
-        f"<h1>KENviz: {html.escape(str(config.base_model_name_or_path))}</h1>"
-        f"<p>{html.escape(rule)}; {len(subnetwork.pruned)} pruned tensors, "
-        f"{subnetwork.kept_fraction():.1%} of their values kept.</p>"
-        f"<ul>{''.join(contents)}</ul>{''.join(body)}</body></html>"
-    )
-    report = out / "report.html"
-    write_text_atomic(report, page)
+        report = out / "report.html"
+        write_text_atomic(report, page)
+    except BaseException:
+        if created is not None:
+            shutil.rmtree(created, ignore_errors=True)
+        raise
     return report

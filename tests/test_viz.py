@@ -19,6 +19,7 @@ from ken_hf.viz import (
     neighbour_counts,
     neighbour_figure,
     neighbour_image,
+    resolve_tensor,
     summary_figure,
     write_report,
 )
@@ -116,3 +117,47 @@ def test_report_default_tensors(minilm_subnetwork, tmp_path):
     subnetwork, _ = minilm_subnetwork
     path = write_report(subnetwork, tmp_path)
     assert EMBEDDING in path.read_text()
+
+
+@pytest.mark.parametrize(
+    ("text", "meant"),
+    [
+        (QUERY, ("matrix", QUERY)),
+        ("layer.2.attention.self.query.weight", ("matrix", QUERY)),
+        ("word_embeddings", ("matrix", EMBEDDING)),
+        ("attention.self.query.weight", ("layers", "attention.self.query.weight")),
+        ("query", ("layers", "attention.self.query.weight")),
+        ("query.bias", ("layers", "attention.self.query.bias")),
+        ("intermediate.dense", ("layers", "intermediate.dense.weight")),
+    ],
+)
+def test_tensor_names_resolve_by_suffix_or_family(minilm_subnetwork, text, meant):
+    subnetwork, _ = minilm_subnetwork
+    assert resolve_tensor(subnetwork, text) == meant
+
+
+@pytest.mark.parametrize(
+    ("text", "listed"),
+    [
+        ("layer.2.attention.self.qurey.weight", QUERY),  # closest names
+        ("dense", "intermediate.dense.weight"),  # ambiguous: the candidates
+        ("output.dense", "attention.output.dense.weight"),
+    ],
+)
+def test_unresolved_tensor_names_list_candidates(minilm_subnetwork, text, listed):
+    subnetwork, _ = minilm_subnetwork
+    with pytest.raises(ValueError, match=re.escape(listed)):
+        resolve_tensor(subnetwork, text)
+
+
+def test_family_view_spans_every_layer_of_that_family_only(minilm_subnetwork, tmp_path):
+    subnetwork, folder = minilm_subnetwork
+    argv = ["viz", str(folder), "--tensor", "output.dense.weight", "--out", str(tmp_path)]
+    assert ken(argv) == 0
+    assert sorted(p.name for p in tmp_path.glob("*.png")) == [
+        "layers-output.dense.weight.png",
+        "summary.png",
+    ]
+    figure = layer_figure(subnetwork, "output.dense.weight")
+    titles = [axis.get_title() for axis in figure.axes if axis.get_title()]
+    assert titles == [f"layer {i}" for i in range(6)]  # not attention.output.dense as well
