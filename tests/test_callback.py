@@ -206,7 +206,8 @@ def test_fsdp_version_1_and_auto_k_with_sharding_are_refused_clearly(tmp_path):
     from torch.distributed.device_mesh import init_device_mesh
     from torch.distributed.fsdp import fully_shard
 
-    dist.init_process_group("gloo", init_method=f"file://{tmp_path / 'store'}", rank=0, world_size=1)
+    store = f"file://{tmp_path / 'store'}"
+    dist.init_process_group("gloo", init_method=store, rank=0, world_size=1)
     try:
         model = torch.nn.Sequential(torch.nn.Linear(4, 4), torch.nn.Linear(4, 2))
         fully_shard(model, mesh=init_device_mesh("cpu", (1,)))
@@ -305,8 +306,9 @@ def test_fsdp2_two_cpu_processes_gather_one_tensor_at_a_time(tmp_path):
 
 DDP_SCRIPT = """
 import json, os, sys, torch
+from safetensors.torch import save_file
 from transformers import (AutoModelForSequenceClassification, AutoTokenizer,
-    DataCollatorWithPadding, Trainer, TrainingArguments)
+    DataCollatorWithPadding, Trainer, TrainerCallback, TrainingArguments)
 from ken_hf import KENCallback
 from ken_hf.experiments.assets import minilm_path
 from ken_hf.fingerprint import tensor_fingerprint
@@ -317,10 +319,15 @@ train, held_out = movie_review_splits(tokenizer, train_size=64, eval_size=32, ma
 torch.manual_seed(0)
 model = AutoModelForSequenceClassification.from_pretrained(minilm_path(), num_labels=2)
 callback = KENCallback(keep_ratio=0.5, target_modules=r"bert\\.encoder\\.layer\\.[0-2]\\..*")
+class SaveFineTuned(TrainerCallback):  # runs before KENCallback: the weights before KEN
+    def on_train_end(self, args, state, control, model=None, **kwargs):
+        if state.is_world_process_zero:
+            save_file({n: p.detach().contiguous() for n, p in model.named_parameters()},
+                      os.path.join(out, "finetuned.safetensors"))
 trainer = Trainer(model=model, args=TrainingArguments(output_dir=out, per_device_train_batch_size=8,
     num_train_epochs=1, report_to=[], save_strategy="no", use_cpu=True, disable_tqdm=True, seed=0),
     train_dataset=train, eval_dataset=held_out, data_collator=DataCollatorWithPadding(tokenizer),
-    callbacks=[callback])
+    callbacks=[SaveFineTuned(), callback])
 trainer.train()
 rank = trainer.args.process_index
 result = {"rank": rank, "world": trainer.args.world_size,
@@ -363,4 +370,35 @@ def test_ddp_two_cpu_processes_share_selection_and_end_identical(tmp_path):
     assert [r["world"] for r in ranks] == [2, 2]
     assert ranks[0]["fingerprints"] == ranks[1]["fingerprints"]
     assert [r["saved"] for r in ranks] == [True, False]
-    assert (out / "ken" / "ken_subnetwork.safetensors").is_file()
+    # The shared selection equals one process selecting alone on the same fine-tuned weights:
+    # the same subnetwork, and the same pruned weights on every rank.
+    shared, alone, alone_fingerprints = _single_process_selection(out)
+    assert set(shared.whole) == set(alone.whole) and set(shared.pruned) == set(alone.pruned)
+    for name, pruned in alone.pruned.items():
+        assert torch.equal(shared.pruned[name].positions, pruned.positions), name
+        assert torch.equal(shared.pruned[name].values, pruned.values), name
+    assert ranks[0]["fingerprints"] == alone_fingerprints
+
+
+def _single_process_selection(out: Path):
+    """The subnetwork the DDP run saved; the one ``prune_model`` selects in this one process
+    from the fine-tuned weights the run saved before KEN (same base, same config); and the
+    fingerprints of the weights ``prune_model`` leaves."""
+    from safetensors.torch import load_file
+
+    from ken_hf import KENConfig, prune_model
+    from ken_hf.checkpoints import new_parameters
+    from ken_hf.fingerprint import tensor_fingerprint
+    from ken_hf.serialization import SUBNETWORK_NAME, read_subnetwork
+
+    finetuned = AutoModelForSequenceClassification.from_pretrained(minilm_path(), num_labels=2)
+    missing, unexpected = finetuned.load_state_dict(
+        load_file(out / "finetuned.safetensors"), strict=False
+    )
+    assert unexpected == [] and all("position_ids" in name for name in missing)
+    base = AutoModelForSequenceClassification.from_pretrained(minilm_path(), num_labels=2)
+    config = KENConfig(keep_ratio=0.5, target_modules=r"bert\.encoder\.layer\.[0-2]\..*")
+    new = new_parameters(finetuned, minilm_path())
+    alone = prune_model(finetuned, base, config, new_tensors=new, progress=False)
+    fingerprints = {n: tensor_fingerprint(p) for n, p in finetuned.named_parameters()}
+    return read_subnetwork(out / "ken" / SUBNETWORK_NAME), alone, fingerprints

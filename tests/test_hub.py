@@ -65,14 +65,25 @@ def test_push_publishes_only_the_subnetwork_and_loads_back_by_repo_id(minilm_fin
         for name, pruned in subnetwork.pruned.items():
             assert torch.equal(pushed.pruned[name].values, pruned.values)
             assert torch.equal(pushed.pruned[name].positions, pruned.positions)
+        seen = len(hub.requests)
         remote = _run(_logits_script("me/minilm-ken"), hub.url, cache)
-        assert any(r.startswith("GET /me/minilm-ken/resolve/") for r in hub.requests)
-        # again with HF_HUB_OFFLINE=1: served from the huggingface_hub cache
+        assert _downloads(hub.requests[seen:]), "the first load downloaded nothing"
+        # Loaded again, online: huggingface_hub may check the revision, but every file comes
+        # from its cache, so the server is asked for no file content.
+        seen = len(hub.requests)
+        again = _run(_logits_script("me/minilm-ken"), hub.url, cache)
+        assert _downloads(hub.requests[seen:]) == []
+        # And with HF_HUB_OFFLINE=1, while the server still answers: not a single request.
+        seen = len(hub.requests)
         cached = _run(_logits_script("me/minilm-ken"), hub.url, cache, offline=True)
-        requests_before = len(hub.requests)
+        assert hub.requests[seen:] == []
     local = _run(_logits_script(str(folder)), hub.url, cache, offline=True)
-    assert json.loads(remote) == json.loads(local) == json.loads(cached)
-    assert requests_before == len(hub.requests)
+    assert json.loads(remote) == json.loads(local) == json.loads(again) == json.loads(cached)
+
+
+def _downloads(requests: list[str]) -> list[str]:
+    """The requests among ``requests`` that fetched a file's content from the repository."""
+    return [r for r in requests if r.startswith("GET /me/minilm-ken/resolve/")]
 
 
 def _logits_script(source: str) -> str:
