@@ -5,7 +5,7 @@ projection to a 7B model.
 The pair is synthetic and Llama-shaped (vocab 32000, hidden 2048, MLP 8192, 24 layers,
 untied head: 1.74B parameters, 3.5 GB in bf16 each): the base is N(0, 0.02) noise, the
 fine-tune is the base plus N(0, 0.001) noise, written once as sharded safetensors under
-``$KEN_HF_CACHE/bench-llama`` (no real model of this size is available offline here).
+``$KEN_HF_CACHE/bench-llama`` (no real model of this size ships in the packaged assets).
 Each measured run is a fresh process; its peak RSS is its own VmHWM.
 
     python benchmarks/bench_stream.py [--k 64]

@@ -1,4 +1,4 @@
-"""A direct, per-row transcription of ../shared/KEN_ALGORITHM.md, used as the test oracle.
+"""A direct, per-row transcription of docs/algorithm.md, used as the test oracle.
 
 It is deliberately slow and literal: scikit-learn's ``KernelDensity`` for the density and a
 numpy greedy loop for the matching, the shape of the published KEN code.
