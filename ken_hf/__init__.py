@@ -19,6 +19,7 @@ _LAZY = {
     "BaseMismatchError": "subnetwork",
     "KENFormatError": "serialization",
     "KENModel": "modeling",
+    "KENModelForQuestionAnswering": "modeling",
     "AutoKENModel": "modeling",
     "AutoKENModelForSequenceClassification": "modeling",
     "AutoKENModelForCausalLM": "modeling",

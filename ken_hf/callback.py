@@ -20,7 +20,6 @@ from __future__ import annotations
 
 import dataclasses
 import inspect
-import json
 import time
 from pathlib import Path
 
@@ -28,11 +27,19 @@ import torch
 from transformers import Trainer, TrainerCallback
 from transformers.utils import logging
 
+from .checkpoints import Checkpoint, match_names
 from .config import KENConfig
-from .hub import new_parameters
-from .io import write_text_atomic
+from .pipeline import PRUNED, select_masks
 from .sharding import full_numel, prune_sharded, sharding_of, snapshot_sharded
-from .subnetwork import KENSubnetwork, parameters_of, prune_model, select_masks
+from .subnetwork import (
+    BaseSource,
+    KENSubnetwork,
+    cannot_tell,
+    locate_base,
+    prune_model,
+    select_in_process,
+    tensors_of,
+)
 
 logger = logging.get_logger(__name__)
 
@@ -62,6 +69,9 @@ class KENCallback(TrainerCallback):
         evaluate: evaluate before and after KEN when the Trainer has an eval set.
         auto_k: an ``AutoK`` search for the keep ratio (replaces k / keep_ratio).
         snapshot_device: where the pre-trained snapshot is kept.
+        new_tensors: names of the newly initialised tensors (stored whole). By default they
+            are found from the checkpoint the model was loaded from; a model that was not
+            loaded from a readable checkpoint needs them (an empty set if none is).
     """
 
     def __init__(
@@ -74,6 +84,7 @@ class KENCallback(TrainerCallback):
         evaluate: bool = True,
         auto_k: AutoK | None = None,
         snapshot_device: str | torch.device = "cpu",
+        new_tensors: set[str] | None = None,
         **config_fields,
     ) -> None:
         if config is None:
@@ -88,7 +99,8 @@ class KENCallback(TrainerCallback):
         self.auto_k = auto_k
         self.snapshot_device = torch.device(snapshot_device)
         self.pretrained: dict[str, torch.Tensor] = {}
-        self.new_tensors: set[str] = set()
+        self.new_tensors = None if new_tensors is None else set(new_tensors)
+        self.source: BaseSource | None = None
         self.subnetwork: KENSubnetwork | None = None
         self.report: dict = {}
         self.auto_k_curve: list[dict] = []
@@ -96,7 +108,8 @@ class KENCallback(TrainerCallback):
         self._sharding: str | None = None
 
     def bind(self, trainer: Trainer) -> KENCallback:
-        """Use ``trainer`` (normally found automatically: the Trainer that calls us)."""
+        """Use ``trainer``: the explicit way. Without it, the callback looks for the Trainer
+        whose callbacks hold it among the calling frames, and fails saying so if none does."""
         self._trainer = trainer
         return self
 
@@ -106,41 +119,56 @@ class KENCallback(TrainerCallback):
         model = _unwrap(trainer)
         self._sharding = _check_sharding(trainer, model, self.auto_k)
         main = trainer.is_world_process_zero()
-        base_name = self.config.base_model_name_or_path or getattr(model, "name_or_path", "")
-        if base_name and self.config.base_model_name_or_path is None:
-            revision = getattr(model.config, "_commit_hash", None)
-            self.config = dataclasses.replace(
-                self.config,
-                base_model_name_or_path=base_name,
-                base_model_revision=self.config.base_model_revision or revision,
-            )
-        if base_name:
-            self.new_tensors = new_parameters(
-                model, base_name, revision=self.config.base_model_revision
-            )
-        else:
-            logger.warning(
-                "KENCallback: the model names no base checkpoint (name_or_path); every "
-                "parameter is treated as pre-trained. Set KENConfig.base_model_name_or_path."
-            )
         if state.global_step > 0:  # resumed: the model holds trained values already
-            if not base_name:
-                raise ValueError("KENCallback: resuming needs KENConfig.base_model_name_or_path")
-            base = type(model).from_pretrained(
-                base_name, config=model.config, revision=self.config.base_model_revision
-            )
-            source = parameters_of(base)
+            self.pretrained = self._read_base(model)
         elif self._sharding:
             self.pretrained = snapshot_sharded(model, self.snapshot_device, main=main)
-            return
         else:
-            source = parameters_of(model)
-        keep = main or not self._sharding  # sharded: only the main process selects
-        self.pretrained = {
-            name: t.detach().to(self.snapshot_device, copy=True)
-            for name, t in source.items()
-            if keep
-        }
+            self.pretrained = {
+                name: t.detach().to(self.snapshot_device, copy=True)
+                for name, t in tensors_of(model).items()
+            }
+        if main and self.source is None:
+            self.source, reasons = locate_base(model, model, self.config, self.pretrained)
+            if self.source is None and self.new_tensors is None:
+                floating = [n for n, t in self.pretrained.items() if t.is_floating_point()]
+                raise cannot_tell(model, floating, reasons)
+        if self.source is not None:
+            if self.new_tensors is None:
+                self.new_tensors = set(self.source.missing)
+            self.config = dataclasses.replace(
+                self.config,
+                base_model_name_or_path=self.source.name_or_path,
+                base_model_revision=self.source.revision,
+            )
+
+    def _read_base(self, model: torch.nn.Module) -> dict[str, torch.Tensor]:
+        """The pre-trained values of a resumed run, read a tensor at a time from the base
+        checkpoint, in the dtype of the model's tensor. Tensors the checkpoint lacks are the
+        newly initialised ones."""
+        candidates = [self.config.base_model_name_or_path, getattr(model, "name_or_path", "")]
+        name = next((c for c in candidates if c), None)
+        if name is None:
+            raise ValueError(
+                "KENCallback: a resumed run reads the pre-trained values from the base "
+                "checkpoint; the model names none: set KENConfig.base_model_name_or_path"
+            )
+        revision = self.config.base_model_revision or getattr(model.config, "_commit_hash", None)
+        tensors = tensors_of(model)
+        with Checkpoint(name, revision=revision) as checkpoint:
+            prefix = getattr(model, "base_model_prefix", None) or checkpoint.base_model_prefix
+            pairs = match_names(tensors, checkpoint.names, prefix)
+            pretrained = {
+                tensor_name: checkpoint.read(stored).to(
+                    self.snapshot_device, tensors[tensor_name].dtype
+                )
+                for tensor_name, stored in pairs.items()
+            }
+        missing = frozenset(
+            n for n, t in tensors.items() if t.is_floating_point() and n not in pairs
+        )
+        self.source = BaseSource(name, revision, missing)
+        return pretrained
 
     def on_train_end(self, args, state, control, **kwargs):
         trainer = self._find_trainer()
@@ -158,8 +186,9 @@ class KENCallback(TrainerCallback):
                 model,
                 self.pretrained,
                 self.config,
-                new_tensors=self.new_tensors,
+                new_tensors=self.new_tensors or (),
                 main=state.is_world_process_zero,
+                source=self.source,
                 progress=progress,
             )
         else:
@@ -176,7 +205,7 @@ class KENCallback(TrainerCallback):
         self.pretrained = {}
         if self.subnetwork is None:  # sharded, not the main process: nothing to report
             return
-        total = sum(full_numel(p) for p in parameters_of(model).values())
+        total = sum(full_numel(p) for p in model.parameters())
         summary = {
             "ken_reset_fraction": self.subnetwork.reset_fraction(total),
             "ken_kept_fraction": self.subnetwork.kept_fraction(),
@@ -200,24 +229,27 @@ class KENCallback(TrainerCallback):
         }
         if trainer.is_world_process_zero():
             folder = Path(self.save_dir or Path(args.output_dir) / "ken")
-            self.subnetwork.save_pretrained(folder)
-            write_text_atomic(folder / "ken_report.json", json.dumps(self.report, indent=2) + "\n")
+            self.subnetwork.save_pretrained(folder, report=self.report)
             logger.info(f"KEN subnetwork saved to {folder}")
 
     # -- helpers --------------------------------------------------------------------------
     def _find_trainer(self) -> Trainer:
-        """The Trainer whose event we are handling: callbacks are not handed it, so look up
-        the calling frames for it (``bind`` sets it explicitly)."""
+        """The Trainer whose event we are handling: callbacks are not handed it, so ``bind``
+        names it, or the calling frames are searched for the Trainer holding this callback."""
         if self._trainer is not None:
             return self._trainer
         frame = inspect.currentframe()
         while frame is not None:
             candidate = frame.f_locals.get("self")
-            if isinstance(candidate, Trainer):
+            if isinstance(candidate, Trainer) and self in candidate.callback_handler.callbacks:
                 self._trainer = candidate
                 return candidate
             frame = frame.f_back
-        raise RuntimeError("KENCallback must run inside a transformers Trainer (or call bind)")
+        raise RuntimeError(
+            "KENCallback could not find the Trainer running it among the calling frames; "
+            "name it explicitly: trainer.add_callback(KENCallback(...).bind(trainer)), or "
+            "callback.bind(trainer) after building the Trainer"
+        )
 
     def _search_keep_ratio(self, trainer: Trainer, model, before: dict) -> float:
         """Bisection on the keep ratio; each probe prunes a copy of the fine-tuned values
@@ -227,7 +259,7 @@ class KENCallback(TrainerCallback):
         if key not in before:
             raise ValueError(f"auto_k: metric {search.metric!r} not in {sorted(before)}")
         reference = before[key]
-        finetuned = {n: t.detach().clone() for n, t in parameters_of(model).items()}
+        finetuned = {n: t.detach().clone() for n, t in tensors_of(model).items()}
         low, high = search.low, 1.0
         curve = []
         for _ in range(search.max_evaluations):
@@ -243,8 +275,8 @@ class KENCallback(TrainerCallback):
             )
             value = trainer.evaluate(metric_key_prefix="ken_probe")[f"ken_probe_{search.metric}"]
             with torch.no_grad():
-                for name, parameter in parameters_of(model).items():
-                    parameter.copy_(finetuned[name])
+                for name, tensor in tensors_of(model).items():
+                    tensor.copy_(finetuned[name])
             loss_of_quality = reference - value if search.greater_is_better else value - reference
             good = loss_of_quality <= search.tolerance * abs(reference)
             curve.append({"keep_ratio": ratio, search.metric: value, "within_tolerance": good})
@@ -276,33 +308,31 @@ def _check_sharding(trainer: Trainer, model: torch.nn.Module, auto_k) -> str | N
 
 
 def _shared_selector():
-    """``select_masks`` when alone; with torch.distributed, each rank selects a share of the
-    tensors (balanced by size) and broadcasts its masks to the others."""
+    """``select_in_process`` when alone; with torch.distributed, each rank selects a share
+    of the pruned tensors (balanced by size) and broadcasts its masks to the others."""
     if not (torch.distributed.is_available() and torch.distributed.is_initialized()):
-        return select_masks
+        return select_in_process
     distributed = torch.distributed
 
-    def selector(groups, pretrained, config, progress):
+    def selector(plans, finetuned, base, config, progress):
         rank, world = distributed.get_rank(), distributed.get_world_size()
         owner: dict[str, int] = {}
         load = [0] * world
-        tensors = [(name, t) for group in groups.values() for name, t in group.items()]
-        for name, tensor in sorted(tensors, key=lambda item: (-item[1].numel(), item[0])):
-            owner[name] = min(range(world), key=load.__getitem__)
-            load[owner[name]] += tensor.numel()
-        mine = {
-            k: {name: t for name, t in group.items() if owner[name] == rank}
-            for k, group in groups.items()
-        }
-        masks = select_masks(mine, pretrained, config, progress)
-        for name, tensor in tensors:
+        pruned = [p for p in plans if p.fate == PRUNED]
+        for plan in sorted(pruned, key=lambda p: (-finetuned[p.name].numel(), p.name)):
+            owner[plan.name] = min(range(world), key=load.__getitem__)
+            load[owner[plan.name]] += finetuned[plan.name].numel()
+        mine = [p for p in pruned if owner[p.name] == rank]
+        masks = select_masks(mine, finetuned, base, config, progress=progress)
+        for plan in pruned:
+            tensor = finetuned[plan.name]
             buffer = (
-                masks[name].to(torch.uint8)
-                if owner[name] == rank
+                masks[plan.name].to(torch.uint8)
+                if owner[plan.name] == rank
                 else torch.empty(tensor.shape, dtype=torch.uint8, device=tensor.device)
             )
-            distributed.broadcast(buffer, src=owner[name])
-            masks[name] = buffer.bool()
+            distributed.broadcast(buffer, src=owner[plan.name])
+            masks[plan.name] = buffer.bool()
         return masks
 
     return selector

@@ -8,7 +8,7 @@ from typing import TYPE_CHECKING
 
 from huggingface_hub import ModelCardData
 
-from .serialization import SUBNETWORK_NAME, SubnetworkReader
+from .serialization import SubnetworkReader
 
 if TYPE_CHECKING:
     from .config import KENConfig
@@ -22,9 +22,11 @@ _AUTO_CLASSES = {
 }
 
 
-def model_card(config: KENConfig, folder: Path, metrics: Mapping[str, float] | None = None) -> str:
+def model_card(
+    config: KENConfig, subnetwork_file: Path, metrics: Mapping[str, float] | None = None
+) -> str:
     """Markdown with YAML metadata: base model, library, tags; then what was kept (read from
-    the subnetwork file's header in ``folder``), sizes, ``metrics`` when known, and how to
+    the header of ``subnetwork_file``), sizes, ``metrics`` when known, and how to
     load it."""
     data = ModelCardData(
         base_model=config.base_model_name_or_path,
@@ -32,8 +34,8 @@ def model_card(config: KENConfig, folder: Path, metrics: Mapping[str, float] | N
         tags=["ken", "pruning"],
     )
     rule = f"k = {config.k} values per row" if config.k else f"keep ratio {config.keep_ratio:g}"
-    stored = (folder / SUBNETWORK_NAME).stat().st_size
-    with SubnetworkReader(folder / SUBNETWORK_NAME) as reader:
+    stored = subnetwork_file.stat().st_size
+    with SubnetworkReader(subnetwork_file) as reader:
         counts = reader.summary()
     pruned_values, kept_values = counts["pruned_values"], counts["kept_values"]
     kept_fraction = kept_values / pruned_values if pruned_values else 1.0

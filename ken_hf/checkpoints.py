@@ -11,15 +11,14 @@ a Llama as ``LlamaModel``) against a fine-tune that has it, and the other way ro
 from __future__ import annotations
 
 import json
-import math
-import mmap
 import os
-import struct
-from collections.abc import Iterable
+from collections.abc import Iterable, Mapping
 from pathlib import Path
 
-import numpy as np
 import torch
+
+from .hub import resolve_folder
+from .safetensors_io import SafetensorsError, SafetensorsFile
 
 INDEX_NAME = "model.safetensors.index.json"
 WEIGHTS_NAME = "model.safetensors"
@@ -37,19 +36,6 @@ TOKENIZER_FILES = (
     "chat_template.jinja",
 )
 _DOWNLOAD_PATTERNS = ["*.safetensors", "*.json", "*.txt", "*.model", "*.jinja"]
-_READ_PIECE = 16 * 2**20  # bytes of a mapped file copied at a time
-_DTYPES = {
-    "F64": torch.float64,
-    "F32": torch.float32,
-    "F16": torch.float16,
-    "BF16": torch.bfloat16,
-    "I64": torch.int64,
-    "I32": torch.int32,
-    "I16": torch.int16,
-    "I8": torch.int8,
-    "U8": torch.uint8,
-    "BOOL": torch.bool,
-}
 
 
 class CheckpointError(ValueError):
@@ -85,17 +71,17 @@ class Checkpoint:
                 f"{self.source}: no {WEIGHTS_NAME} or {INDEX_NAME} (pickle *.bin checkpoints "
                 "are never loaded: convert them to safetensors first)"
             )
-        self._header: dict[str, dict] = {}
-        self._file_of: dict[str, Path] = {}
-        self._data_start: dict[Path, int] = {}
-        for file in files:
-            path = self.folder / file
-            header, self._data_start[path] = read_header_and_start(path)
-            for name, record in header.items():
-                self._header[name] = record
-                self._file_of[name] = path
-        self.names = list(self._header)
-        self._maps: dict[Path, mmap.mmap] = {}
+        self._files: dict[str, SafetensorsFile] = {}
+        self._file_of: dict[str, SafetensorsFile] = {}
+        try:
+            for file in files:
+                self._files[file] = SafetensorsFile(self.folder / file)
+        except SafetensorsError as error:
+            raise CheckpointError(str(error)) from None
+        for file in self._files.values():
+            for name in file.names:
+                self._file_of[name] = file
+        self.names = list(self._file_of)
 
     @property
     def architecture(self) -> str | None:
@@ -106,49 +92,25 @@ class Checkpoint:
         return base_model_prefix_of(self.config)
 
     def shape(self, name: str) -> tuple[int, ...]:
-        return tuple(self._header[name]["shape"])
+        return self._file_of[name].shape(name)
 
     def dtype(self, name: str) -> torch.dtype | None:
         """The tensor's torch dtype (None for a dtype torch cannot hold here)."""
-        return _DTYPES.get(self._header[name]["dtype"])
+        return self._file_of[name].dtype(name)
 
     def nbytes(self, name: str) -> int:
-        start, end = self._header[name]["data_offsets"]
-        return end - start
+        return self._file_of[name].nbytes(name)
 
     def read(self, name: str) -> torch.Tensor:
-        """Tensor ``name`` on the CPU: a fresh, writable copy out of the memory-mapped file,
-        whose pages are then dropped from this process's memory (so reading a whole
-        checkpoint never makes it resident)."""
-        path = self._file_of[name]
-        dtype = self.dtype(name)
-        if dtype is None:
-            raise CheckpointError(f"{path}: tensor {name!r} has unsupported dtype")
-        if path not in self._maps:
-            with open(path, "rb") as handle:
-                self._maps[path] = mmap.mmap(handle.fileno(), 0, access=mmap.ACCESS_READ)
-        mapped = self._maps[path]
-        begin, end = (self._data_start[path] + o for o in self._header[name]["data_offsets"])
-        shape = self.shape(name)
-        expected = math.prod(shape) * torch.empty((), dtype=dtype).element_size()
-        if end - begin != expected or end > len(mapped) or begin < self._data_start[path]:
-            raise CheckpointError(f"{path}: tensor {name!r} has a bad byte range")
-        data = np.empty(end - begin, dtype=np.uint8)
-        # Copied in pieces, each piece's pages dropped once copied: at no time is more than
-        # one piece of the file resident besides the copy.
-        for offset in range(0, end - begin, _READ_PIECE):
-            count = min(_READ_PIECE, end - begin - offset)
-            source = np.frombuffer(mapped, dtype=np.uint8, count=count, offset=begin + offset)
-            data[offset : offset + count] = source
-            del source
-            first_page = (begin + offset) // mmap.PAGESIZE * mmap.PAGESIZE
-            mapped.madvise(mmap.MADV_DONTNEED, first_page, begin + offset + count - first_page)
-        return torch.from_numpy(data).view(dtype).reshape(shape)
+        """Tensor ``name`` on the CPU, a fresh copy (see ``SafetensorsFile.read``)."""
+        try:
+            return self._file_of[name].read(name)
+        except SafetensorsError as error:
+            raise CheckpointError(str(error)) from None
 
     def close(self) -> None:
-        for mapped in self._maps.values():
-            mapped.close()
-        self._maps.clear()
+        for file in self._files.values():
+            file.close()
 
     def __enter__(self) -> Checkpoint:
         return self
@@ -186,46 +148,11 @@ def match_names(names: Iterable[str], stored: Iterable[str], prefix: str | None)
     return matched
 
 
-def copy_side_files(source: Path, target: Path, names: tuple[str, ...]) -> list[str]:
-    """Copy the files of ``names`` that ``source`` has into ``target``; returns those copied."""
-    import shutil
-
-    copied = []
-    for name in names:
-        if (source / name).is_file():
-            shutil.copyfile(source / name, target / name)
-            copied.append(name)
-    return copied
-
-
 def _resolve(name_or_path: str | os.PathLike, revision: str | None) -> Path:
-    from .hub import resolve_folder
-
     try:
         return resolve_folder(name_or_path, revision=revision, allow_patterns=_DOWNLOAD_PATTERNS)
     except FileNotFoundError as error:
         raise CheckpointError(str(error)) from error
-
-
-def read_header(path: Path) -> dict[str, dict]:
-    """``{tensor name: {dtype, shape, data_offsets}}`` of a safetensors file, header only."""
-    return read_header_and_start(path)[0]
-
-
-def read_header_and_start(path: Path) -> tuple[dict[str, dict], int]:
-    """The header of a safetensors file and the byte where its tensor data starts."""
-    try:
-        with open(path, "rb") as handle:
-            (length,) = struct.unpack("<Q", handle.read(8))
-            if length > os.path.getsize(path):
-                raise ValueError("header length past the end of the file")
-            header = json.loads(handle.read(length))
-        if not isinstance(header, dict):
-            raise ValueError("header is not a JSON object")
-    except (OSError, ValueError, struct.error) as error:
-        raise CheckpointError(f"{path}: not a readable safetensors file ({error})") from None
-    header.pop("__metadata__", None)
-    return header, 8 + length
 
 
 def read_json(path: Path) -> dict:
@@ -237,3 +164,64 @@ def read_json(path: Path) -> dict:
     if not isinstance(value, dict):
         raise CheckpointError(f"{path}: expected a JSON object")
     return value
+
+
+def tensors_of(weights: torch.nn.Module | Mapping[str, torch.Tensor]) -> dict[str, torch.Tensor]:
+    """Named tensors of a model's state, as a checkpoint of it holds them: its parameters
+    (tied ones once) and persistent buffers; or a state dict as it is."""
+    if not isinstance(weights, torch.nn.Module):
+        return dict(weights)
+    tensors = dict(weights.named_parameters())
+    for module_name, module in weights.named_modules():
+        for name, buffer in module.named_buffers(recurse=False):
+            if buffer is not None and name not in module._non_persistent_buffers_set:
+                tensors.setdefault(f"{module_name}.{name}" if module_name else name, buffer)
+    return tensors
+
+
+def new_parameters(
+    model: torch.nn.Module, base_name_or_path: str | os.PathLike, *, revision: str | None = None
+) -> set[str]:
+    """Floating-point tensors of ``model`` that its base checkpoint does not hold (newly
+    initialised, such as a classification head); ``CheckpointError`` if it cannot be read."""
+    names = [n for n, t in tensors_of(model).items() if t.is_floating_point()]
+    with Checkpoint(base_name_or_path, revision=revision) as checkpoint:
+        prefix = getattr(model, "base_model_prefix", None) or None
+        return new_tensor_names(names, checkpoint, prefix)
+
+
+def new_tensor_names(
+    names: Iterable[str], checkpoint: Checkpoint, prefix: str | None = None
+) -> set[str]:
+    """Those of ``names`` (a model's tensors) that ``checkpoint`` does not hold: newly
+    initialised when the model was loaded from it, such as a classification head. Names
+    match as in ``match_names`` (``prefix``: the model's ``base_model_prefix``; default the
+    checkpoint's)."""
+    names = list(names)
+    found = match_names(names, checkpoint.names, prefix or checkpoint.base_model_prefix)
+    return {name for name in names if name not in found}
+
+
+def first_difference(
+    checkpoint: Checkpoint,
+    tensors: Mapping[str, torch.Tensor],
+    prefix: str | None = None,
+    *,
+    samples: int = 8,
+) -> str | None:
+    """Whether ``checkpoint`` holds ``tensors`` (a model's pre-trained values): up to
+    ``samples`` of the tensors it has, spread evenly over them, are read, cast to the
+    tensor's dtype and compared bit for bit. Returns the name of the first that differs
+    (or has another shape), None when all agree; ``"<none in common>"`` if it holds none."""
+    pairs = match_names(tensors, checkpoint.names, prefix or checkpoint.base_model_prefix)
+    names = [n for n in pairs if tensors[n].is_floating_point() and checkpoint.dtype(pairs[n])]
+    if not names:
+        return "<none in common>"
+    step = max(1, len(names) // samples)
+    for name in names[::step][:samples] + names[-1:]:
+        stored, tensor = checkpoint.read(pairs[name]), tensors[name].detach()
+        if stored.shape != tensor.shape or not torch.equal(
+            stored.to(tensor.dtype), tensor.to("cpu")
+        ):
+            return name
+    return None

@@ -13,7 +13,8 @@ import warnings
 from dataclasses import asdict, dataclass, field, fields
 from pathlib import Path
 
-from .io import write_text_atomic
+from .atomic_files import write_text_atomic
+from .hub import resolve_file
 from .selection.rules import check_rule
 
 CONFIG_NAME = "ken_config.json"
@@ -77,9 +78,22 @@ class KENConfig:
     base_model_revision: str | None = field(
         default=None, metadata={"help": "Revision (commit) of the base model on the Hub."}
     )
+    base_model_dtype: str | None = field(
+        default=None,
+        metadata={
+            "help": "dtype the base is loaded in (the fingerprints hold for it), e.g. float32."
+        },
+    )
     model_class: str | None = field(
         default=None,
         metadata={"help": "transformers class of the model, e.g. BertForSequenceClassification."},
+    )
+    subnetwork_digest: str | None = field(
+        default=None,
+        metadata={
+            "help": "Digest of the ken_subnetwork.safetensors saved with this config (written "
+            "by save_pretrained; a file of another save is refused)."
+        },
     )
     library_version: str | None = field(
         default=None, metadata={"help": "ken-hf version that made the subnetwork."}
@@ -102,6 +116,11 @@ class KENConfig:
         ):
             raise ValueError(f"KENConfig.keep_ratio must be in (0, 1], got {self.keep_ratio!r}")
         check_rule(self.rule)
+        if self.base_model_dtype not in (None, "float32", "float16", "bfloat16", "float64"):
+            raise ValueError(
+                f"KENConfig.base_model_dtype must be a floating-point dtype name such as "
+                f"'float32', got {self.base_model_dtype!r}"
+            )
         if self.compat and self.rule != "ken":
             raise ValueError(f"KENConfig.compat applies to rule 'ken' only, not {self.rule!r}")
         for name in ("target_modules", "exclude_modules"):
@@ -137,11 +156,13 @@ class KENConfig:
     def to_dict(self) -> dict:
         return asdict(self)
 
+    def to_json_string(self) -> str:
+        return json.dumps(self.to_dict(), indent=2, sort_keys=True) + "\n"
+
     def save_pretrained(self, save_directory: str | os.PathLike) -> None:
         """Write ``ken_config.json`` into ``save_directory`` (atomically)."""
         Path(save_directory).mkdir(parents=True, exist_ok=True)
-        text = json.dumps(self.to_dict(), indent=2, sort_keys=True) + "\n"
-        write_text_atomic(Path(save_directory) / CONFIG_NAME, text)
+        write_text_atomic(Path(save_directory) / CONFIG_NAME, self.to_json_string())
 
     @classmethod
     def from_dict(cls, values: dict, source: str = "config") -> KENConfig:
@@ -160,8 +181,6 @@ class KENConfig:
         cls, name_or_path: str | os.PathLike, *, revision: str | None = None, **hub_kwargs
     ) -> KENConfig:
         """Read ``ken_config.json`` from a folder or a Hub repository."""
-        from .hub import resolve_file
-
         path = resolve_file(name_or_path, CONFIG_NAME, revision=revision, **hub_kwargs)
         try:
             values = json.loads(Path(path).read_text(encoding="utf-8"))

@@ -4,45 +4,87 @@ transparently from a folder or the Hub, in the shape of PEFT's ``PeftModel``."""
 from __future__ import annotations
 
 import functools
-import inspect
 import os
+from collections.abc import Iterator
+from contextlib import contextmanager
 
 import torch
 import transformers
+from transformers import PreTrainedModel
 
-from .hub import resolve_folder
-from .subnetwork import KENSubnetwork, fingerprints_of
+from .fingerprint import tensor_fingerprint
+from .subnetwork import KENSubnetwork, fingerprints_of, tensors_of
 
 
-class KENModel(torch.nn.Module):
+class KENModel(PreTrainedModel):
     """A transformers model with KEN subnetworks applied in place.
 
-    The wrapped ``base_model`` is the real model: ``forward``, ``generate`` and every other
-    attribute are its own, so the result works wherever the plain model does. Several
-    subnetworks can be loaded under names; switching writes only their kept values.
+    The wrapped model (``base_model``, ``get_base_model()``) is the real model, its weights
+    holding the active subnetwork: ``forward``, ``generate`` and every attribute it has are
+    its own, so a ``KENModel`` works wherever the plain model does, and
+    ``pipeline(task, model=ken_model.base_model)`` takes the plain model itself. A
+    ``KENModel`` is a ``PreTrainedModel``, so that ``Trainer`` saves it through
+    ``save_pretrained``: the active subnetwork by default, the merged model with
+    ``save_merged=True``. Several subnetworks can be loaded under names; switching writes
+    only their kept values.
+
+    ``KENModel(model)`` gives a ``KENModelForQuestionAnswering`` for a question-answering
+    model (Trainer finds its label arguments by the class).
     """
 
-    def __init__(self, base_model: torch.nn.Module) -> None:
-        super().__init__()
-        self.base_model = base_model
+    # PreTrainedModel.base_model returns the attribute of this name: the wrapped model.
+    base_model_prefix = "model"
+
+    def __new__(cls, model: torch.nn.Module, **kwargs):
+        if cls is KENModel and type(model).__name__.endswith("ForQuestionAnswering"):
+            cls = KENModelForQuestionAnswering
+        return super().__new__(cls)
+
+    def __init__(self, model: torch.nn.Module, *, save_merged: bool = False) -> None:
+        # Not PreTrainedModel.__init__: the wrapped model was built, and checked, already.
+        torch.nn.Module.__init__(self)
+        self.config = model.config
+        self.name_or_path = getattr(model, "name_or_path", "")
+        self.main_input_name = getattr(model, "main_input_name", "input_ids")
+        self.model = model
         self.subnetworks: dict[str, KENSubnetwork] = {}
         self.active_subnetwork: str | None = None
+        self.save_merged = save_merged
         self._overwritten: dict[str, torch.Tensor] = {}
-        _own_weights(base_model)
-        self._base_fingerprints = fingerprints_of(base_model)
-        self.__class__ = _ken_model_class(type(base_model))
+        _own_weights(model)
+        self._base_fingerprints: dict[str, str] | None = fingerprints_of(model)
+        # Trainer keeps the dataset columns that forward's signature names: the model's own.
+        self.forward = functools.update_wrapper(_calling(model), model.forward)
 
-    def forward(self, *args, **kwargs):
-        return self.base_model(*args, **kwargs)
+    def forward(self, *args, labels=None, **kwargs):
+        """The wrapped model's forward (each instance carries it with the model's signature;
+        this one names the label argument, which ``Trainer`` looks up on the class)."""
+        if labels is not None:
+            kwargs["labels"] = labels
+        return self.model(*args, **kwargs)
 
     def _get_name(self) -> str:  # shown by repr()
-        return f"KENModel[{type(self.base_model).__name__}]"
+        return f"{type(self).__name__}[{type(self.model).__name__}]"
 
     def __getattr__(self, name: str):
         try:
             return super().__getattr__(name)
         except AttributeError:
-            return getattr(super().__getattr__("base_model"), name)
+            if name == "model" or "model" not in self.__dict__.get("_modules", {}):
+                raise
+            return getattr(self._modules["model"], name)
+
+    def get_base_model(self) -> torch.nn.Module:
+        return self.model
+
+    def can_generate(self) -> bool:
+        return self.model.can_generate()
+
+    def gradient_checkpointing_enable(self, *args, **kwargs) -> None:
+        self.model.gradient_checkpointing_enable(*args, **kwargs)
+
+    def gradient_checkpointing_disable(self) -> None:
+        self.model.gradient_checkpointing_disable()
 
     # -- loading ------------------------------------------------------------------------
     @classmethod
@@ -77,35 +119,74 @@ class KENModel(torch.nn.Module):
 
     def add_subnetwork(self, name: str, subnetwork: KENSubnetwork) -> None:
         """Keep ``subnetwork`` under ``name``; it must have been made from this base."""
-        subnetwork.check_base(self._base_fingerprints)
+        subnetwork.check_base(self._live_base())
         self.subnetworks[name] = subnetwork
+
+    def delete_subnetwork(self, name: str) -> None:
+        """Forget subnetwork ``name``, taking it off the weights first if it is active."""
+        self._named(name)
+        if name == self.active_subnetwork:
+            self._take_off()
+        del self.subnetworks[name]
 
     # -- switching ----------------------------------------------------------------------
     def set_subnetwork(self, name: str) -> None:
         """Make ``name`` the active subnetwork: the previous one's values are taken off and
         this one's written, in time proportional to their kept values."""
+        subnetwork = self._named(name)
+        self._take_off()
+        self._overwritten = subnetwork.apply_to(self.model, base_fingerprints=self._live_base())
+        self.active_subnetwork = name
+
+    @contextmanager
+    def disable_subnetwork(self) -> Iterator[None]:
+        """Within the block the model is the base, bit for bit; the active subnetwork is
+        written back on leaving it."""
+        active = self.active_subnetwork
+        self._take_off()
+        try:
+            yield
+        finally:
+            if active is not None:
+                self.set_subnetwork(active)
+
+    def _named(self, name: str) -> KENSubnetwork:
+        self._live_base()
         if name not in self.subnetworks:
             raise KeyError(f"no subnetwork named {name!r}; loaded: {sorted(self.subnetworks)}")
-        self._take_off()
-        self._overwritten = self.subnetworks[name].apply_to(
-            self.base_model, base_fingerprints=self._base_fingerprints
-        )
-        self.active_subnetwork = name
+        return self.subnetworks[name]
+
+    def _live_base(self) -> dict[str, str]:
+        if self._base_fingerprints is None:
+            raise ValueError(
+                "this KENModel was unloaded: use the model that unload() or "
+                "merge_and_unload() returned"
+            )
+        return self._base_fingerprints
 
     def _take_off(self) -> None:
         if self.active_subnetwork is not None:
-            self.subnetworks[self.active_subnetwork].restore(self.base_model, self._overwritten)
+            self.subnetworks[self.active_subnetwork].restore(self.model, self._overwritten)
             self._overwritten, self.active_subnetwork = {}, None
 
     def unload(self) -> torch.nn.Module:
-        """Take the active subnetwork off and return the base model, bit for bit as loaded."""
+        """Take the active subnetwork off and return the base model, bit for bit as loaded.
+        This ``KENModel`` is done with: it refuses further subnetworks."""
         self._take_off()
-        return self.base_model
+        return self._release()
 
     def merge_and_unload(self) -> torch.nn.Module:
-        """Return the plain transformers model with the active subnetwork in its weights."""
+        """Return the plain transformers model with the active subnetwork in its weights.
+        This ``KENModel`` is done with: it refuses further subnetworks, so nothing is
+        written over the merged weights."""
+        self._live_base()
         self._overwritten, self.active_subnetwork = {}, None
-        return self.base_model
+        return self._release()
+
+    def _release(self) -> torch.nn.Module:
+        self.subnetworks.clear()
+        self._base_fingerprints = None
+        return self.model
 
     @property
     def subnetwork(self) -> KENSubnetwork:
@@ -114,13 +195,85 @@ class KENModel(torch.nn.Module):
         return self.subnetworks[self.active_subnetwork]
 
     # -- saving -------------------------------------------------------------------------
-    def save_pretrained(self, save_directory: str | os.PathLike) -> None:
-        """Save the active subnetwork (not the model) to ``save_directory``."""
+    def save_pretrained(
+        self,
+        save_directory: str | os.PathLike,
+        *,
+        merged: bool | None = None,
+        is_main_process: bool = True,
+        state_dict: dict | None = None,
+        **kwargs,
+    ) -> None:
+        """Save the active subnetwork (not the model) to ``save_directory``; with
+        ``merged`` (default: ``self.save_merged``) the merged model instead, as
+        ``save_pretrained`` of transformers writes it (``kwargs`` go there).
+
+        The subnetwork is saved only while the weights are what it rebuilds: weights changed
+        since (trained further) raise ``ValueError`` naming the first changed tensor.
+        ``state_dict`` (what Trainer passes) is the wrapper's view of the same weights."""
+        if not is_main_process:
+            return
+        if self.save_merged if merged is None else merged:
+            if state_dict is not None:
+                prefix = f"{self.base_model_prefix}."
+                kwargs["state_dict"] = {k.removeprefix(prefix): v for k, v in state_dict.items()}
+            self.model.save_pretrained(save_directory, **kwargs)
+            return
+        self._check_unchanged()
         self.subnetwork.save_pretrained(save_directory)
+
+    def _check_unchanged(self) -> None:
+        """Raise when a weight differs from base + active subnetwork."""
+        subnetwork, base = self.subnetwork, self._live_base()
+        for name, tensor in tensors_of(self.model).items():
+            if not tensor.is_floating_point():
+                continue
+            current = tensor.detach()
+            if name in subnetwork.whole:
+                same = torch.equal(current.cpu(), subnetwork.whole[name])
+            else:
+                rebuilt_base = current.clone()
+                pruned = subnetwork.pruned.get(name)
+                if pruned is not None:
+                    flat = current.reshape(-1)
+                    positions = pruned.positions.to(flat.device)
+                    same = torch.equal(flat.index_select(0, positions).cpu(), pruned.values)
+                    rebuilt_base.view(-1).index_copy_(0, positions, self._overwritten[name])
+                else:
+                    same = True
+                same = same and tensor_fingerprint(rebuilt_base) == base.get(name)
+            if not same:
+                raise ValueError(
+                    f"tensor {name!r} changed since the subnetwork was applied (trained "
+                    "further?), and the subnetwork would not rebuild it: save the merged "
+                    "model with save_pretrained(folder, merged=True), or set "
+                    "model.save_merged = True before a Trainer saves"
+                )
 
     def push_to_hub(self, repo_id: str, **push_kwargs) -> str:
         """Publish only the active subnetwork to the Hub; returns the commit URL."""
         return self.subnetwork.push_to_hub(repo_id, **push_kwargs)
+
+
+class KENModelForQuestionAnswering(KENModel):
+    """A ``KENModel`` of a question-answering model: its forward names the answer span
+    arguments, which ``Trainer`` looks up on the class as this task's labels."""
+
+    def forward(self, *args, start_positions=None, end_positions=None, **kwargs):
+        if start_positions is not None:
+            kwargs["start_positions"] = start_positions
+        if end_positions is not None:
+            kwargs["end_positions"] = end_positions
+        return self.model(*args, **kwargs)
+
+
+def _calling(model: torch.nn.Module):
+    """A function that calls ``model`` (its hooks included) with what it is given."""
+
+    def call(*args, **kwargs):
+        return model(*args, **kwargs)
+
+    return call
 
 
 def _own_weights(model: torch.nn.Module) -> None:
@@ -132,31 +285,14 @@ def _own_weights(model: torch.nn.Module) -> None:
             parameter.data = parameter.data.clone()
 
 
-@functools.cache
-def _ken_model_class(base_class: type) -> type:
-    """A ``KENModel`` subclass that looks like ``base_class`` to transformers: Trainer reads
-    ``forward``'s signature from the class (label columns, unused columns to drop) and
-    pipelines check the class name against the models they support."""
-
-    def forward(self, *args, **kwargs):
-        return self.base_model(*args, **kwargs)
-
-    forward.__signature__ = inspect.signature(base_class.forward)
-    forward.__doc__ = base_class.forward.__doc__
-    return type(
-        base_class.__name__,
-        (KENModel,),
-        {
-            "forward": forward,
-            "__module__": __name__,
-            "__qualname__": f"KENModel[{base_class.__name__}]",
-        },
-    )
+# transformers 5 names the loading dtype ``dtype``; 4.x ``torch_dtype``.
+_DTYPE_ARGUMENT = "dtype" if int(transformers.__version__.split(".")[0]) >= 5 else "torch_dtype"
 
 
 class AutoKENModel:
     """Loads the base model named in a subnetwork's config, through the transformers class
-    recorded there (or the Auto class of the subclass), and applies the subnetwork."""
+    recorded there (or the Auto class of the subclass), in the dtype recorded there, and
+    applies the subnetwork."""
 
     auto_class: str | None = None
 
@@ -171,28 +307,35 @@ class AutoKENModel:
         **model_kwargs,
     ) -> KENModel:
         """``name_or_path``: a subnetwork folder or Hub id. ``model_kwargs`` go to the base
-        model's ``from_pretrained`` (e.g. ``device_map``); the base revision is the one the
-        subnetwork recorded."""
-        from .config import KENConfig
-
-        folder = resolve_folder(name_or_path, revision=revision, **(hub_kwargs or {}))
-        config = KENConfig.from_pretrained(folder)
+        model's ``from_pretrained`` (e.g. ``device_map``); the base revision and dtype are
+        the ones the subnetwork recorded unless given."""
+        subnetwork = KENSubnetwork.from_pretrained(
+            name_or_path, revision=revision, **(hub_kwargs or {})
+        )
+        config = subnetwork.config
         if config.base_model_name_or_path is None:
-            raise ValueError(f"{folder}: ken_config.json names no base model")
-        model_class = _model_class(cls.auto_class or config.model_class, folder)
-        if (folder / "config.json").is_file():
-            model_kwargs.setdefault("config", transformers.AutoConfig.from_pretrained(folder))
+            raise ValueError(
+                f"{name_or_path}: ken_config.json names no base model; load the base yourself "
+                "and call KENModel.from_pretrained(base_model, folder)"
+            )
+        model_class = getattr(transformers, cls.auto_class or config.model_class or "", None)
+        if model_class is None:
+            raise ValueError(
+                f"{name_or_path}: unknown transformers model class {config.model_class!r}"
+            )
+        if subnetwork.model_config is not None and "config" not in model_kwargs:
+            model_config = dict(subnetwork.model_config)
+            config_class = transformers.CONFIG_MAPPING[model_config.pop("model_type")]
+            model_kwargs["config"] = config_class.from_dict(model_config)
+        if config.base_model_dtype and not {"dtype", "torch_dtype"} & set(model_kwargs):
+            model_kwargs[_DTYPE_ARGUMENT] = getattr(torch, config.base_model_dtype)
         base = model_class.from_pretrained(
             config.base_model_name_or_path, revision=config.base_model_revision, **model_kwargs
         )
-        return KENModel.from_pretrained(base, folder, subnetwork_name=subnetwork_name)
-
-
-def _model_class(name: str | None, folder) -> type:
-    model_class = getattr(transformers, name or "", None)
-    if model_class is None:
-        raise ValueError(f"{folder}: unknown transformers model class {name!r}")
-    return model_class
+        model = KENModel(base)
+        model.add_subnetwork(subnetwork_name, subnetwork)
+        model.set_subnetwork(subnetwork_name)
+        return model
 
 
 class AutoKENModelForSequenceClassification(AutoKENModel):

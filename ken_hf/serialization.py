@@ -23,25 +23,28 @@ import math
 import os
 from dataclasses import dataclass
 from pathlib import Path
+from typing import TYPE_CHECKING
 
 import numpy as np
 import torch
 import xxhash
-from safetensors import safe_open
 
-from .safetensors_stream import SafetensorsWriter
+from .safetensors_io import (
+    FLOAT_DTYPES,
+    SafetensorsError,
+    SafetensorsFile,
+    SafetensorsWriter,
+)
+
+if TYPE_CHECKING:
+    from .pipeline import TensorRecord
 
 FORMAT = "ken-hf-subnetwork"
 FORMAT_VERSION = "1"
 SUBNETWORK_NAME = "ken_subnetwork.safetensors"
 
 _INDEX_DTYPES = (torch.uint8, torch.uint16, torch.uint32, torch.int64)
-_VALUE_DTYPES = {
-    "float32": torch.float32,
-    "float16": torch.float16,
-    "bfloat16": torch.bfloat16,
-    "float64": torch.float64,
-}
+_VALUE_DTYPES = {str(dtype).removeprefix("torch."): dtype for dtype in FLOAT_DTYPES}
 
 
 class KENFormatError(ValueError):
@@ -148,6 +151,17 @@ class SubnetworkWriter:
         self._file = SafetensorsWriter(path)
         self._entries: dict[str, dict] = {}
         self.fingerprints: dict[str, str] = {}
+        self.digest: str | None = None  # of the header's document, set on closing
+
+    def add_record(self, record: TensorRecord) -> None:
+        """Store what the pipeline's step found for one tensor; returns nothing."""
+        name = record.plan.name
+        if record.fingerprint is not None:
+            self.fingerprints[name] = record.fingerprint
+        if record.mask is not None:
+            self.add_pruned_mask(name, record.mask, record.finetuned, record.delta)
+        elif record.fingerprint is None:
+            self.add_whole(name, record.finetuned)
 
     def add_pruned(self, name: str, pruned: PrunedTensor) -> None:
         numel = pruned.shape.numel()
@@ -205,25 +219,31 @@ class SubnetworkWriter:
         if kind is not None:
             self._file.abort()
             return
-        # Model order, not sorted: errors name the first tensor as the model lists them.
-        document = json.dumps({"tensors": self._entries, "fingerprints": self.fingerprints})
+        # Sorted: the same subnetwork gives the same bytes whichever driver wrote it.
+        document = json.dumps(
+            {"tensors": self._entries, "fingerprints": self.fingerprints}, sort_keys=True
+        )
+        self.digest = xxhash.xxh3_64_hexdigest(document.encode())
         self._file.metadata = {
             "format": FORMAT,
             "format_version": FORMAT_VERSION,
             "ken": document,
-            "digest": xxhash.xxh3_64_hexdigest(document.encode()),
+            "digest": self.digest,
         }
         self._file.close()
 
 
-def write_subnetwork(stored: StoredSubnetwork, path: str | os.PathLike) -> None:
-    """Write ``stored`` to ``path`` (a safetensors file)."""
+def write_subnetwork(stored: StoredSubnetwork, path: str | os.PathLike) -> str:
+    """Write ``stored`` to ``path`` (a safetensors file), tensors in name order; returns the
+    header's digest."""
     with SubnetworkWriter(path) as writer:
-        for name, pruned in stored.pruned.items():
-            writer.add_pruned(name, pruned)
-        for name, tensor in stored.whole.items():
-            writer.add_whole(name, tensor)
+        for name in sorted([*stored.pruned, *stored.whole]):
+            if name in stored.pruned:
+                writer.add_pruned(name, stored.pruned[name])
+            else:
+                writer.add_whole(name, stored.whole[name])
         writer.fingerprints = stored.fingerprints
+    return writer.digest
 
 
 class SubnetworkReader:
@@ -239,15 +259,12 @@ class SubnetworkReader:
         if not self.path.is_file():
             raise KENFormatError(f"{self.path}: no such subnetwork file")
         try:
-            self._handle = safe_open(str(self.path), framework="pt")
-            self._document = _read_document(self.path, self._handle.metadata() or {})
-            self._keys = set(self._handle.keys())
-        except KENFormatError:
-            raise
-        except Exception as error:  # safetensors raises its own error types
-            raise KENFormatError(
-                f"{self.path}: not a readable safetensors file ({error})"
-            ) from None
+            self._file = SafetensorsFile(self.path)
+        except SafetensorsError as error:
+            raise KENFormatError(str(error)) from None
+        self._document = _read_document(self.path, self._file.metadata)
+        self.digest: str = self._file.metadata["digest"]
+        self._keys = set(self._file.names)
         extra = sorted(self._keys - _described_keys(self._document["tensors"]))
         if extra:
             raise KENFormatError(f"{self.path}: arrays not described by the header: {extra[:5]}")
@@ -283,15 +300,18 @@ class SubnetworkReader:
         if key not in self._keys:
             return None
         try:
-            return self._handle.get_tensor(key)
-        except Exception as error:
+            return self._file.read(key)
+        except SafetensorsError as error:
             raise KENFormatError(f"{self.path}: array {key!r} is unreadable ({error})") from None
 
     def __enter__(self) -> SubnetworkReader:
         return self
 
+    def close(self) -> None:
+        self._file.close()
+
     def __exit__(self, *exception) -> None:
-        self._handle = None  # safe_open handles close when released
+        self.close()
 
 
 def read_subnetwork(path: str | os.PathLike) -> StoredSubnetwork:

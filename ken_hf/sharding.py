@@ -12,23 +12,15 @@ the advice to use FSDP2 (``fsdp_version: 2`` in the accelerate or Trainer FSDP c
 
 from __future__ import annotations
 
-from collections.abc import Iterator
+from collections.abc import Collection, Iterator
 from contextlib import contextmanager
 
 import torch
 from tqdm.auto import tqdm
 
 from .config import KENConfig
-from .fingerprint import tensor_fingerprint
-from .selection.rows import as_rows
-from .serialization import PrunedTensor
-from .subnetwork import (
-    KENSubnetwork,
-    placement,
-    pruned_tensor,
-    reset_to_subnetwork,
-    select_masks,
-)
+from .pipeline import WHOLE, dominant_dtype, plan_tensors, process_tensor, rebuild_into, specs_of
+from .subnetwork import BaseSource, KENSubnetwork, tensors_of
 
 
 def sharding_of(model: torch.nn.Module) -> str | None:
@@ -91,38 +83,55 @@ def snapshot_sharded(
     return snapshot
 
 
+def full_shape(tensor: torch.Tensor) -> tuple[int, ...]:
+    """The whole tensor's shape (a ZeRO-3 partitioned parameter reports an empty one)."""
+    return tuple(getattr(tensor, "ds_shape", None) or tensor.shape)
+
+
 def prune_sharded(
     model: torch.nn.Module,
     pretrained: dict[str, torch.Tensor],
     config: KENConfig,
     *,
-    new_tensors: set[str],
+    new_tensors: Collection[str],
     main: bool,
+    source: BaseSource | None = None,
     progress: bool = True,
 ) -> KENSubnetwork | None:
-    """KEN over a sharded model in place, one gathered parameter at a time, as
-    ``prune_model`` does over a whole one. ``pretrained`` (the main process's snapshot) is
-    ignored elsewhere. Returns the subnetwork on the main process, None elsewhere."""
-    pruned: dict[str, PrunedTensor] = {}
-    whole: dict[str, torch.Tensor] = {}
-    fingerprints: dict[str, str] = {}
-    named = list(model.named_parameters())
-    for name, parameter in tqdm(named, desc="KEN (sharded)", disable=not (main and progress)):
-        with gathered(parameter, write_back=True) as full:
-            if not main or not full.is_floating_point():
-                continue
-            in_base = name in pretrained and name not in new_tensors
-            fate = placement(name, config, in_base=in_base)
-            if fate == "whole":
-                whole[name] = full.detach().to("cpu", copy=True)
-                continue
-            base = pretrained[name]
-            fingerprints[name] = tensor_fingerprint(base)
-            if fate == "pruned":
-                k = config.k_for(as_rows(full).shape[1])
-                mask = select_masks({k: {name: full}}, {name: base}, config, False)[name]
-                pruned[name] = pruned_tensor(mask, full, base)
-            reset_to_subnetwork(full, base.to(full.device), pruned.get(name))
+    """The sharded driver of the pipeline: KEN over a sharded model in place, one gathered
+    tensor at a time, as ``prune_model`` does over a whole one. Every rank gathers every
+    tensor in name order; the main process plans, runs the step and rebuilds each tensor,
+    which is scattered back. ``pretrained`` (the main process's snapshot) is ignored
+    elsewhere. Returns the subnetwork on the main process, None elsewhere."""
+    tensors = tensors_of(model)
+    plans = {}
+    if main:
+        specs = {name: (full_shape(t), t.dtype) for name, t in tensors.items()}
+        prefix = getattr(model, "base_model_prefix", None) or None
+        planned = plan_tensors(
+            specs, specs_of(pretrained), config, new_tensors=new_tensors, prefix=prefix
+        )
+        plans = {plan.name: plan for plan in planned}
+
+    def records():
+        # Each record is consumed (its kept values copied out) before the tensor is
+        # rebuilt and scattered back, when the generator resumes.
+        for name in tqdm(sorted(tensors), desc="KEN (sharded)", disable=not (main and progress)):
+            with gathered(tensors[name], write_back=True) as full:
+                plan = plans.get(name)
+                if plan is None:
+                    continue
+                base = pretrained[plan.base_name].to(full.device) if plan.base_name else None
+                record = process_tensor(plan, full, base, config)
+                yield record
+                if base is not None:
+                    rebuild_into(full, base, record)
+
     if not main:
+        for _ in records():
+            pass
         return None
-    return KENSubnetwork.of_model(model, config, pruned, whole, fingerprints)
+    base_dtype = dominant_dtype(specs[name] for name, plan in plans.items() if plan.fate != WHOLE)
+    return KENSubnetwork.from_records(
+        records(), config, model=model, source=source, base_dtype=base_dtype
+    )

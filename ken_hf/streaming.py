@@ -11,6 +11,7 @@ values and the selection's working memory (``max_memory``) at a time.
 
 from __future__ import annotations
 
+import dataclasses
 import json
 import os
 from pathlib import Path
@@ -18,21 +19,22 @@ from pathlib import Path
 import torch
 from tqdm.auto import tqdm
 
+from .atomic_files import FolderWriter
 from .card import model_card
 from .checkpoints import (
+    INDEX_NAME,
     TOKENIZER_FILES,
+    WEIGHTS_NAME,
     Checkpoint,
-    CheckpointError,
     base_model_prefix_of,
-    copy_side_files,
     match_names,
     read_json,
 )
-from .config import KENConfig
+from .config import CONFIG_NAME, KENConfig
 from .fingerprint import tensor_fingerprint
-from .io import atomic_folder, write_text_atomic
-from .selection import select_by_rule
-from .selection.rows import as_rows
+from .hub import resolve_folder
+from .pipeline import PRUNED, WHOLE, dominant_dtype, plan_tensors, process_tensor
+from .safetensors_io import ShardedWriter
 from .serialization import (
     FORMAT_VERSION,
     SUBNETWORK_NAME,
@@ -40,12 +42,21 @@ from .serialization import (
     SubnetworkReader,
     SubnetworkWriter,
 )
-from .subnetwork import BaseMismatchError, delta_statistics, placement
+from .subnetwork import (
+    CARD_NAME,
+    MODEL_CONFIG_NAME,
+    SUBNETWORK_FILES,
+    BaseMismatchError,
+    saved_files,
+)
 
-FLOATING = (torch.float64, torch.float32, torch.float16, torch.bfloat16)
 # Working memory of the selection, per tensor: half the library default, so that the whole
 # run stays within two copies of the largest tensor plus 1 GiB, start-up included.
 SELECTION_MEMORY = 128 * 2**20
+
+
+def _specs(checkpoint: Checkpoint) -> dict:
+    return {name: (checkpoint.shape(name), checkpoint.dtype(name)) for name in checkpoint.names}
 
 
 def prune_checkpoints(
@@ -60,61 +71,67 @@ def prune_checkpoints(
     finetuned_revision: str | None = None,
 ) -> dict:
     """Select the KEN subnetwork of checkpoint ``finetuned`` against checkpoint ``base`` and
-    write it to the folder ``out`` (atomically: a killed run leaves no folder there).
+    write it into the folder ``out`` (as ``KENSubnetwork.save_pretrained`` does: other files
+    there are never touched; a failed run leaves what was there as it was).
 
-    Every floating-point tensor of the fine-tune is pruned, stored whole (``modules_to_save``,
-    or absent from the base) or left to the base, as in ``KENSubnetwork.from_weights``.
-    All checks (names in common, shapes, dtypes) run before any selection.
-    Returns counts and sizes of what was written.
+    The pipeline's plan (``ken_hf.pipeline``) is made from the headers, so every check
+    (names in common, shapes, dtypes) runs before any selection; tensors only in the
+    fine-tune are stored whole. Returns counts and sizes of what was written.
     """
     with (
         Checkpoint(base, revision=base_revision) as base_ckpt,
         Checkpoint(finetuned, revision=finetuned_revision) as tuned,
     ):
-        names = [n for n in tuned.names if tuned.dtype(n) in FLOATING]
-        if not names:
-            raise CheckpointError(f"{tuned.source}: no floating-point tensors")
-        pairs = match_names(
-            names, base_ckpt.names, tuned.base_model_prefix or base_ckpt.base_model_prefix
+        base_specs, tuned_specs = _specs(base_ckpt), _specs(tuned)
+        prefix = tuned.base_model_prefix or base_ckpt.base_model_prefix
+        plans = plan_tensors(tuned_specs, base_specs, config, prefix=prefix)
+        config = dataclasses.replace(
+            config,
+            base_model_name_or_path=config.base_model_name_or_path or str(base),
+            base_model_revision=config.base_model_revision or base_revision,
+            model_class=config.model_class or tuned.architecture,
+            base_model_dtype=config.base_model_dtype
+            or dominant_dtype(tuned_specs[p.name] for p in plans if p.fate != WHOLE),
         )
-        _check_pairs(pairs, base_ckpt, tuned)
-        config = _recorded(config, base, base_revision, tuned.architecture)
         kept = total_pruned = 0
-        with atomic_folder(out) as staging:
+        with FolderWriter(out, commit=CONFIG_NAME) as folder:
+            subnetwork_file = folder.staged(SUBNETWORK_NAME)
             with (
-                SubnetworkWriter(staging / SUBNETWORK_NAME) as writer,
+                SubnetworkWriter(subnetwork_file) as writer,
                 tqdm(
-                    total=sum(tuned.nbytes(n) for n in names),
+                    total=sum(tuned.nbytes(p.name) for p in plans),
                     desc="KEN prune",
                     unit="B",
                     unit_scale=True,
                     disable=not progress,
                 ) as bar,
             ):
-                for name in names:
-                    weight = tuned.read(name).to(device)
-                    fate = placement(name, config, in_base=name in pairs)
-                    if fate == "whole":
-                        writer.add_whole(name, weight)
-                    else:
-                        pretrained = base_ckpt.read(pairs[name])
-                        writer.fingerprints[name] = tensor_fingerprint(pretrained)
-                        if fate == "pruned":
-                            pretrained = pretrained.to(device)
-                            mask = _select(name, weight, pretrained, config)
-                            delta = delta_statistics(weight, pretrained, mask)
-                            del pretrained  # free it before the kept values are gathered
-                            kept += writer.add_pruned_mask(name, mask, weight, delta)
-                            total_pruned += weight.numel()
-                    bar.update(tuned.nbytes(name))
-            config.save_pretrained(staging)
+                for plan in plans:
+                    weight = tuned.read(plan.name).to(device)
+                    pretrained = None
+                    if plan.fate != WHOLE:
+                        pretrained = base_ckpt.read(plan.base_name).to(device)
+                    record = process_tensor(
+                        plan, weight, pretrained, config, max_memory=SELECTION_MEMORY
+                    )
+                    del pretrained  # freed before the kept values are gathered
+                    writer.add_record(record)
+                    if plan.fate == PRUNED:
+                        kept += int(torch.count_nonzero(record.mask))
+                        total_pruned += weight.numel()
+                    bar.update(tuned.nbytes(plan.name))
             if tuned.config:
-                write_text_atomic(staging / "config.json", json.dumps(tuned.config, indent=2))
-            copy_side_files(tuned.folder, staging, TOKENIZER_FILES)
-            write_text_atomic(staging / "README.md", model_card(config, staging))
+                folder.write_text(MODEL_CONFIG_NAME, json.dumps(tuned.config, indent=2))
+            for name in TOKENIZER_FILES:
+                if (tuned.folder / name).is_file():
+                    folder.copy(tuned.folder / name, name)
+            folder.write_text(CARD_NAME, model_card(config, subnetwork_file))
+            folder.remove_stale(["ken_report.json"])
+            saved = dataclasses.replace(config, subnetwork_digest=writer.digest)
+            folder.write_text(CONFIG_NAME, saved.to_json_string())
         return {
-            "tensors": len(names),
-            "matched": len(pairs),
+            "tensors": len(plans),
+            "matched": sum(p.base_name is not None for p in plans),
             "kept_fraction": kept / total_pruned if total_pruned else 1.0,
             "bytes": (Path(out) / SUBNETWORK_NAME).stat().st_size,
         }
@@ -133,17 +150,14 @@ def apply_checkpoint(
     safetensors, the fine-tuned model's ``config.json``, tokenizer files), atomically.
     Every base tensor is checked against the subnetwork's fingerprints as it is read; a
     mismatch raises ``BaseMismatchError`` and leaves nothing at ``out``."""
-    from .hub import resolve_folder
-    from .safetensors_stream import ShardedWriter
-
     folder = resolve_folder(ken, revision=revision)
     config = KENConfig.from_pretrained(folder)
+    subnetwork_file, model_config_file = saved_files(folder, config)
     with (
-        SubnetworkReader(folder / SUBNETWORK_NAME) as reader,
+        SubnetworkReader(subnetwork_file) as reader,
         Checkpoint(base, revision=config.base_model_revision) as base_ckpt,
     ):
-        has_config = (folder / "config.json").is_file()
-        model_config = read_json(folder / "config.json") if has_config else {}
+        model_config = read_json(model_config_file) if model_config_file.is_file() else {}
         names = list(reader.fingerprints) + [
             n for n in reader.names if n not in reader.fingerprints
         ]
@@ -155,30 +169,35 @@ def apply_checkpoint(
                 f"tensor {missing[0]!r} of the subnetwork's base is not in {base_ckpt.source} "
                 f"({len(missing)} missing)"
             )
-        with atomic_folder(out) as staging:
-            writer = ShardedWriter(staging, max_shard_size)
-            try:
+        old_index = Path(out) / INDEX_NAME
+        stale = [WEIGHTS_NAME, INDEX_NAME]
+        if old_index.is_file():  # shards of an earlier checkpoint there, named by its index
+            stale += sorted(set(read_json(old_index).get("weight_map", {}).values()))
+        with FolderWriter(out, commit=WEIGHTS_NAME) as target:
+            with ShardedWriter(target, max_shard_size) as writer:
                 for name in tqdm(names, desc="KEN apply", unit="tensor", disable=not progress):
                     writer.add(name, _merged(name, reader, base_ckpt, pairs))
-                writer.close()
-            except BaseException:
-                writer.abort()
-                raise
             if model_config:
-                write_text_atomic(staging / "config.json", json.dumps(model_config, indent=2))
-            tokenizer_source = folder if (folder / "tokenizer_config.json").is_file() else None
-            copy_side_files(tokenizer_source or base_ckpt.folder, staging, TOKENIZER_FILES)
-            copy_side_files(base_ckpt.folder, staging, ("generation_config.json",))
+                target.write_text(MODEL_CONFIG_NAME, json.dumps(model_config, indent=2))
+            has_tokenizer = (folder / "tokenizer_config.json").is_file()
+            side_files = [
+                (folder if has_tokenizer else base_ckpt.folder, TOKENIZER_FILES),
+                (base_ckpt.folder, ("generation_config.json",)),
+            ]
+            for source, side_names in side_files:
+                for name in side_names:
+                    if (source / name).is_file():
+                        target.copy(source / name, name)
+            target.remove_stale(stale)
         return {"tensors": len(names), "bytes": writer.total_bytes}
 
 
 def inspect_subnetwork(path: str | os.PathLike, *, revision: str | None = None) -> dict:
     """What a subnetwork folder (or Hub id) holds, from its config and file header."""
-    from .hub import resolve_folder
-
-    folder = resolve_folder(path, revision=revision)
+    folder = resolve_folder(path, allow_patterns=SUBNETWORK_FILES, revision=revision)
     config = KENConfig.from_pretrained(folder)
-    with SubnetworkReader(folder / SUBNETWORK_NAME) as reader:
+    subnetwork_file, _ = saved_files(folder, config)
+    with SubnetworkReader(subnetwork_file) as reader:
         counts = reader.summary()
         tensors = {
             name: {key: reader.entry(name).get(key) for key in ("kind", "shape", "dtype", "count")}
@@ -198,22 +217,9 @@ def inspect_subnetwork(path: str | os.PathLike, *, revision: str | None = None) 
         "library_version": config.library_version,
         **counts,
         "kept_fraction": counts["kept_values"] / pruned if pruned else 1.0,
-        "bytes": (folder / SUBNETWORK_NAME).stat().st_size,
+        "bytes": subnetwork_file.stat().st_size,
         "tensors": tensors,
     }
-
-
-def _select(name: str, weight: torch.Tensor, pretrained: torch.Tensor, config: KENConfig):
-    k = config.k_for(as_rows(weight).shape[1])
-    return select_by_rule(
-        {name: weight},
-        k,
-        rule=config.rule,
-        pretrained={name: pretrained},
-        compat=config.compat,
-        seed=config.seed,
-        max_memory=SELECTION_MEMORY,
-    )[name]
 
 
 def _merged(name: str, reader: SubnetworkReader, base: Checkpoint, pairs: dict) -> torch.Tensor:
@@ -234,34 +240,3 @@ def _merged(name: str, reader: SubnetworkReader, base: Checkpoint, pairs: dict) 
         else:
             tensor = stored
     return tensor
-
-
-def _check_pairs(pairs: dict[str, str], base: Checkpoint, tuned: Checkpoint) -> None:
-    if not pairs:
-        raise CheckpointError(
-            f"{base.source} and {tuned.source} have no tensor in common: not a base and "
-            "its fine-tune"
-        )
-    for name, base_name in pairs.items():
-        if base.shape(base_name) != tuned.shape(name):
-            raise CheckpointError(
-                f"tensor {name!r}: base shape {base.shape(base_name)} differs from fine-tuned "
-                f"shape {tuned.shape(name)}"
-            )
-        if base.dtype(base_name) != tuned.dtype(name):
-            raise CheckpointError(
-                f"tensor {name!r}: base dtype {base.dtype(base_name)} differs from fine-tuned "
-                f"dtype {tuned.dtype(name)} (convert one checkpoint first)"
-            )
-
-
-def _recorded(config: KENConfig, base, revision: str | None, architecture: str | None):
-    """``config`` with the base and model class filled in where the user left them out."""
-    import dataclasses
-
-    return dataclasses.replace(
-        config,
-        base_model_name_or_path=config.base_model_name_or_path or str(base),
-        base_model_revision=config.base_model_revision or revision,
-        model_class=config.model_class or architecture,
-    )

@@ -1,6 +1,7 @@
-"""``KENSubnetwork``: which positions of which tensors KEN kept, and their fine-tuned values.
+"""``KENSubnetwork``: which positions of which tensors KEN kept, and their fine-tuned values;
+and the in-memory driver of the pipeline (``from_weights``, ``prune_model``).
 
-The data flows one way: weights -> masks (layer 1, ``ken_hf.selection``) -> subnetwork ->
+The data flows one way: weights -> plan and masks (``ken_hf.pipeline``) -> subnetwork ->
 file. A subnetwork can be saved, pushed to the Hub, applied to a base model and taken off
 it again, leaving the base exactly as it was.
 """
@@ -8,55 +9,78 @@ it again, leaving the base exactly as it was.
 from __future__ import annotations
 
 import dataclasses
+import json
 import os
-from collections.abc import Callable, Mapping
+import tempfile
+import warnings
+from collections.abc import Callable, Collection, Iterable, Mapping
 from dataclasses import dataclass, field
 from pathlib import Path
 
 import torch
 
-from .config import KENConfig
+from .atomic_files import FolderWriter, previous_version
+from .card import model_card
+from .checkpoints import (
+    Checkpoint,
+    CheckpointError,
+    first_difference,
+    new_tensor_names,
+    tensors_of,
+)
+from .config import CONFIG_NAME, KENConfig
 from .fingerprint import tensor_fingerprint
-from .selection import select_by_rule
-from .selection.rows import as_rows
+from .hub import push_folder, resolve_folder
+from .pipeline import (
+    PRUNED,
+    WHOLE,
+    TensorPlan,
+    TensorRecord,
+    dominant_dtype,
+    plan_tensors,
+    process_tensor,
+    rebuild_into,
+    select_masks,
+    specs_of,
+)
 from .serialization import (
     SUBNETWORK_NAME,
+    KENFormatError,
     PrunedTensor,
     StoredSubnetwork,
+    SubnetworkReader,
     read_subnetwork,
     write_subnetwork,
 )
 
 Weights = torch.nn.Module | Mapping[str, torch.Tensor]
-# Selects masks for tensors grouped by k:
-# ({k: {name: fine-tuned}}, {name: pre-trained}, config, progress) -> {name: mask}.
+# Selects masks for the pruned plans: (plans, fine-tuned, base, config, progress) -> masks.
 MaskSelector = Callable[
-    [dict[int, dict[str, torch.Tensor]], Mapping[str, torch.Tensor], KENConfig, bool],
+    [list[TensorPlan], Mapping[str, torch.Tensor], Mapping[str, torch.Tensor], KENConfig, bool],
     dict[str, torch.Tensor],
 ]
+MODEL_CONFIG_NAME = "config.json"
+REPORT_NAME = "ken_report.json"
+CARD_NAME = "README.md"
+SUBNETWORK_FILES = [CONFIG_NAME, SUBNETWORK_NAME, MODEL_CONFIG_NAME, CARD_NAME, REPORT_NAME]
 
 
-def select_masks(
-    groups: dict[int, dict[str, torch.Tensor]],
-    pretrained: Mapping[str, torch.Tensor],
-    config: KENConfig,
-    progress: bool,
-) -> dict[str, torch.Tensor]:
-    """Masks by ``config.rule`` for tensors grouped by their k, in this process."""
-    masks: dict[str, torch.Tensor] = {}
-    for k, tensors in groups.items():
-        masks.update(
-            select_by_rule(
-                tensors,
-                k,
-                rule=config.rule,
-                pretrained=pretrained,
-                compat=config.compat,
-                seed=config.seed,
-                progress=progress,
-            )
-        )
-    return masks
+def select_in_process(plans, finetuned, base, config, progress) -> dict[str, torch.Tensor]:
+    """The default ``MaskSelector``: every mask selected in this process."""
+    return select_masks(plans, finetuned, base, config, progress=progress)
+
+
+class BaseMismatchError(ValueError):
+    """A subnetwork applied to a base model it was not made from."""
+
+
+def fingerprints_of(weights: Weights) -> dict[str, str]:
+    """``{name: fingerprint}`` of every floating-point tensor of ``weights``."""
+    return {
+        name: tensor_fingerprint(t)
+        for name, t in tensors_of(weights).items()
+        if t.is_floating_point()
+    }
 
 
 def _flat(parameter: torch.Tensor) -> torch.Tensor:
@@ -72,74 +96,67 @@ def _write_at(parameter: torch.Tensor, positions: torch.Tensor, values: torch.Te
     flat.index_copy_(0, positions.to(flat.device), values.to(flat.device, flat.dtype))
 
 
-def _newly_initialised(base: Weights) -> set[str]:
-    """Parameters of a base model that its own checkpoint does not hold (none for a state
-    dict or a model not loaded from a checkpoint)."""
-    source = getattr(base, "name_or_path", "") if isinstance(base, torch.nn.Module) else ""
-    if not source:
-        return set()
-    from .hub import new_parameters
+@dataclass(frozen=True)
+class BaseSource:
+    """The checkpoint a base was loaded from, and which tensors it does not hold."""
 
-    return new_parameters(base, source)
+    name_or_path: str
+    revision: str | None
+    missing: frozenset[str]
 
 
-def delta_statistics(
-    finetuned: torch.Tensor, base: torch.Tensor, mask: torch.Tensor, *, block: int = 2**20
-) -> list[float | None]:
-    """``[mean |fine-tuned - pre-trained| over the kept positions, ... over the reset ones]``
-    (None where there are none), for tensors and bool ``mask`` of one shape; computed in
-    flat blocks of ``block`` values so that memory stays small next to the tensor."""
-    finetuned, mask = finetuned.detach().reshape(-1), mask.reshape(-1)
-    base = base.detach().reshape(-1)
-    kept = total = 0.0
-    for start in range(0, finetuned.numel(), block):
-        piece = slice(start, start + block)
-        change = (finetuned[piece].double() - base[piece].to(finetuned.device).double()).abs()
-        total += float(change.sum())
-        kept += float(torch.masked_select(change, mask[piece].to(change.device)).sum())
-    # count_nonzero: a bool sum() would widen the whole mask to int64 first
-    count, numel = int(torch.count_nonzero(mask)), finetuned.numel()
-    return [
-        kept / count if count else None,
-        (total - kept) / (numel - count) if numel > count else None,
-    ]
+def _candidates(base: Weights, finetuned: Weights, config: KENConfig) -> list[tuple[str, str]]:
+    """``[(name_or_path, revision)]`` that may hold the base: the config's when it names one
+    (alone), else the base model's source, else the fine-tune's (a fine-tune loaded from
+    its base's checkpoint names it; one loaded from its own folder fails the check)."""
+    if config.base_model_name_or_path:
+        return [(config.base_model_name_or_path, config.base_model_revision)]
+    found = []
+    for model in (base, finetuned):
+        source = getattr(model, "name_or_path", "") if isinstance(model, torch.nn.Module) else ""
+        if source and source not in [c for c, _ in found]:
+            found.append((source, getattr(getattr(model, "config", None), "_commit_hash", None)))
+    return found
 
 
-def pruned_tensor(mask: torch.Tensor, finetuned: torch.Tensor, base: torch.Tensor) -> PrunedTensor:
-    """The ``PrunedTensor`` of ``finetuned`` kept at ``mask`` (same shape), with the delta
-    statistics against ``base`` recorded."""
-    pruned = PrunedTensor.from_mask(mask, finetuned)
-    pruned.delta_kept, pruned.delta_reset = delta_statistics(finetuned, base, mask)
-    return pruned
+def locate_base(
+    base: Weights, finetuned: Weights, config: KENConfig, base_tensors: Mapping[str, torch.Tensor]
+) -> tuple[BaseSource | None, list[str]]:
+    """The checkpoint that holds ``base_tensors`` (some of its tensors compared bit for bit)
+    among the candidates, and why each other candidate was not it. A checkpoint named in
+    ``config`` that cannot be read or does not hold the base is an error."""
+    prefix = getattr(finetuned, "base_model_prefix", None) or None
+    names = [n for n, t in tensors_of(finetuned).items() if t.is_floating_point()]
+    reasons = []
+    for source, revision in _candidates(base, finetuned, config):
+        try:
+            with Checkpoint(source, revision=revision) as checkpoint:
+                differs = first_difference(checkpoint, base_tensors, prefix)
+                missing = new_tensor_names(names, checkpoint, prefix)
+        except (CheckpointError, OSError) as error:
+            reason = f"{source!r} cannot be read ({error})"
+        else:
+            if differs is None:
+                return BaseSource(source, revision, frozenset(missing)), reasons
+            reason = f"{source!r} does not hold the base given (tensor {differs!r} differs)"
+        if config.base_model_name_or_path:
+            raise ValueError(f"KENConfig.base_model_name_or_path: {reason}")
+        reasons.append(reason)
+    return None, reasons
 
 
-def placement(name: str, config: KENConfig, *, in_base: bool) -> str:
-    """Where a fine-tuned floating-point tensor goes: ``"whole"`` (stored whole: listed in
-    ``modules_to_save``, or not in the base, such as a new head), ``"pruned"`` (KEN keeps k
-    values per row) or ``"reset"`` (back to its pre-trained values)."""
-    if not in_base or config.saves_whole(name):
-        return "whole"
-    return "pruned" if config.targets(name) else "reset"
-
-
-class BaseMismatchError(ValueError):
-    """A subnetwork applied to a base model it was not made from."""
-
-
-def parameters_of(weights: Weights) -> dict[str, torch.Tensor]:
-    """Named tensors of a model (its parameters, tied ones once) or of a state dict."""
-    if isinstance(weights, torch.nn.Module):
-        return {name: p for name, p in weights.named_parameters()}
-    return dict(weights)
-
-
-def fingerprints_of(weights: Weights) -> dict[str, str]:
-    """``{name: fingerprint}`` of every floating-point tensor of ``weights``."""
-    return {
-        name: tensor_fingerprint(t)
-        for name, t in parameters_of(weights).items()
-        if t.is_floating_point()
-    }
+def cannot_tell(finetuned: Weights, names: Collection[str], reasons: list[str]) -> ValueError:
+    """The error for a base whose checkpoint, and so whose new tensors, are unknown: it names
+    the likely new tensors (those outside the model's ``base_model_prefix``) and the fix."""
+    prefix = getattr(finetuned, "base_model_prefix", "") or ""
+    likely = sorted(n for n in names if prefix and not n.startswith(prefix + "."))
+    why = "; ".join(reasons) or "the base is a state dict or a model not loaded from a checkpoint"
+    return ValueError(
+        "cannot tell which tensors of the base are newly initialised, nor which checkpoint "
+        f"the base is ({why}). Pass new_tensors= naming them (likely: {likely or 'none'}; "
+        "an empty set if none is), or the base model as from_pretrained loaded it, or "
+        "KENConfig(base_model_name_or_path=...) naming the base checkpoint"
+    )
 
 
 @dataclass
@@ -147,10 +164,12 @@ class KENSubnetwork:
     """The KEN subnetwork of a fine-tuned model against its base.
 
     Attributes:
-        config: the ``KENConfig`` it was made with.
+        config: the ``KENConfig`` it was made with (base, dtype and model class recorded).
         pruned: ``{name: PrunedTensor}`` kept positions and values of each pruned tensor.
         whole: ``{name: tensor}`` tensors stored whole (``modules_to_save``, new heads).
         fingerprints: ``{name: hex}`` of every base tensor the result depends on.
+        model_config: the fine-tuned model's ``config.json`` as a dict, when known.
+        metrics: evaluation results shown in the model card.
     """
 
     config: KENConfig
@@ -167,81 +186,61 @@ class KENSubnetwork:
         finetuned: Weights,
         config: KENConfig,
         *,
-        new_tensors: frozenset[str] | set[str] | None = None,
+        new_tensors: Collection[str] | None = None,
         progress: bool = True,
-        selector: MaskSelector = select_masks,
+        selector: MaskSelector = select_in_process,
     ) -> KENSubnetwork:
         """Select the subnetwork of ``finetuned`` (a model or state dict) against ``base``.
 
-        Every floating-point tensor of ``finetuned`` is pruned, stored whole or left to the
-        base, as ``config`` says. Tensors absent from ``base`` or named in ``new_tensors``
-        (newly initialised ones, such as a classification head: their "pre-trained" values
-        are random) are stored whole and not fingerprinted. ``new_tensors=None`` finds them
-        when ``base`` is a model loaded from a checkpoint: the parameters that checkpoint
-        does not hold. ``selector`` computes the masks (the training layer passes one that
-        shares the work among distributed ranks).
+        Every floating-point tensor of ``finetuned`` is pruned, stored whole or reset, as
+        ``ken_hf.pipeline`` plans it. The base checkpoint is recorded and the newly
+        initialised tensors (stored whole) are found by locating the checkpoint ``base``
+        came from (``locate_base``); ``new_tensors`` names them instead. When neither
+        works, a ``ValueError`` says what to pass. ``selector`` computes the masks (the
+        training layer passes one that shares the work among distributed ranks).
         """
-        if new_tensors is None:
-            new_tensors = _newly_initialised(base)
-        base_tensors = {
-            name: t for name, t in parameters_of(base).items() if name not in new_tensors
-        }
-        finetuned_tensors = {
-            name: t for name, t in parameters_of(finetuned).items() if t.is_floating_point()
-        }
-        to_prune: dict[int, dict[str, torch.Tensor]] = {}
-        whole: dict[str, torch.Tensor] = {}
-        for name, tensor in finetuned_tensors.items():
-            fate = placement(name, config, in_base=name in base_tensors)
-            if fate == "whole":
-                whole[name] = tensor.detach().clone()
-                continue
-            if base_tensors[name].shape != tensor.shape:
-                raise ValueError(
-                    f"tensor {name!r}: base shape {tuple(base_tensors[name].shape)} differs "
-                    f"from fine-tuned shape {tuple(tensor.shape)}"
-                )
-            if fate == "pruned":
-                k = config.k_for(as_rows(tensor).shape[1])
-                to_prune.setdefault(k, {})[name] = tensor.detach()
-        masks = selector(to_prune, base_tensors, config, progress)
-        pruned = {}
-        for name, mask in masks.items():
-            pruned[name] = pruned_tensor(mask, finetuned_tensors[name], base_tensors[name])
-        fingerprints = {
-            name: tensor_fingerprint(base_tensors[name])
-            for name in finetuned_tensors
-            if name in base_tensors
-        }
-        if isinstance(finetuned, torch.nn.Module):
-            return cls.of_model(finetuned, config, pruned, whole, fingerprints)
-        return cls(config, pruned, whole, fingerprints)
+        return _select(base, finetuned, config, new_tensors, progress, selector)[0]
 
     @classmethod
-    def of_model(
+    def from_records(
         cls,
-        model: torch.nn.Module,
+        records: Iterable[TensorRecord],
         config: KENConfig,
-        pruned: dict[str, PrunedTensor],
-        whole: dict[str, torch.Tensor],
-        fingerprints: dict[str, str],
+        *,
+        model: Weights | None = None,
+        source: BaseSource | None = None,
+        base_dtype: str | None = None,
     ) -> KENSubnetwork:
-        """A subnetwork of ``model``: its config (``config.json``) is kept, and ``config``
-        gets the model's class and source where it does not name them."""
-        if not hasattr(model, "config"):
-            return cls(config, pruned, whole, fingerprints)
-        # FSDP2 subclasses the model's class on the fly: record the class it came from.
-        model_class = next(
-            c for c in type(model).__mro__ if not c.__module__.startswith("torch.distributed")
-        )
-        config = dataclasses.replace(
-            config,
-            model_class=config.model_class or model_class.__name__,
-            base_model_name_or_path=config.base_model_name_or_path
-            or getattr(model, "name_or_path", None)
-            or None,
-        )
-        return cls(config, pruned, whole, fingerprints, model.config.to_dict())
+        """Gather the pipeline's records: ``config`` gets the base ``source``, its dtype and
+        the model's class where it does not name them; ``model``'s config is kept."""
+        pruned, whole, fingerprints = {}, {}, {}
+        for record in records:
+            name = record.plan.name
+            if record.fingerprint is not None:
+                fingerprints[name] = record.fingerprint
+            if record.mask is not None:
+                pruned[name] = PrunedTensor.from_mask(record.mask, record.finetuned)
+                pruned[name].delta_kept, pruned[name].delta_reset = record.delta
+            elif record.fingerprint is None:
+                whole[name] = record.finetuned.detach().to("cpu", copy=True)
+        model_config = None
+        if isinstance(model, torch.nn.Module) and hasattr(model, "config"):
+            # FSDP2 subclasses the model's class on the fly: record the class it came from.
+            model_class = next(
+                c for c in type(model).__mro__ if not c.__module__.startswith("torch.distributed")
+            )
+            config = dataclasses.replace(
+                config, model_class=config.model_class or model_class.__name__
+            )
+            model_config = model.config.to_dict()
+        if source is not None and not config.base_model_name_or_path:
+            config = dataclasses.replace(
+                config,
+                base_model_name_or_path=source.name_or_path,
+                base_model_revision=config.base_model_revision or source.revision,
+            )
+        config = dataclasses.replace(config, base_model_dtype=config.base_model_dtype or base_dtype)
+        return cls(config, pruned, whole, fingerprints, model_config)
 
     # -- what it holds ------------------------------------------------------------------
     def kept_fraction(self) -> float:
@@ -289,7 +288,7 @@ class KENSubnetwork:
         overwrote (``{name: values}``), which ``restore`` puts back. Costs time in
         proportion to the kept values (flat gathers and scatters).
         """
-        parameters = parameters_of(model)
+        parameters = tensors_of(model)
         self.check_base(base_fingerprints or fingerprints_of(model))
         for name in list(self.pruned) + list(self.whole):
             if name not in parameters:
@@ -313,7 +312,7 @@ class KENSubnetwork:
 
     def restore(self, model: torch.nn.Module, saved: Mapping[str, torch.Tensor]) -> None:
         """Put back the base values ``apply_to`` returned: the model is the base again."""
-        parameters = parameters_of(model)
+        parameters = tensors_of(model)
         with torch.no_grad():
             for name, pruned in self.pruned.items():
                 _write_at(parameters[name], pruned.positions, saved[name])
@@ -321,53 +320,121 @@ class KENSubnetwork:
                 parameters[name].copy_(saved[name])
 
     # -- files and the Hub --------------------------------------------------------------
-    def save_pretrained(self, save_directory: str | os.PathLike) -> None:
-        """Write ``ken_config.json``, ``ken_subnetwork.safetensors``, the model's
-        ``config.json`` and a model card into ``save_directory``, atomically."""
-        from .card import model_card
-        from .io import atomic_folder, write_text_atomic
-
-        with atomic_folder(save_directory) as staging:
-            self.config.save_pretrained(staging)
-            write_subnetwork(
-                StoredSubnetwork(self.pruned, self.whole, self.fingerprints),
-                staging / SUBNETWORK_NAME,
+    def save_pretrained(
+        self, save_directory: str | os.PathLike, *, report: dict | None = None
+    ) -> None:
+        """Write ``ken_subnetwork.safetensors``, the model's ``config.json``, a model card,
+        ``report`` as ``ken_report.json`` when given, and ``ken_config.json`` last into
+        ``save_directory`` (see ``FolderWriter``: other files there are never touched, and
+        an interrupted save leaves the previous subnetwork loadable)."""
+        with FolderWriter(save_directory, commit=CONFIG_NAME) as out:
+            subnetwork_file = out.staged(SUBNETWORK_NAME)
+            digest = write_subnetwork(
+                StoredSubnetwork(self.pruned, self.whole, self.fingerprints), subnetwork_file
             )
             if self.model_config is not None:
-                import json
-
-                write_text_atomic(
-                    staging / "config.json", json.dumps(self.model_config, indent=2, sort_keys=True)
+                out.write_text(
+                    MODEL_CONFIG_NAME, json.dumps(self.model_config, indent=2, sort_keys=True)
                 )
-            write_text_atomic(staging / "README.md", model_card(self.config, staging, self.metrics))
+            out.write_text(CARD_NAME, model_card(self.config, subnetwork_file, self.metrics))
+            if report is not None:
+                out.write_text(REPORT_NAME, json.dumps(report, indent=2) + "\n")
+            else:
+                out.remove_stale([REPORT_NAME])  # it described an earlier subnetwork
+            saved = dataclasses.replace(self.config, subnetwork_digest=digest)
+            out.write_text(CONFIG_NAME, saved.to_json_string())
 
     @classmethod
     def from_pretrained(
         cls, name_or_path: str | os.PathLike, *, revision: str | None = None, **hub_kwargs
     ) -> KENSubnetwork:
         """Read a subnetwork folder, local or on the Hub; everything is validated."""
-        import json
-
-        from .hub import resolve_folder
-
-        folder = resolve_folder(name_or_path, revision=revision, **hub_kwargs)
+        folder = resolve_folder(
+            name_or_path, allow_patterns=SUBNETWORK_FILES, revision=revision, **hub_kwargs
+        )
         config = KENConfig.from_pretrained(folder)
-        stored = read_subnetwork(folder / SUBNETWORK_NAME)
+        subnetwork_file, model_config_file = saved_files(folder, config)
+        stored = read_subnetwork(subnetwork_file)
         model_config = None
-        if (folder / "config.json").is_file():
-            model_config = json.loads((folder / "config.json").read_text(encoding="utf-8"))
+        if model_config_file.is_file():
+            model_config = json.loads(model_config_file.read_text(encoding="utf-8"))
         return cls(config, stored.pruned, stored.whole, stored.fingerprints, model_config)
 
     def push_to_hub(self, repo_id: str, **push_kwargs) -> str:
         """Publish only the subnetwork folder to ``repo_id``; returns the commit URL."""
-        import tempfile
-
-        from .hub import push_folder
-
         with tempfile.TemporaryDirectory() as scratch:
             folder = Path(scratch) / "ken"
             self.save_pretrained(folder)
             return push_folder(folder, repo_id, **push_kwargs)
+
+
+def saved_files(folder: Path, config: KENConfig) -> tuple[Path, Path]:
+    """The subnetwork file and the model's ``config.json`` saved with ``config`` (read from
+    ``folder``'s ``ken_config.json``): the current files, or the previous versions that an
+    interrupted save left beside them. Raises ``KENFormatError`` for files of another save."""
+    subnetwork_file, model_config_file = folder / SUBNETWORK_NAME, folder / MODEL_CONFIG_NAME
+    if config.subnetwork_digest is None or _digest(subnetwork_file) == config.subnetwork_digest:
+        return subnetwork_file, model_config_file
+    previous = previous_version(subnetwork_file)
+    if previous.is_file() and _digest(previous) == config.subnetwork_digest:
+        previous_config = previous_version(model_config_file)
+        return previous, previous_config if previous_config.is_file() else model_config_file
+    raise KENFormatError(
+        f"{subnetwork_file} is not the subnetwork that {folder / CONFIG_NAME} was saved with "
+        "(another save changed one of them); save the subnetwork again"
+    )
+
+
+def _digest(path: Path) -> str:
+    with SubnetworkReader(path) as reader:
+        return reader.digest
+
+
+def _select(base, finetuned, config, new_tensors, progress, selector):
+    """The in-memory driver: plan, masks, one step per tensor. Returns the subnetwork, the
+    records (in plan order) and the base's tensors by name."""
+    base_tensors, tuned = tensors_of(base), tensors_of(finetuned)
+    source, reasons = locate_base(base, finetuned, config, base_tensors)
+    if new_tensors is None:
+        if source is None:
+            floating = [n for n, t in tuned.items() if t.is_floating_point()]
+            raise cannot_tell(finetuned, floating, reasons)
+        new_tensors = source.missing
+    elif source is None and not config.base_model_name_or_path:
+        warnings.warn(
+            "the subnetwork names no base checkpoint ("
+            + "; ".join(reasons or ["none known"])
+            + "): load it with KENModel.from_pretrained(base_model, folder), or set "
+            "KENConfig.base_model_name_or_path",
+            stacklevel=3,
+        )
+    plans = plan_tensors(
+        specs_of(tuned),
+        specs_of(base_tensors),
+        config,
+        new_tensors=new_tensors,
+        prefix=getattr(finetuned, "base_model_prefix", None) or None,
+    )
+    masks = selector(plans, tuned, base_tensors, config, progress)
+    records = [
+        process_tensor(
+            plan,
+            tuned[plan.name],
+            base_tensors[plan.base_name] if plan.base_name else None,
+            config,
+            mask=masks.get(plan.name) if plan.fate == PRUNED else None,
+        )
+        for plan in plans
+    ]
+    base_dtype = dominant_dtype(
+        specs_of(
+            {p.base_name: base_tensors[p.base_name] for p in plans if p.fate != WHOLE}
+        ).values()
+    )
+    subnetwork = KENSubnetwork.from_records(
+        records, config, model=finetuned, source=source, base_dtype=base_dtype
+    )
+    return subnetwork, records, base_tensors
 
 
 def prune_model(
@@ -375,34 +442,19 @@ def prune_model(
     base: Weights,
     config: KENConfig,
     *,
-    new_tensors: frozenset[str] | set[str] | None = None,
+    new_tensors: Collection[str] | None = None,
     progress: bool = True,
-    selector: MaskSelector = select_masks,
+    selector: MaskSelector = select_in_process,
 ) -> KENSubnetwork:
     """The functional path: select KEN's subnetwork of ``finetuned`` against ``base`` (a
     model or state dict), reset ``finetuned`` in place to what the subnetwork rebuilds
     (kept values fine-tuned, all else pre-trained), and return the subnetwork.
     ``new_tensors`` and ``selector``: as in ``KENSubnetwork.from_weights``."""
-    subnetwork = KENSubnetwork.from_weights(
-        base, finetuned, config, new_tensors=new_tensors, progress=progress, selector=selector
+    subnetwork, records, base_tensors = _select(
+        base, finetuned, config, new_tensors, progress, selector
     )
-    base_tensors = parameters_of(base)
-    with torch.no_grad():
-        for name, parameter in parameters_of(finetuned).items():
-            if name in subnetwork.whole or name not in base_tensors:
-                continue
-            if not parameter.is_floating_point():
-                continue
-            reset_to_subnetwork(parameter, base_tensors[name], subnetwork.pruned.get(name))
+    tuned = tensors_of(finetuned)
+    for record in records:
+        if record.plan.base_name:
+            rebuild_into(tuned[record.plan.name], base_tensors[record.plan.base_name], record)
     return subnetwork
-
-
-def reset_to_subnetwork(
-    parameter: torch.Tensor, base: torch.Tensor, pruned: PrunedTensor | None
-) -> None:
-    """Write into ``parameter`` what a subnetwork rebuilds from ``base`` (same shape): the
-    pre-trained values, with the kept fine-tuned values of ``pruned`` (if any) in place."""
-    with torch.no_grad():
-        parameter.copy_(base)
-        if pruned is not None:
-            _write_at(parameter, pruned.positions, pruned.values)

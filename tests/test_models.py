@@ -126,7 +126,7 @@ def test_base_in_another_dtype_or_another_model_is_refused(minilm_finetune, mini
     from ken_hf.experiments.assets import smollm2_path
 
     other = AutoModelForCausalLM.from_pretrained(smollm2_path(2))
-    with pytest.raises(BaseMismatchError, match="bert.embeddings.word_embeddings.weight.*missing"):
+    with pytest.raises(BaseMismatchError, match="of the subnetwork's base is missing"):
         KENModel.from_pretrained(other, folder)
 
 
@@ -142,10 +142,32 @@ def test_switching_subnetworks_and_unloading_restores_the_base(minilm_finetune, 
         expected = _state(minilm_pruned[ratio]["model"])
         # the classification head is stored whole, so the whole state matches
         _assert_same_state(_state(base), expected)
-    assert model.unload() is base
-    _assert_same_state(_state(base), original)
     with pytest.raises(KeyError, match="no subnetwork named 'third'"):
         model.set_subnetwork("third")
+    with model.disable_subnetwork():
+        _assert_same_state(_state(base), original)
+    _assert_same_state(_state(base), _state(minilm_pruned[0.25]["model"]))
+    model.delete_subnetwork("quarter")  # the active one: taken off first
+    _assert_same_state(_state(base), original)
+    assert model.unload() is base
+    _assert_same_state(_state(base), original)
+    with pytest.raises(ValueError, match="unloaded"):
+        model.set_subnetwork("half")
+
+
+def test_merge_and_unload_leaves_no_subnetwork_to_write_over_it(minilm_finetune, minilm_pruned):
+    model = KENModel(_minilm_base(minilm_finetune["base"]))
+    model.load_subnetwork(minilm_pruned[0.25]["folder"], "quarter")
+    model.load_subnetwork(minilm_pruned[0.5]["folder"], "half")
+    model.set_subnetwork("quarter")
+    merged = model.merge_and_unload()
+    expected = _state(minilm_pruned[0.25]["model"])
+    _assert_same_state(_state(merged), expected)
+    for call in (lambda: model.set_subnetwork("half"), lambda: model.load_subnetwork(
+            minilm_pruned[0.5]["folder"], "again")):  # fmt: skip
+        with pytest.raises(ValueError, match="unloaded"):
+            call()
+    _assert_same_state(_state(merged), expected)
 
 
 def test_ken_model_works_in_trainer_and_pipeline(minilm_finetune, minilm_pruned, tmp_path):
@@ -228,10 +250,13 @@ def test_new_head_is_found_and_stored_whole_without_being_named(minilm_finetune)
     subnetwork = KENSubnetwork.from_weights(base, minilm_finetune["model"], config, progress=False)
     assert set(subnetwork.whole) == {"classifier.weight", "classifier.bias"}
     assert "classifier.weight" not in subnetwork.fingerprints
+    # A state dict says nothing about what was new, but the fine-tune was loaded from the
+    # base's checkpoint, which holds these very values: it is found and names the head.
     plain = KENSubnetwork.from_weights(
         dict(base.named_parameters()), minilm_finetune["model"], config, progress=False
     )
-    assert plain.whole == {}  # a state dict says nothing about what was new
+    assert set(plain.whole) == {"classifier.weight", "classifier.bias"}
+    assert plain.config.base_model_name_or_path == minilm_finetune["base"]
 
 
 def test_subnetwork_from_state_dicts_equals_from_models(minilm_finetune):
@@ -239,9 +264,13 @@ def test_subnetwork_from_state_dicts_equals_from_models(minilm_finetune):
     finetuned = minilm_finetune["model"]
     config = KENConfig(k=64, target_modules=["query", "value"])
     from_models = KENSubnetwork.from_weights(base, finetuned, config, progress=False)
-    from_dicts = KENSubnetwork.from_weights(
-        dict(base.named_parameters()), dict(finetuned.named_parameters()), config, progress=False
-    )
+    dicts = dict(base.named_parameters()), dict(finetuned.named_parameters())
+    with pytest.raises(ValueError, match=r"cannot tell .* new_tensors="):
+        KENSubnetwork.from_weights(*dicts, config, progress=False)
+    with pytest.warns(UserWarning, match="names no base checkpoint"):
+        from_dicts = KENSubnetwork.from_weights(
+            *dicts, config, new_tensors=minilm_finetune["new"], progress=False
+        )
     assert from_models.pruned.keys() == from_dicts.pruned.keys()
     # query and value, weight and bias, in 6 layers
     assert len(from_models.pruned) == 24

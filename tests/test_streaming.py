@@ -136,21 +136,36 @@ def test_apply_refuses_a_base_it_was_not_made_from(checkpoints, pruned, capsys):
     assert not out.exists()
 
 
-def test_a_killed_prune_leaves_no_output_and_a_rerun_succeeds(checkpoints):
+def test_a_killed_prune_leaves_the_old_or_the_new_subnetwork_and_foreign_files(checkpoints):
+    """``ken prune`` into a folder that holds a subnetwork and a user's files, killed (SIGKILL)
+    at several points of its save: the folder always loads, as the old subnetwork or the new
+    one, and the user's files are untouched."""
     root, base, finetuned = checkpoints
     out = root / "killed"
-    command = [sys.executable, "-m", "ken_hf.cli", "prune", "--base", str(base), "--finetuned",
-               str(finetuned), "--keep-ratio", "0.5", "--out", str(out)]  # fmt: skip
-    process = subprocess.Popen(command, stderr=subprocess.DEVNULL, stdout=subprocess.DEVNULL)
-    deadline = time.monotonic() + 120
-    while not list(root.glob(".killed.*/.ken_subnetwork.safetensors.*.data")):
-        assert process.poll() is None and time.monotonic() < deadline, "prune never started"
-        time.sleep(0.05)
-    os.kill(process.pid, signal.SIGKILL)
-    process.wait()
-    assert not out.exists()
-    assert subprocess.run(command, capture_output=True).returncode == 0
-    assert read_subnetwork(out / SUBNETWORK_NAME).pruned
+    common = [sys.executable, "-m", "ken_hf.cli", "prune", "--base", str(base), "--finetuned",
+              str(finetuned), "--out", str(out)]  # fmt: skip
+    assert subprocess.run([*common, "--keep-ratio", "0.25"], capture_output=True).returncode == 0
+    (out / "my_notes.txt").write_text("mine")
+    (out / "checkpoint-500").mkdir()
+    (out / "checkpoint-500" / "model.safetensors").write_bytes(b"not ken's")
+    old = KENSubnetwork.from_pretrained(out).kept_fraction()
+    for delay in (0.0, 0.05, 0.1, 0.2, 0.4, 0.8, 1.6):
+        process = subprocess.Popen([*common, "--keep-ratio", "0.5"], stderr=subprocess.DEVNULL)
+        deadline = time.monotonic() + 120
+        while not list(out.glob(".ken_subnetwork.safetensors.*")):
+            if process.poll() is not None:
+                break
+            assert time.monotonic() < deadline, "prune never started"
+            time.sleep(0.01)
+        time.sleep(delay)
+        process.kill()
+        process.wait()
+        kept = KENSubnetwork.from_pretrained(out).kept_fraction()
+        assert abs(kept - old) < 1e-9 or abs(kept - 0.5) < 0.01, kept
+        assert (out / "my_notes.txt").read_text() == "mine"
+        assert (out / "checkpoint-500" / "model.safetensors").read_bytes() == b"not ken's"
+        if process.returncode == 0:  # finished before the kill: start again from the old one
+            assert subprocess.run([*common, "--keep-ratio", "0.25"]).returncode == 0
 
 
 def test_llama_base_against_its_sequence_classifier_in_bf16(tmp_path):

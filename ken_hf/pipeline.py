@@ -1,0 +1,231 @@
+"""One way through for every tensor: a plan (what happens to each tensor, decided from names,
+shapes and dtypes alone, before any work) and a step (one tensor pair in, one record out).
+
+Three drivers call them and differ only in where tensors come from and where records go:
+``KENSubnetwork.from_weights`` (a model or state dict in memory), ``prune_checkpoints``
+(memory-mapped checkpoints, ``ken_hf.streaming``) and ``prune_sharded`` (tensors gathered
+from FSDP2 / ZeRO-3 shards, ``ken_hf.sharding``). Every rule and edge case lives here, once:
+
+- KEN sees the floating-point tensors of the fine-tuned model's state: its parameters and
+  its persistent buffers (tied tensors once); integer tensors are left to the base.
+- A tensor the base does not hold, or named in ``new_tensors`` (newly initialised, such as a
+  classification head), or listed in ``modules_to_save``, is stored whole.
+- Any other tensor is pruned when ``KENConfig`` targets it and reset to its pre-trained
+  values otherwise; both record the base tensor's fingerprint.
+- The plan is in name order, so that every driver writes the same file for the same pair.
+"""
+
+from __future__ import annotations
+
+import math
+from collections.abc import Collection, Iterable, Mapping
+from dataclasses import dataclass
+
+import torch
+
+from .checkpoints import match_names
+from .config import KENConfig
+from .fingerprint import tensor_fingerprint
+from .safetensors_io import FLOAT_DTYPES
+from .selection import select_by_rule
+from .selection.rows import DEFAULT_MAX_MEMORY
+
+PRUNED, WHOLE, RESET = "pruned", "whole", "reset"
+# (shape, dtype) of a tensor, known before it is read.
+TensorSpec = tuple[tuple[int, ...], torch.dtype | None]
+
+
+class PlanError(ValueError):
+    """A base and a fine-tune that do not belong together (shapes, dtypes, no tensor in
+    common), found before any selection."""
+
+
+@dataclass(frozen=True)
+class TensorPlan:
+    """What happens to one fine-tuned tensor.
+
+    Attributes:
+        name: the tensor's name in the fine-tuned model.
+        fate: ``PRUNED`` (k values per row kept), ``WHOLE`` (stored whole) or ``RESET``
+            (back to its pre-trained values).
+        base_name: its name in the base (None when stored whole because it is new).
+        k: values kept per row (pruned tensors only).
+    """
+
+    name: str
+    fate: str
+    base_name: str | None
+    k: int | None = None
+
+
+@dataclass
+class TensorRecord:
+    """What the step found for one tensor.
+
+    Attributes:
+        plan: the tensor's plan.
+        finetuned: the fine-tuned tensor (what a ``WHOLE`` tensor stores).
+        mask: bool, ``finetuned``'s shape: the kept positions (``PRUNED`` only).
+        fingerprint: of the base tensor (``PRUNED`` and ``RESET``).
+        delta: ``[mean |change| over kept positions, ... over reset ones]`` (``PRUNED``).
+    """
+
+    plan: TensorPlan
+    finetuned: torch.Tensor
+    mask: torch.Tensor | None = None
+    fingerprint: str | None = None
+    delta: list[float | None] | None = None
+
+
+def plan_tensors(
+    finetuned: Mapping[str, TensorSpec],
+    base: Mapping[str, TensorSpec],
+    config: KENConfig,
+    *,
+    new_tensors: Collection[str] = (),
+    prefix: str | None = None,
+) -> list[TensorPlan]:
+    """The plan for every floating-point tensor of ``finetuned``, in name order.
+
+    ``finetuned`` and ``base``: ``{name: (shape, dtype)}``. Names match as ``from_pretrained``
+    matches them (``prefix``: the model's ``base_model_prefix``). Raises ``PlanError``
+    naming the tensor when a pair differs in shape or dtype, or when nothing matches."""
+    names = sorted(name for name, (_, dtype) in finetuned.items() if dtype in FLOAT_DTYPES)
+    pairs = match_names(names, base, prefix)
+    for name in new_tensors:
+        pairs.pop(name, None)
+    if names and not pairs and not new_tensors:
+        raise PlanError("the base and the fine-tune have no tensor in common")
+    plans = []
+    for name in names:
+        shape, dtype = finetuned[name]
+        if name not in pairs or config.saves_whole(name):
+            plans.append(TensorPlan(name, WHOLE, pairs.get(name)))
+            continue
+        base_shape, base_dtype = base[pairs[name]]
+        if tuple(base_shape) != tuple(shape):
+            raise PlanError(
+                f"tensor {name!r}: base shape {tuple(base_shape)} differs from fine-tuned "
+                f"shape {tuple(shape)}"
+            )
+        if base_dtype != dtype:
+            raise PlanError(
+                f"tensor {name!r}: base dtype {base_dtype} differs from fine-tuned dtype "
+                f"{dtype} (load or convert both in one dtype)"
+            )
+        if config.targets(name):
+            width = math.prod(shape[1:]) if len(shape) >= 2 else math.prod(shape)
+            plans.append(TensorPlan(name, PRUNED, pairs[name], config.k_for(width)))
+        else:
+            plans.append(TensorPlan(name, RESET, pairs[name]))
+    return plans
+
+
+def dominant_dtype(specs: Iterable[TensorSpec]) -> str | None:
+    """The dtype holding most values among tensors of ``specs`` (``"float32"``, ...)."""
+    counts: dict[torch.dtype, int] = {}
+    for shape, dtype in specs:
+        counts[dtype] = counts.get(dtype, 0) + math.prod(shape)
+    return str(max(counts, key=counts.get)).removeprefix("torch.") if counts else None
+
+
+def specs_of(tensors: Mapping[str, torch.Tensor]) -> dict[str, TensorSpec]:
+    """``{name: (shape, dtype)}`` of tensors in memory."""
+    return {name: (tuple(t.shape), t.dtype) for name, t in tensors.items()}
+
+
+def select_masks(
+    plans: list[TensorPlan],
+    finetuned: Mapping[str, torch.Tensor],
+    base: Mapping[str, torch.Tensor],
+    config: KENConfig,
+    *,
+    progress: bool = False,
+    max_memory: int = DEFAULT_MAX_MEMORY,
+) -> dict[str, torch.Tensor]:
+    """``{name: bool mask}`` for the ``PRUNED`` plans among ``plans``, by ``config.rule``.
+    Tensors of one k are selected together (rows of small tensors share chunks); a mask
+    does not depend on which other tensors are selected with it. ``finetuned`` is keyed by
+    plan name, ``base`` by base name."""
+    groups: dict[int, list[TensorPlan]] = {}
+    for plan in plans:
+        if plan.fate == PRUNED:
+            groups.setdefault(plan.k, []).append(plan)
+    masks: dict[str, torch.Tensor] = {}
+    for k, group in groups.items():
+        masks.update(
+            select_by_rule(
+                {p.name: finetuned[p.name].detach() for p in group},
+                k,
+                rule=config.rule,
+                pretrained={p.name: base[p.base_name].detach() for p in group},
+                compat=config.compat,
+                seed=config.seed,
+                progress=progress,
+                max_memory=max_memory,
+            )
+        )
+    return masks
+
+
+def process_tensor(
+    plan: TensorPlan,
+    finetuned: torch.Tensor,
+    base: torch.Tensor | None,
+    config: KENConfig,
+    *,
+    mask: torch.Tensor | None = None,
+    max_memory: int = DEFAULT_MAX_MEMORY,
+) -> TensorRecord:
+    """The step: one fine-tuned tensor and its base tensor (None for ``WHOLE``) in, one
+    record out. A ``PRUNED`` tensor's ``mask`` is selected here unless given (a driver that
+    selects many tensors at once passes it)."""
+    finetuned = finetuned.detach()
+    if plan.fate == WHOLE:
+        return TensorRecord(plan, finetuned)
+    base = base.detach()
+    fingerprint = tensor_fingerprint(base)
+    if plan.fate == RESET:
+        return TensorRecord(plan, finetuned, fingerprint=fingerprint)
+    if mask is None:
+        mask = select_masks(
+            [plan], {plan.name: finetuned}, {plan.base_name: base}, config, max_memory=max_memory
+        )[plan.name]
+    delta = delta_statistics(finetuned, base, mask)
+    return TensorRecord(plan, finetuned, mask, fingerprint, delta)
+
+
+def delta_statistics(
+    finetuned: torch.Tensor, base: torch.Tensor, mask: torch.Tensor, *, block: int = 2**20
+) -> list[float | None]:
+    """``[mean |fine-tuned - pre-trained| over the kept positions, ... over the reset ones]``
+    (None where there are none), for tensors and bool ``mask`` of one shape; computed in
+    flat blocks of ``block`` values so that memory stays small next to the tensor."""
+    finetuned, mask = finetuned.detach().reshape(-1), mask.reshape(-1)
+    base = base.detach().reshape(-1)
+    kept = total = 0.0
+    for start in range(0, finetuned.numel(), block):
+        piece = slice(start, start + block)
+        change = (finetuned[piece].double() - base[piece].to(finetuned.device).double()).abs()
+        total += float(change.sum())
+        kept += float(torch.masked_select(change, mask[piece].to(change.device)).sum())
+    # count_nonzero: a bool sum() would widen the whole mask to int64 first
+    count, numel = int(torch.count_nonzero(mask)), finetuned.numel()
+    return [
+        kept / count if count else None,
+        (total - kept) / (numel - count) if numel > count else None,
+    ]
+
+
+def rebuild_into(tensor: torch.Tensor, base: torch.Tensor, record: TensorRecord) -> None:
+    """Write into ``tensor`` (the fine-tuned one, in place) what the subnetwork rebuilds:
+    unchanged when stored whole, else the pre-trained values with the kept fine-tuned
+    values in place."""
+    if record.plan.fate == WHOLE:
+        return
+    with torch.no_grad():
+        if record.mask is None:
+            tensor.copy_(base)
+            return
+        kept = torch.where(record.mask.to(tensor.device), tensor, base.to(tensor.device))
+        tensor.copy_(kept)
