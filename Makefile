@@ -29,7 +29,8 @@ test: $(STAMP)
 # requirements-min.txt (tests/test_version_floors.py keeps the two in agreement), in a venv of
 # their own; dependencies of those packages resolve to whatever pip picks for them. Run with
 # Python 3.11 and torch 2.6.0 from PyPI (a CUDA build, about 3 GB with its nvidia-* wheels;
-# it runs on CPUs too). Not part of `make test`.
+# it runs on CPUs too). Assets converted by these versions are cached apart (KEN_HF_CACHE).
+# Not part of `make test`.
 MIN_VENV ?= build/venv-min
 MIN_PY := $(MIN_VENV)/bin/python
 MIN_STAMP := $(MIN_VENV)/.ken-hf-installed
@@ -42,7 +43,7 @@ $(MIN_STAMP): pyproject.toml requirements-min.txt Makefile
 	touch $(MIN_STAMP)
 
 test-min: $(MIN_STAMP)
-	$(MIN_PY) -m pytest -q
+	KEN_HF_CACHE=$(MIN_VENV)/cache $(MIN_PY) -m pytest -q
 
 bench: $(STAMP)
 	$(PY) benchmarks/bench_select.py
