@@ -23,6 +23,7 @@ demo: $(STAMP)
 
 test: $(STAMP)
 	$(PY) -m ruff check ken_hf tests benchmarks recipes
+	$(VENV)/bin/lint-imports
 	$(PY) -m pytest -q
 
 # `make test-min`: the tests against the lowest versions pyproject.toml allows, listed in

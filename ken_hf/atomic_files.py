@@ -27,7 +27,7 @@ def _umask() -> int:
     return mask
 
 
-def _staging_file(path: Path) -> Path:
+def staging_file(path: Path) -> Path:
     """A new empty file beside ``path`` (same filesystem, so ``os.replace`` is atomic), with
     the permissions an ordinary new file gets (``mkstemp`` makes it private)."""
     handle, name = tempfile.mkstemp(dir=path.parent, prefix=f".{path.name}.", suffix=".tmp")
@@ -47,7 +47,7 @@ def _fsync_folder(folder: Path) -> None:
 def write_text_atomic(path: str | os.PathLike, text: str) -> None:
     """Write ``text`` to ``path`` through a temporary file in the same folder and a rename."""
     path = Path(path)
-    temporary = _staging_file(path)
+    temporary = staging_file(path)
     try:
         with open(temporary, "w", encoding="utf-8") as stream:
             stream.write(text)
@@ -102,7 +102,7 @@ class FolderWriter:
             raise ValueError(f"{name!r} is not a plain file name")
         if name in self._staged:
             raise ValueError(f"file {name!r} is written twice")
-        self._staged[name] = _staging_file(self.folder / name)
+        self._staged[name] = staging_file(self.folder / name)
         return self._staged[name]
 
     def rename_staged(self, name: str, new_name: str) -> None:

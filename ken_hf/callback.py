@@ -27,19 +27,12 @@ import torch
 from transformers import Trainer, TrainerCallback
 from transformers.utils import logging
 
-from .checkpoints import Checkpoint, match_names
+from .base_source import BaseSource, cannot_tell, locate_base
+from .checkpoints import Checkpoint, match_names, tensors_of
 from .config import KENConfig
 from .pipeline import PRUNED, select_masks
 from .sharding import full_numel, prune_sharded, sharding_of, snapshot_sharded
-from .subnetwork import (
-    BaseSource,
-    KENSubnetwork,
-    cannot_tell,
-    locate_base,
-    prune_model,
-    select_in_process,
-    tensors_of,
-)
+from .subnetwork import KENSubnetwork, prune_model, select_in_process
 
 logger = logging.get_logger(__name__)
 

@@ -279,9 +279,7 @@ def _add_compare(commands) -> None:
         "results.json, results.md and results.png into --output-dir.",
     )
     _finetune_arguments(compare, compared.task)
-    compare.add_argument(
-        "--seeds", type=_non_negative_int, nargs="+", default=list(compared.seeds)
-    )
+    compare.add_argument("--seeds", type=_non_negative_int, nargs="+", default=list(compared.seeds))
     compare.add_argument(
         "--keep-ratios", type=_ratio, nargs="+", default=list(compared.keep_ratios)
     )

@@ -12,8 +12,9 @@ import torch
 import transformers
 from transformers import PreTrainedModel
 
+from .checkpoints import tensors_of
 from .fingerprint import tensor_fingerprint
-from .subnetwork import KENSubnetwork, fingerprints_of, tensors_of
+from .subnetwork import KENSubnetwork, fingerprints_of
 
 
 class KENModel(PreTrainedModel):

@@ -25,7 +25,7 @@ from pathlib import Path
 import numpy as np
 import torch
 
-from .atomic_files import FolderWriter
+from .atomic_files import FolderWriter, staging_file
 
 # torch dtype <-> safetensors dtype name: the one table of the package.
 SAFETENSORS_DTYPES = {
@@ -228,20 +228,18 @@ class SafetensorsWriter:
             header["__metadata__"] = self.metadata
         text = json.dumps(header, separators=(",", ":")).encode()
         text += b" " * (-len(text) % 8)  # the data starts 8-byte aligned
-        final = tempfile.NamedTemporaryFile(
-            dir=self.path.parent, prefix=f".{self.path.name}.", suffix=".tmp", delete=False
-        )
+        final = staging_file(self.path)
         try:
-            with final:
-                final.write(struct.pack("<Q", len(text)))
-                final.write(text)
+            with open(final, "wb") as stream:
+                stream.write(struct.pack("<Q", len(text)))
+                stream.write(text)
                 self._scratch.seek(0)
-                shutil.copyfileobj(self._scratch, final, _COPY_BUFFER)
-                final.flush()
-                os.fsync(final.fileno())
-            os.replace(final.name, self.path)
+                shutil.copyfileobj(self._scratch, stream, _COPY_BUFFER)
+                stream.flush()
+                os.fsync(stream.fileno())
+            os.replace(final, self.path)
         except BaseException:
-            Path(final.name).unlink(missing_ok=True)
+            final.unlink(missing_ok=True)
             raise
         finally:
             self._discard_scratch()

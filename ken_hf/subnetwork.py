@@ -20,14 +20,9 @@ from pathlib import Path
 import torch
 
 from .atomic_files import FolderWriter, previous_version
+from .base_source import BaseSource, Weights, cannot_tell, locate_base
 from .card import model_card
-from .checkpoints import (
-    Checkpoint,
-    CheckpointError,
-    first_difference,
-    new_tensor_names,
-    tensors_of,
-)
+from .checkpoints import tensors_of
 from .config import CONFIG_NAME, KENConfig
 from .fingerprint import tensor_fingerprint
 from .hub import push_folder, resolve_folder
@@ -53,7 +48,6 @@ from .serialization import (
     write_subnetwork,
 )
 
-Weights = torch.nn.Module | Mapping[str, torch.Tensor]
 # Selects masks for the pruned plans: (plans, fine-tuned, base, config, progress) -> masks.
 MaskSelector = Callable[
     [list[TensorPlan], Mapping[str, torch.Tensor], Mapping[str, torch.Tensor], KENConfig, bool],
@@ -94,69 +88,6 @@ def _write_at(parameter: torch.Tensor, positions: torch.Tensor, values: torch.Te
     """Write ``values`` ``[count]`` at the flat ``positions`` ``[count]`` of ``parameter``."""
     flat = _flat(parameter)
     flat.index_copy_(0, positions.to(flat.device), values.to(flat.device, flat.dtype))
-
-
-@dataclass(frozen=True)
-class BaseSource:
-    """The checkpoint a base was loaded from, and which tensors it does not hold."""
-
-    name_or_path: str
-    revision: str | None
-    missing: frozenset[str]
-
-
-def _candidates(base: Weights, finetuned: Weights, config: KENConfig) -> list[tuple[str, str]]:
-    """``[(name_or_path, revision)]`` that may hold the base: the config's when it names one
-    (alone), else the base model's source, else the fine-tune's (a fine-tune loaded from
-    its base's checkpoint names it; one loaded from its own folder fails the check)."""
-    if config.base_model_name_or_path:
-        return [(config.base_model_name_or_path, config.base_model_revision)]
-    found = []
-    for model in (base, finetuned):
-        source = getattr(model, "name_or_path", "") if isinstance(model, torch.nn.Module) else ""
-        if source and source not in [c for c, _ in found]:
-            found.append((source, getattr(getattr(model, "config", None), "_commit_hash", None)))
-    return found
-
-
-def locate_base(
-    base: Weights, finetuned: Weights, config: KENConfig, base_tensors: Mapping[str, torch.Tensor]
-) -> tuple[BaseSource | None, list[str]]:
-    """The checkpoint that holds ``base_tensors`` (some of its tensors compared bit for bit)
-    among the candidates, and why each other candidate was not it. A checkpoint named in
-    ``config`` that cannot be read or does not hold the base is an error."""
-    prefix = getattr(finetuned, "base_model_prefix", None) or None
-    names = [n for n, t in tensors_of(finetuned).items() if t.is_floating_point()]
-    reasons = []
-    for source, revision in _candidates(base, finetuned, config):
-        try:
-            with Checkpoint(source, revision=revision) as checkpoint:
-                differs = first_difference(checkpoint, base_tensors, prefix)
-                missing = new_tensor_names(names, checkpoint, prefix)
-        except (CheckpointError, OSError) as error:
-            reason = f"{source!r} cannot be read ({error})"
-        else:
-            if differs is None:
-                return BaseSource(source, revision, frozenset(missing)), reasons
-            reason = f"{source!r} does not hold the base given (tensor {differs!r} differs)"
-        if config.base_model_name_or_path:
-            raise ValueError(f"KENConfig.base_model_name_or_path: {reason}")
-        reasons.append(reason)
-    return None, reasons
-
-
-def cannot_tell(finetuned: Weights, names: Collection[str], reasons: list[str]) -> ValueError:
-    """The error for a base whose checkpoint, and so whose new tensors, are unknown: it names
-    the likely new tensors (those outside the model's ``base_model_prefix``) and the fix."""
-    prefix = getattr(finetuned, "base_model_prefix", "") or ""
-    likely = sorted(n for n in names if prefix and not n.startswith(prefix + "."))
-    why = "; ".join(reasons) or "the base is a state dict or a model not loaded from a checkpoint"
-    return ValueError(
-        "cannot tell which tensors of the base are newly initialised, nor which checkpoint "
-        f"the base is ({why}). Pass new_tensors= naming them (likely: {likely or 'none'}; "
-        "an empty set if none is), or the base model as from_pretrained loaded it, or "
-        "KENConfig(base_model_name_or_path=...) naming the base checkpoint"
-    )
 
 
 @dataclass

@@ -47,6 +47,7 @@ def test_random_keeps_k_per_row_reproducibly():
     assert random_select(weight[0], 100).all()  # k >= n keeps the row
 
 
+@pytest.mark.filterwarnings("ignore:the subnetwork names no base checkpoint")
 def test_rules_through_the_subnetwork_keep_k_per_row(minilm_weights):
     """Every rule goes through KENConfig into a stored subnetwork with k kept per row;
     the delta rules see the change, not the fine-tuned values."""
@@ -56,7 +57,9 @@ def test_rules_through_the_subnetwork_keep_k_per_row(minilm_weights):
     masks = {}
     for rule in RULES:
         config = KENConfig(k=40, rule=rule, seed=1)
-        subnetwork = KENSubnetwork.from_weights(pretrained, finetuned, config, progress=False)
+        subnetwork = KENSubnetwork.from_weights(
+            pretrained, finetuned, config, new_tensors=(), progress=False
+        )
         assert set(subnetwork.pruned) == set(finetuned)
         masks[rule] = subnetwork.mask("encoder.layer.0.attention.self.query.weight")
         assert (masks[rule].sum(dim=1) == 40).all(), rule

@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+import inspect
 import json
 import os
 import subprocess
@@ -26,6 +27,12 @@ from ken_hf.experiments.assets import minilm_path, movie_reviews, smollm2_path
 from ken_hf.experiments.metrics import classification_metrics
 from ken_hf.experiments.tasks import movie_review_splits
 
+# The argument's name since transformers 5.x; older releases call it gradient_checkpointing.
+CHECKPOINTING = (
+    "activation_checkpointing"
+    if "activation_checkpointing" in inspect.signature(TrainingArguments).parameters
+    else "gradient_checkpointing"
+)
 # Two layers only, to keep selection quick; everything else goes back to pre-trained.
 LAYERS_0_1 = r"bert\.encoder\.layer\.[01]\..*"
 
@@ -60,7 +67,7 @@ def _train(tmp_path, splits, callback, *, model=None, resume=None, **arguments):
         eval_dataset=held_out,
         data_collator=DataCollatorWithPadding(tokenizer),
         compute_metrics=classification_metrics("accuracy"),
-        callbacks=[callback],
+        callbacks=callback if isinstance(callback, list) else [callback],
     )
     trainer.train(resume_from_checkpoint=resume)
     return trainer
@@ -97,6 +104,61 @@ def test_fp32_run_prunes_evaluates_logs_and_saves(tmp_path, splits):
         assert torch.equal(reloaded.state_dict()[key], value), key
 
 
+@pytest.mark.parametrize("dtype", [torch.float32, torch.bfloat16], ids=["fp32", "bf16"])
+def test_a_resumed_run_gives_the_subnetwork_of_an_uninterrupted_one(tmp_path, splits, dtype):
+    """Resumed from a checkpoint, the callback reads the pre-trained values from the base
+    checkpoint (in the model's dtype): the same subnetwork as a run that was never stopped."""
+
+    def model():
+        torch.manual_seed(0)
+        return AutoModelForSequenceClassification.from_pretrained(
+            minilm_path(), num_labels=2, dtype=dtype
+        )
+
+    steps = {"save_strategy": "steps", "save_steps": 2, "max_steps": 4}
+    whole = KENCallback(keep_ratio=0.5, target_modules=LAYERS_0_1, evaluate=False)
+    _train(tmp_path / "whole", splits, whole, model=model(), **steps)
+    resumed = KENCallback(keep_ratio=0.5, target_modules=LAYERS_0_1, evaluate=False)
+    checkpoint = tmp_path / "whole" / "run" / "checkpoint-2"  # saved on the way
+    _train(tmp_path / "cut", splits, resumed, model=model(), resume=str(checkpoint), **steps)
+    assert set(resumed.subnetwork.pruned) == set(whole.subnetwork.pruned)
+    for name, pruned in whole.subnetwork.pruned.items():
+        assert torch.equal(resumed.subnetwork.pruned[name].positions, pruned.positions), name
+        assert torch.equal(resumed.subnetwork.pruned[name].values, pruned.values), name
+    assert resumed.subnetwork.fingerprints == whole.subnetwork.fingerprints
+    assert resumed.subnetwork.config.base_model_dtype == str(dtype).removeprefix("torch.")
+
+
+def test_callback_prune_model_and_ken_prune_write_the_same_file(tmp_path, splits):
+    """One pair, one subnetwork file, whichever path made it; the callback saving into the
+    Trainer's output folder keeps the Trainer's checkpoints there."""
+    from transformers import TrainerCallback
+
+    from ken_hf import KENConfig, prune_model
+    from ken_hf.cli import main
+
+    class SaveFineTuned(TrainerCallback):  # runs before KENCallback: the fine-tuned weights
+        def on_train_end(self, args, state, control, model=None, **kwargs):
+            model.save_pretrained(tmp_path / "finetuned")
+
+    run, targets = tmp_path / "run", ["layer.0.attention.self.query", "layer.1.output.dense"]
+    callback = KENCallback(keep_ratio=0.5, target_modules=targets, save_dir=str(run))
+    _train(tmp_path, splits, [SaveFineTuned(), callback], save_strategy="steps", save_steps=2,
+           max_steps=4)  # fmt: skip
+    assert (run / "checkpoint-2" / "model.safetensors").is_file()
+    assert (run / "checkpoint-4" / "model.safetensors").is_file()
+    config = KENConfig(keep_ratio=0.5, target_modules=targets)
+    tuned = AutoModelForSequenceClassification.from_pretrained(tmp_path / "finetuned")
+    base = AutoModelForSequenceClassification.from_pretrained(minilm_path(), num_labels=2)
+    prune_model(tuned, base, config, progress=False).save_pretrained(tmp_path / "functional")
+    args = ["prune", "--base", str(minilm_path()), "--finetuned", str(tmp_path / "finetuned")]
+    assert main([*args, "--keep-ratio", "0.5", "--target-modules", *targets,
+                 "--out", str(tmp_path / "cli")]) == 0  # fmt: skip
+    files = [(folder / "ken_subnetwork.safetensors").read_bytes()
+             for folder in (run, tmp_path / "functional", tmp_path / "cli")]  # fmt: skip
+    assert files[0] == files[1] == files[2]
+
+
 def test_resumed_run_resets_to_the_base_checkpoint_not_the_resumed_weights(tmp_path, splits):
     first = _train(
         tmp_path,
@@ -124,7 +186,7 @@ def test_resumed_run_resets_to_the_base_checkpoint_not_the_resumed_weights(tmp_p
     [
         {"bf16": True},
         {"fp16": True},
-        {"activation_checkpointing": True},
+        {CHECKPOINTING: True},
         {"torch_compile": True, "torch_compile_backend": "eager"},
     ],
     ids=["bf16", "fp16", "gradient-checkpointing", "torch-compile"],

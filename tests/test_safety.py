@@ -173,3 +173,58 @@ def test_the_base_dtype_travels_with_the_subnetwork(minilm_finetune, batch, tmp_
     loaded = AutoKENModelForSequenceClassification.from_pretrained(tmp_path / "ken")
     assert loaded.dtype == dtype
     assert torch.equal(_logits(loaded, batch), _logits(tuned, batch))
+
+
+def test_the_three_drivers_write_the_same_file(minilm_finetune, finetuned_folder, tmp_path):
+    """In memory (``prune_model``), checkpoint to checkpoint (``ken prune``) and sharded
+    (``prune_sharded`` over FSDP2 DTensors, one gloo process): one pair, one file."""
+    import torch.distributed as dist
+    from torch.distributed.device_mesh import init_device_mesh
+    from torch.distributed.fsdp import fully_shard
+
+    from ken_hf.base_source import locate_base
+    from ken_hf.checkpoints import tensors_of
+    from ken_hf.sharding import prune_sharded
+
+    base_path, config = minilm_finetune["base"], KENConfig(keep_ratio=0.5, target_modules=TARGETS)
+    tuned = _base(str(finetuned_folder))
+    prune_model(tuned, _base(base_path), config, progress=False).save_pretrained(tmp_path / "a")
+    args = ["prune", "--base", base_path, "--finetuned", str(finetuned_folder)]
+    assert main([*args, "--keep-ratio", "0.5", "--target-modules", *TARGETS,
+                 "--out", str(tmp_path / "b")]) == 0  # fmt: skip
+
+    base = _base(base_path)
+    snapshot = {name: t.detach().clone() for name, t in tensors_of(base).items()}
+    source, _ = locate_base(base, base, config, snapshot)
+    sharded = _base(str(finetuned_folder))
+    dist.init_process_group(
+        "gloo", init_method=f"file://{tmp_path / 'store'}", rank=0, world_size=1
+    )
+    try:
+        fully_shard(sharded, mesh=init_device_mesh("cpu", (1,)))
+        subnetwork = prune_sharded(
+            sharded, snapshot, config, new_tensors=source.missing, main=True, source=source
+        )
+    finally:
+        dist.destroy_process_group()
+    subnetwork.save_pretrained(tmp_path / "c")
+    files = [(tmp_path / label / SUBNETWORK_NAME).read_bytes() for label in "abc"]
+    assert files[0] == files[1] == files[2]
+    assert KENSubnetwork.from_pretrained(tmp_path / "a").pruned  # and not an empty one
+
+
+def test_ken_apply_into_a_folder_keeps_the_users_files(minilm_finetune, finetuned_folder, tmp_path):
+    base_path = minilm_finetune["base"]
+    args = ["prune", "--base", base_path, "--finetuned", str(finetuned_folder), "--k", "64"]
+    assert main([*args, "--out", str(tmp_path / "ken")]) == 0
+    out = _with_foreign_files(tmp_path / "merged")
+    for shard_size in ("20MB", "1GB"):  # sharded, then one file: the old shards go
+        apply = ["apply", "--base", base_path, "--ken", str(tmp_path / "ken"), "--out", str(out)]
+        assert main([*apply, "--max-shard-size", shard_size]) == 0
+        assert _foreign_files_survive(out)
+    assert sorted(p.name for p in out.glob("*.safetensors")) == ["model.safetensors"]
+    assert not (out / "model.safetensors.index.json").exists()
+    merged = AutoModelForSequenceClassification.from_pretrained(out)
+    expected = AutoKENModelForSequenceClassification.from_pretrained(tmp_path / "ken")
+    for name, tensor in merged.state_dict().items():
+        assert torch.equal(tensor, expected.base_model.state_dict()[name]), name

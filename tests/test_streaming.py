@@ -4,8 +4,6 @@ with the same result as the Python API on a real fine-tune."""
 from __future__ import annotations
 
 import json
-import os
-import signal
 import subprocess
 import sys
 import time

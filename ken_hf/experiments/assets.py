@@ -101,7 +101,8 @@ def _convert_smollm2(target: Path) -> None:
         gguf.parent, gguf_file=gguf.name, dtype=torch.float32
     )
     config = quantized.config
-    del config.quantization_config
+    if hasattr(config, "quantization_config"):  # transformers 5 records the GGUF source
+        del config.quantization_config
     model = transformers.AutoModelForCausalLM.from_config(config, dtype=torch.float32)
     result = model.load_state_dict(quantized.state_dict())
     if result.missing_keys or result.unexpected_keys:

@@ -10,7 +10,7 @@ from ..selection.rules import RULES
 from .assets import minilm_path, smollm2_path
 
 PACKAGED_DATASET = "movie-snippets"
-# Real models that ship in packages here (../shared/REAL_ASSETS.md), by a name no Hub id has.
+# Real models that ship in packages here (see assets.py), by a name no Hub id has.
 PACKAGED_MODELS = {
     "packaged:all-MiniLM-L6-v2": minilm_path,
     "packaged:SmolLM2-135M-Instruct": smollm2_path,

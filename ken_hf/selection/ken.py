@@ -1,4 +1,4 @@
-"""``ken_select``: the KEN rule of ../KEN_ALGORITHM.md over whole tensors, batched over rows."""
+"""``ken_select``: the KEN rule (docs/algorithm.md) over whole tensors, batched over rows."""
 
 from __future__ import annotations
 
