@@ -1,0 +1,372 @@
+"""Every Python code block of README.md runs, so the README cannot drift from the code.
+
+The blocks are read from README.md when the tests run: a new block is picked up by itself,
+and one this file has no set-up for fails (it is never skipped). Each block is executed
+with ``exec``, as written, in a namespace that holds real objects for every name the block
+uses without defining it, and in a fresh working directory of its own, so that relative
+paths such as ``output_dir/ken`` or ``ken/`` land in a temporary folder. The blocks run in
+README order; what a later block takes from an earlier one is handed over explicitly
+(``Shared`` below). After each block, checks show that it really ran.
+
+Substitutions, the only changes made to a block's text before it runs (each must be found
+in the block, so a README edit that removes one fails here until this file follows it):
+
+- ``"ken-sst2"`` and ``"ken-imdb"`` (Hub ids of two subnetworks of one base) become local
+  folders: the subnetwork the Trainer block saved, and one selected here from a small real
+  fine-tune of the same base (``minilm_finetune``, conftest.py).
+
+Not substituted: ``"me/minilm-sentiment-ken"``. ``push_to_hub`` and ``from_pretrained`` of that
+id go through the real huggingface_hub client to the fake Hub of ``fake_hub.py`` on
+127.0.0.1. huggingface_hub reads ``HF_ENDPOINT`` and ``HF_HUB_OFFLINE`` once, when it is
+imported, into ``huggingface_hub.constants``; the endpoint (and the URL template built from
+it), the offline switch and the cache folder are therefore set there for that block only
+(``_fake_hub_endpoint``), and the checks confirm that the push and the download went to the
+fake Hub. Hub ids of base models never appear in the blocks: the packaged all-MiniLM-L6-v2
+folder (``minilm_path()``) is the base everywhere, so every subnetwork records that folder.
+"""
+
+from __future__ import annotations
+
+import copy
+import dataclasses
+import re
+import shutil
+import sys
+from pathlib import Path
+
+import pytest
+import torch
+
+from fake_hub import FakeHub
+from ken_hf import KENConfig, KENSubnetwork
+from ken_hf.checkpoints import tensors_of
+from ken_hf.config import CONFIG_NAME
+from ken_hf.serialization import SUBNETWORK_NAME
+
+README = Path(__file__).resolve().parents[1] / "README.md"
+MAX_LENGTH = 32
+HUB_REPO = "me/minilm-sentiment-ken"
+
+
+# -- the blocks ---------------------------------------------------------------------------
+@dataclasses.dataclass
+class Block:
+    heading: str  # the nearest heading above the block
+    line: int  # line of the opening fence in README.md
+    source: str
+    key: str = ""  # the heading, with " #n" for the n-th block (n > 1) under one heading
+
+    def where(self) -> str:
+        return f"README.md:{self.line} (block under '{self.heading}')"
+
+
+def python_blocks(text: str | None = None) -> list[Block]:
+    """The fenced blocks whose language is Python (```python, ```py, ...), in order."""
+    lines = (README.read_text(encoding="utf-8") if text is None else text).splitlines()
+    blocks: list[Block] = []
+    heading, index = "(top)", 0
+    while index < len(lines):
+        line = lines[index]
+        if re.match(r"^#{1,6}\s", line):
+            heading = line.lstrip("#").strip()
+        fence = re.match(r"^(\s*)(`{3,}|~{3,})\s*([\w+-]*)", line)
+        if fence:
+            indent, marker, language = fence.groups()
+            end = index + 1
+            while end < len(lines) and not lines[end].strip().startswith(marker):
+                end += 1
+            if end == len(lines):
+                raise AssertionError(f"README.md:{index + 1}: code fence never closed")
+            if language.lower().startswith("py"):
+                body = "\n".join(row.removeprefix(indent) for row in lines[index + 1 : end])
+                blocks.append(Block(heading, index + 1, body + "\n"))
+            index = end
+        index += 1
+    seen: dict[str, int] = {}
+    for block in blocks:
+        seen[block.heading] = seen.get(block.heading, 0) + 1
+        n = seen[block.heading]
+        block.key = block.heading if n == 1 else f"{block.heading} #{n}"
+    return blocks
+
+
+def substitute(block: Block, replacements: dict[str, str]) -> str:
+    """``block``'s source with each key replaced; every key must occur in it."""
+    source = block.source
+    for old, new in replacements.items():
+        assert old in source, f"{block.where()}: expected {old!r} in the block"
+        source = source.replace(old, new)
+    return source
+
+
+def run_block(block: Block, source: str, namespace: dict) -> dict:
+    """Execute ``source`` (the block, after substitutions) in ``namespace``; returns it."""
+    code = compile(source, f"<{block.where()}>", "exec")
+    try:
+        exec(code, namespace)
+    except Exception as error:
+        raise AssertionError(f"{block.where()} failed: {type(error).__name__}: {error}") from error
+    return namespace
+
+
+# -- what the set-ups share ---------------------------------------------------------------
+@dataclasses.dataclass
+class Shared:
+    """What crosses from one block to a later one, and the objects the set-ups reuse."""
+
+    base: str  # the packaged all-MiniLM-L6-v2 folder
+    tokenizer: object
+    finetune: dict  # the conftest fixture: a real small fine-tune of the same base
+    trainer_namespace: dict | None = None  # what the Trainer block bound
+    trainer_ken: Path | None = None  # <output_dir>/ken that the Trainer block wrote
+
+
+def fresh_base(shared: Shared):
+    """The pre-trained model, as a user loads it: the packaged folder, a new 2-label head."""
+    from transformers import AutoModelForSequenceClassification
+
+    return AutoModelForSequenceClassification.from_pretrained(shared.base, num_labels=2)
+
+
+def padded_splits(shared: Shared, train_size: int, eval_size: int):
+    """Movie snippets padded to one length, so the Trainer's default collator stacks them
+    (the README's Trainer call names no collator)."""
+    from ken_hf.experiments.tasks import movie_review_splits
+
+    tokenizer = shared.tokenizer
+    splits = movie_review_splits(
+        tokenizer, train_size=train_size, eval_size=eval_size, max_length=MAX_LENGTH
+    )
+    columns = ("input_ids", "token_type_ids", "attention_mask")
+
+    def pad(batch):
+        inputs = {name: batch[name] for name in columns if name in batch}
+        return dict(tokenizer.pad(inputs, padding="max_length", max_length=MAX_LENGTH))
+
+    return tuple(split.map(pad, batched=True) for split in splits)
+
+
+def training_arguments(output_dir: str, **overrides):
+    from transformers import TrainingArguments
+
+    settings = dict(
+        output_dir=output_dir,
+        per_device_train_batch_size=8,
+        per_device_eval_batch_size=32,
+        max_steps=2,
+        learning_rate=5e-5,
+        use_cpu=True,
+        report_to=[],
+        save_strategy="no",
+        disable_tqdm=True,
+        seed=0,
+    )
+    return TrainingArguments(**(settings | overrides))
+
+
+def state_of(model) -> dict[str, torch.Tensor]:
+    return {name: tensor.detach().clone() for name, tensor in tensors_of(model).items()}
+
+
+def assert_same_state(actual, expected, what: str) -> None:
+    assert actual.keys() == expected.keys(), what
+    for name in expected:
+        assert torch.equal(actual[name], expected[name]), f"{what}: {name} differs"
+
+
+def rebuilt(shared: Shared, subnetwork: KENSubnetwork) -> dict[str, torch.Tensor]:
+    """The weights ``subnetwork`` rebuilds on a freshly loaded base (its new head is stored
+    whole, so the random head of the fresh base does not matter)."""
+    model = fresh_base(shared)
+    subnetwork.apply_to(model)
+    return state_of(model)
+
+
+def _fake_hub_endpoint(monkeypatch, hub: FakeHub, cache: Path) -> None:
+    """Point the in-process huggingface_hub at ``hub``, as ``HF_ENDPOINT=<hub.url>`` and
+    ``HF_HUB_OFFLINE=0`` would at import time, with its own cache and a token."""
+    from huggingface_hub import constants
+
+    monkeypatch.setenv("HF_ENDPOINT", hub.url)
+    monkeypatch.setenv("HF_HUB_OFFLINE", "0")
+    monkeypatch.setenv("HF_TOKEN", "hf_fake")
+    monkeypatch.setattr(constants, "ENDPOINT", hub.url)
+    monkeypatch.setattr(
+        constants,
+        "HUGGINGFACE_CO_URL_TEMPLATE",
+        hub.url + "/{repo_id}/resolve/{revision}/{filename}",
+    )
+    monkeypatch.setattr(constants, "HF_HUB_OFFLINE", False)
+    monkeypatch.setattr(constants, "HF_HUB_CACHE", str(cache))
+
+
+# -- one set-up and one check per block ---------------------------------------------------
+def trainer_block(block: Block, shared: Shared, workdir: Path, monkeypatch) -> None:
+    """``Trainer(... callbacks=[KENCallback(keep_ratio=0.75)])``: a real (2-step) fine-tune
+    of the packaged MiniLM on movie snippets, evaluated before and after KEN."""
+    from ken_hf.experiments.metrics import classification_metrics
+
+    train, dev = padded_splits(shared, train_size=32, eval_size=32)
+    torch.manual_seed(0)
+    namespace = {
+        "model": fresh_base(shared),
+        "args": training_arguments("output_dir"),  # so <output_dir>/ken is output_dir/ken
+        "train": train,
+        "dev": dev,
+        "compute_metrics": classification_metrics("accuracy"),
+    }
+    namespace = run_block(block, block.source, namespace)
+
+    trainer = namespace["trainer"]
+    logged = {key for entry in trainer.state.log_history for key in entry}
+    assert {"ken_before_accuracy", "ken_after_accuracy"} <= logged, sorted(logged)
+    ken = workdir / "output_dir" / "ken"
+    assert (ken / CONFIG_NAME).is_file() and (ken / "ken_report.json").is_file()
+    subnetwork = KENSubnetwork.from_pretrained(ken)
+    assert subnetwork.config.keep_ratio == 0.75
+    assert 0.7 < subnetwork.kept_fraction() < 0.8
+    assert Path(subnetwork.config.base_model_name_or_path) == Path(shared.base)
+    # the pruned model in trainer.model is the base with the saved subnetwork written in
+    assert_same_state(state_of(trainer.model), rebuilt(shared, subnetwork), "trainer.model")
+    shared.trainer_namespace, shared.trainer_ken = namespace, ken
+
+
+def loading_block(block: Block, shared: Shared, workdir: Path, monkeypatch) -> None:
+    """Loading a subnetwork, the Hub round trip, Trainer and pipeline on a KENModel, and
+    several subnetworks on one base."""
+    assert shared.trainer_ken is not None, "the Trainer block must run first"
+    # "output_dir/ken" is what the Trainer block wrote: handed over into this directory.
+    shutil.copytree(shared.trainer_ken, workdir / "output_dir" / "ken")
+    sst2 = shared.trainer_ken
+    # "ken-imdb": another subnetwork of the same base, from another real fine-tune.
+    imdb = workdir / "subnetwork-imdb"
+    config = KENConfig(keep_ratio=0.25, target_modules=["attention.self.query"])
+    KENSubnetwork.from_weights(
+        fresh_base(shared), shared.finetune["model"], config, progress=False
+    ).save_pretrained(imdb)
+    source = substitute(block, {'"ken-sst2"': repr(str(sst2)), '"ken-imdb"': repr(str(imdb))})
+    from transformers import pipeline
+
+    base_model = fresh_base(shared)
+    base_before = state_of(base_model)
+    namespace = {
+        "Trainer": shared.trainer_namespace["Trainer"],  # imported by the Trainer block
+        "args": training_arguments(str(workdir / "trainer")),
+        "pipeline": pipeline,
+        "tokenizer": shared.tokenizer,
+        "base_model": base_model,
+    }
+    with FakeHub() as hub, monkeypatch.context() as patch:
+        _fake_hub_endpoint(patch, hub, workdir / "hf-cache")
+        namespace = run_block(block, source, namespace)
+    # the push published the subnetwork folder only, and the load downloaded it from there
+    assert sorted(hub.repos[HUB_REPO]) == sorted(
+        ["README.md", "config.json", CONFIG_NAME, SUBNETWORK_NAME]
+    )
+    downloads = [r for r in hub.requests if r.startswith(f"GET /{HUB_REPO}/resolve/")]
+    assert any(r.endswith(SUBNETWORK_NAME) for r in downloads), hub.requests
+    expected = rebuilt(shared, KENSubnetwork.from_pretrained(sst2))
+    # trainer.save_model("out") wrote the subnetwork, the same one
+    saved = KENSubnetwork.from_pretrained(workdir / "out")
+    assert_same_state(rebuilt(shared, saved), expected, "trainer.save_model")
+    # pipeline on model.base_model classifies
+    prediction = namespace["pipe"]("a gripping, beautifully acted film")
+    assert prediction[0]["label"] in {"LABEL_0", "LABEL_1"}
+    # plain: a transformers model holding base + the subnetwork loaded from the Hub
+    plain = namespace["plain"]
+    assert type(plain).__name__ == "BertForSequenceClassification"
+    assert_same_state(state_of(plain), expected, "merge_and_unload()")
+    # the multi-subnetwork part ended with unload(): the base, bit for bit
+    assert namespace["base_again"] is base_model
+    assert_same_state(state_of(namespace["base_again"]), base_before, "unload()")
+    with pytest.raises(ValueError, match="unloaded"):
+        namespace["model"].set_subnetwork("imdb")
+
+
+def without_trainer_block(block: Block, shared: Shared, workdir: Path, monkeypatch) -> None:
+    """``prune_model``, ``save_pretrained``, ``apply_to``; ``ken_select`` and ``ken_prune``
+    on a real fine-tuned and pre-trained weight."""
+    finetuned = copy.deepcopy(shared.finetune["model"])  # prune_model resets it in place
+    name = "bert.encoder.layer.0.attention.self.query.weight"
+    pretrained_weight = tensors_of(fresh_base(shared))[name].detach().clone()
+    finetuned_weight = tensors_of(finetuned)[name].detach().clone()
+    other_copy = fresh_base(shared)
+    other_before = state_of(other_copy)
+    namespace = {
+        "finetuned_model": finetuned,
+        "base_model_or_state_dict": fresh_base(shared),
+        "other_copy_of_base": other_copy,
+        "finetuned_weight": finetuned_weight,
+        "pretrained_weight": pretrained_weight,
+    }
+    namespace = run_block(block, block.source, namespace)
+
+    for filename in (CONFIG_NAME, SUBNETWORK_NAME, "config.json", "README.md"):
+        assert (workdir / "ken" / filename).is_file(), filename
+    loaded = KENSubnetwork.from_pretrained(workdir / "ken")
+    assert loaded.config.k == 300
+    # apply_to wrote into the other copy exactly what prune_model left in the fine-tune
+    assert_same_state(state_of(other_copy), state_of(finetuned), "apply_to")
+    assert set(namespace["saved"]) == set(loaded.pruned) | set(loaded.whole)
+    # ... and the block's comment: restore() makes the other copy the base again
+    namespace["subnetwork"].restore(other_copy, namespace["saved"])
+    assert_same_state(state_of(other_copy), other_before, "restore")
+    mask, pruned = namespace["mask"], namespace["pruned"]
+    assert mask.dtype == torch.bool and mask.shape == finetuned_weight.shape
+    assert (mask.sum(dim=1) == 96).all()
+    assert torch.equal(pruned, torch.where(mask, finetuned_weight, pretrained_weight))
+
+
+SETUPS = {
+    "At the end of a Trainer run": trainer_block,
+    "Loading, like a PEFT adapter": loading_block,
+    "Without a Trainer": without_trainer_block,
+}
+
+
+# -- the tests ----------------------------------------------------------------------------
+def test_every_python_block_has_a_setup_and_compiles():
+    blocks = python_blocks()
+    assert blocks, "README.md has no Python block?"
+    unknown = [block.where() for block in blocks if block.key not in SETUPS]
+    assert not unknown, f"no set-up in tests/test_readme.py for {unknown}: add one to SETUPS"
+    stale = set(SETUPS) - {block.key for block in blocks}
+    assert not stale, f"SETUPS names blocks README.md no longer has: {sorted(stale)}"
+    for block in blocks:
+        compile(block.source, block.where(), "exec")
+
+
+def test_python_blocks_parser_finds_every_fence():
+    text = (
+        "# A\n```python\nx = 1\n```\n```bash\n# not a heading\n```\n"
+        "## B\n  ```py\n  y = 2\n  ```\n```python\nz\n```\n"
+    )
+    blocks = python_blocks(text)
+    assert [(b.key, b.source) for b in blocks] == [
+        ("A", "x = 1\n"),
+        ("B", "y = 2\n"),
+        ("B #2", "z\n"),
+    ]
+
+
+def test_every_python_block_of_the_readme_runs(minilm_finetune, tmp_path, monkeypatch):
+    from transformers import AutoTokenizer
+
+    from ken_hf.experiments.assets import minilm_path
+
+    blocks = python_blocks()
+    missing = [block.where() for block in blocks if block.key not in SETUPS]
+    assert not missing, f"no set-up for {missing}"  # never skipped: add one to SETUPS
+    base = str(minilm_path())
+    shared = Shared(
+        base=base,
+        tokenizer=AutoTokenizer.from_pretrained(base),
+        finetune=minilm_finetune,
+    )
+    for number, block in enumerate(blocks, 1):
+        workdir = tmp_path / f"block-{number}"
+        workdir.mkdir()
+        with monkeypatch.context() as patch:
+            patch.chdir(workdir)
+            print(f"running {block.where()}", file=sys.stderr)
+            SETUPS[block.key](block, shared, workdir, monkeypatch)
