@@ -2,6 +2,8 @@
 
 from __future__ import annotations
 
+import os
+import warnings
 from collections.abc import Iterator, Mapping
 from dataclasses import dataclass
 
@@ -124,6 +126,13 @@ def _select_rows(rows: torch.Tensor, k: int, *, compat: bool = False) -> torch.T
         return mask
     x = rows[varied]
     grid = even_grid(x, k)
+    compiled = _compiled_kernels() if rows.device.type == "cpu" else None
+    if compiled is not None:
+        matched = compiled.select_rows(
+            x.numpy(), grid.numpy(), h[varied].numpy(), compat, torch.get_num_threads()
+        )
+        mask[varied] = torch.from_numpy(matched)
+        return mask
     order = priority_order(rounded_densities(x, grid, h[varied]))
     positions = greedy_match(x, grid.gather(1, order))
     matched = torch.zeros(x.shape, dtype=torch.bool, device=rows.device)
@@ -132,6 +141,39 @@ def _select_rows(rows: torch.Tensor, k: int, *, compat: bool = False) -> torch.T
         matched = _keep_equal_values(x, matched) & (x != 0)
     mask[varied] = matched
     return mask
+
+
+# Which implementation selects CPU rows: "auto" (the compiled kernels of compiled.py, or the
+# torch path if numba cannot be imported), "compiled" or "torch". CUDA rows always take the
+# torch path. Read at every call, so tests and benchmarks can compare the two.
+BACKEND_VARIABLE = "KEN_HF_SELECT_BACKEND"
+_compiled_module = None
+_compiled_failed = False
+
+
+def _compiled_kernels():
+    """The compiled CPU kernels (module ``compiled``), or None for the torch path."""
+    global _compiled_module, _compiled_failed
+    choice = os.environ.get(BACKEND_VARIABLE, "auto")
+    if choice not in ("auto", "compiled", "torch"):
+        raise ValueError(f"{BACKEND_VARIABLE}={choice!r}: expected auto, compiled or torch")
+    if choice == "torch":
+        return None
+    if _compiled_module is None and not _compiled_failed:
+        try:
+            from . import compiled
+        except ImportError as error:
+            if choice == "compiled":
+                raise
+            _compiled_failed = True
+            warnings.warn(
+                f"numba could not be imported ({error}); KEN selects CPU rows with the "
+                "slower torch path",
+                stacklevel=3,
+            )
+        else:
+            _compiled_module = compiled
+    return _compiled_module
 
 
 def _keep_equal_values(rows: torch.Tensor, matched: torch.Tensor) -> torch.Tensor:
