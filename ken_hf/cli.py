@@ -52,6 +52,14 @@ def _positive_float(text: str) -> float:
     return value
 
 
+def _compression_level(text: str) -> int:
+    """A zstd level, 1 to 22 (argparse type)."""
+    value = _number(int, text)
+    if not 1 <= value <= 22:
+        raise argparse.ArgumentTypeError(f"must be a zstd level from 1 to 22, got {text!r}")
+    return value
+
+
 def _ratio(text: str) -> float:
     """A share in (0, 1] (argparse type)."""
     value = _number(float, text)
@@ -192,7 +200,14 @@ def _prune(args: argparse.Namespace) -> int:
         modules_to_save=args.modules_to_save,
     )
     result = prune_checkpoints(
-        args.base, args.finetuned, config, args.out, device=args.device, progress=True
+        args.base,
+        args.finetuned,
+        config,
+        args.out,
+        device=args.device,
+        progress=True,
+        compression_level=args.compression_level,
+        compression_threads=args.compression_threads,
     )
     print(
         f"subnetwork: {args.out} ({result['bytes'] / 2**20:.1f} MiB, "
@@ -306,6 +321,7 @@ def _add_compare(commands) -> None:
 
 
 def _add_prune(commands) -> None:
+    from .delta_codec import DEFAULT_LEVEL, DEFAULT_THREADS
     from .selection.rules import RULES
 
     prune = commands.add_parser(
@@ -313,7 +329,9 @@ def _add_prune(commands) -> None:
         help="KEN from two checkpoints to a subnetwork folder, a tensor at a time",
         description="Read a base and a fine-tuned checkpoint (folders or Hub ids, sharded "
         "safetensors) tensor by tensor, memory-mapped, and write the KEN subnetwork folder "
-        "atomically. Memory: about two copies of the largest tensor plus working memory.",
+        "(kept values as a compressed lossless delta against the base). --keep-ratio 1 "
+        "stores the whole fine-tune that way. Memory: about two copies of the largest tensor "
+        "plus working memory.",
     )
     prune.add_argument("--base", required=True, help="pre-trained checkpoint: Hub id or folder")
     prune.add_argument("--finetuned", required=True, help="fine-tuned checkpoint: Hub id or folder")
@@ -328,6 +346,18 @@ def _add_prune(commands) -> None:
     prune.add_argument("--modules-to-save", nargs="+", help="modules stored whole")
     prune.add_argument(
         "--device", type=_device, default="cpu", help="where selection runs: cpu or cuda"
+    )
+    prune.add_argument(
+        "--compression-level",
+        type=_compression_level,
+        default=DEFAULT_LEVEL,
+        help=f"zstd level of the stored delta, 1-22 (default {DEFAULT_LEVEL})",
+    )
+    prune.add_argument(
+        "--compression-threads",
+        type=_non_negative_int,
+        default=DEFAULT_THREADS,
+        help="zstd worker threads (default 0: one, the same bytes on every machine)",
     )
     prune.set_defaults(run=_prune)
 

@@ -3,6 +3,7 @@ transparently from a folder or the Hub, in the shape of PEFT's ``PeftModel``."""
 
 from __future__ import annotations
 
+import dataclasses
 import functools
 import os
 from collections.abc import Iterator
@@ -221,7 +222,10 @@ class KENModel(PreTrainedModel):
             self.model.save_pretrained(save_directory, **kwargs)
             return
         self._check_unchanged()
-        self.subnetwork.save_pretrained(save_directory)
+        subnetwork = self.subnetwork
+        # A subnetwork read from a version 1 file gets its delta from the base it is on.
+        pruned = {n: p.with_delta(self._overwritten[n]) for n, p in subnetwork.pruned.items()}
+        dataclasses.replace(subnetwork, pruned=pruned).save_pretrained(save_directory)
 
     def _check_unchanged(self) -> None:
         """Raise when a weight differs from base + active subnetwork."""
@@ -238,7 +242,8 @@ class KENModel(PreTrainedModel):
                 if pruned is not None:
                     flat = current.reshape(-1)
                     positions = pruned.positions.to(flat.device)
-                    same = torch.equal(flat.index_select(0, positions).cpu(), pruned.values)
+                    expected = pruned.values_on(self._overwritten[name])
+                    same = torch.equal(flat.index_select(0, positions), expected)
                     rebuilt_base.view(-1).index_copy_(0, positions, self._overwritten[name])
                 else:
                     same = True

@@ -25,10 +25,12 @@ import torch
 
 from .checkpoints import match_names
 from .config import KENConfig
+from .delta_codec import xor_delta
 from .fingerprint import tensor_fingerprint
 from .safetensors_io import FLOAT_DTYPES
 from .selection import select_by_rule
 from .selection.rows import DEFAULT_MAX_MEMORY
+from .subnetwork_format import masked_values
 
 PRUNED, WHOLE, RESET = "pruned", "whole", "reset"
 # (shape, dtype) of a tensor, known before it is read.
@@ -68,6 +70,8 @@ class TensorRecord:
         mask: bool, ``finetuned``'s shape: the kept positions (``PRUNED`` only).
         fingerprint: of the base tensor (``PRUNED`` and ``RESET``).
         delta: ``[mean |change| over kept positions, ... over reset ones]`` (``PRUNED``).
+        changed: bool ``[K]``: kept values whose bits differ from the base's (``PRUNED``).
+        xor: integers ``[C]``: their fine-tuned XOR base bit patterns (``PRUNED``).
     """
 
     plan: TensorPlan
@@ -75,6 +79,8 @@ class TensorRecord:
     mask: torch.Tensor | None = None
     fingerprint: str | None = None
     delta: list[float | None] | None = None
+    changed: torch.Tensor | None = None
+    xor: torch.Tensor | None = None
 
 
 def plan_tensors(
@@ -192,7 +198,12 @@ def process_tensor(
             [plan], {plan.name: finetuned}, {plan.base_name: base}, config, max_memory=max_memory
         )[plan.name]
     delta = delta_statistics(finetuned, base, mask)
-    return TensorRecord(plan, finetuned, mask, fingerprint, delta)
+    flat_mask = mask.reshape(-1)
+    changed, xor = xor_delta(
+        masked_values(finetuned.reshape(-1), flat_mask).cpu(),
+        masked_values(base.reshape(-1), flat_mask).cpu(),
+    )
+    return TensorRecord(plan, finetuned, mask, fingerprint, delta, changed, xor)
 
 
 def delta_statistics(

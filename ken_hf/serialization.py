@@ -1,19 +1,26 @@
 """The subnetwork file: ``ken_subnetwork.safetensors``, pickle-free and validated on read.
 
-Layout (safetensors, one file):
+Version 2 (written; version 1 is still read, see ``format_v1``), one safetensors file:
 
-- ``pruned.<name>.values``: the kept fine-tuned values of a pruned tensor, in flat row-major
-  order of their positions, in the model's dtype;
-- ``pruned.<name>.mask`` (uint8, bits little-endian within each byte) **or**
-  ``pruned.<name>.indices`` (flat positions, increasing, in the narrowest unsigned type):
-  whichever is smaller for that tensor;
-- ``whole.<name>``: a tensor stored whole.
+- ``pruned.<name>.kept``: where KEN kept values, as a packed bitmask (bits little-endian)
+  or an index list (increasing flat positions, narrowest unsigned type), whichever is
+  smaller, zstd-compressed: KEN's selection itself, with no value attached;
+- ``pruned.<name>.changed``: packed bits over the kept positions, set where the fine-tuned
+  value's bits differ from the base's, zstd-compressed (kept values equal to the base cost
+  nothing more);
+- ``pruned.<name>.xor``: the changed values as fine-tuned XOR base bit patterns, in byte
+  planes, zstd-compressed (``ken_hf.delta_codec``): lossless in every float dtype;
+- ``whole.<name>``: a tensor stored whole, as it is or, where that is smaller, its byte
+  planes zstd-compressed.
 
-The metadata holds ``format`` / ``format_version`` and ``ken``: a JSON document with, per
-tensor, its kind, shape, dtype, kept count, encoding and an xxh3 checksum of every stored
-array, plus the fingerprints of the base tensors; ``digest`` is the xxh3 of that JSON text.
-Reading checks all of it before anything is returned, so a truncated, corrupted or foreign
-file raises ``KENFormatError`` and never reaches a model.
+All arrays but raw whole tensors are uint8. The metadata holds ``format`` /
+``format_version`` and ``ken``: a JSON document with, per tensor, its kind, shape, dtype,
+kept and changed counts, encodings, the raw size of each compressed array and an xxh3
+checksum of every stored array, plus the fingerprints of the base tensors; ``digest`` is
+the xxh3 of that JSON text. Reading checks all of it before anything is returned, so a
+truncated, corrupted or foreign file raises ``KENFormatError`` and never reaches a model.
+The kept values are rebuilt only on a base whose fingerprints match (``PrunedTensor.
+values_on``, called by the loaders after checking).
 """
 
 from __future__ import annotations
@@ -21,7 +28,6 @@ from __future__ import annotations
 import json
 import math
 import os
-from dataclasses import dataclass
 from pathlib import Path
 from typing import TYPE_CHECKING
 
@@ -29,187 +35,149 @@ import numpy as np
 import torch
 import xxhash
 
-from .safetensors_io import (
-    FLOAT_DTYPES,
-    SafetensorsError,
-    SafetensorsFile,
-    SafetensorsWriter,
+from . import format_v1
+from .delta_codec import (
+    BITS_DTYPES,
+    DEFAULT_LEVEL,
+    DEFAULT_THREADS,
+    compress,
+    decompress,
+    from_planes,
+    pack_bits,
+    to_planes,
+    unpack_bits,
+)
+from .safetensors_io import SafetensorsError, SafetensorsFile, SafetensorsWriter
+from .subnetwork_format import (
+    FORMAT,
+    SUBNETWORK_NAME,
+    EntryCheck,
+    KENFormatError,
+    PrunedTensor,
+    StoredSubnetwork,
+    checksum,
+    index_dtype,
+    positions_of,
+    smaller_encoding,
 )
 
 if TYPE_CHECKING:
     from .pipeline import TensorRecord
 
-FORMAT = "ken-hf-subnetwork"
-FORMAT_VERSION = "1"
-SUBNETWORK_NAME = "ken_subnetwork.safetensors"
+FORMAT_VERSION = "2"
+READABLE_VERSIONS = ("1", "2")
 
-_INDEX_DTYPES = (torch.uint8, torch.uint16, torch.uint32, torch.int64)
-_VALUE_DTYPES = {str(dtype).removeprefix("torch."): dtype for dtype in FLOAT_DTYPES}
-
-
-class KENFormatError(ValueError):
-    """A subnetwork file that is truncated, corrupted, foreign or inconsistent."""
-
-
-@dataclass
-class PrunedTensor:
-    """A pruned tensor's kept values and where they go.
-
-    Attributes:
-        shape: the tensor's shape.
-        positions: int64 ``[count]`` flat (row-major) positions kept, increasing.
-        values: ``[count]`` fine-tuned values at those positions, in the model's dtype.
-        delta_kept, delta_reset: mean |fine-tuned - pre-trained| over the kept and over the
-            reset positions, measured when the subnetwork was made (None if unknown).
-    """
-
-    shape: torch.Size
-    positions: torch.Tensor
-    values: torch.Tensor
-    delta_kept: float | None = None
-    delta_reset: float | None = None
-
-    @classmethod
-    def from_mask(cls, mask: torch.Tensor, finetuned: torch.Tensor) -> PrunedTensor:
-        """From a bool ``mask`` of kept positions and the fine-tuned tensor (same shape)."""
-        positions = torch.from_numpy(np.flatnonzero(mask.detach().cpu().numpy()))
-        values = finetuned.detach().reshape(-1).index_select(0, positions.to(finetuned.device))
-        return cls(mask.shape, positions, values.cpu())
-
-    def mask(self) -> torch.Tensor:
-        """Bool tensor of ``shape``: True at the kept positions."""
-        flat = torch.zeros(self.shape.numel(), dtype=torch.bool)
-        flat[self.positions] = True
-        return flat.reshape(self.shape)
+__all__ = [
+    "FORMAT_VERSION",
+    "SUBNETWORK_NAME",
+    "KENFormatError",
+    "PrunedTensor",
+    "StoredSubnetwork",
+    "SubnetworkReader",
+    "SubnetworkWriter",
+    "read_subnetwork",
+    "write_subnetwork",
+]
 
 
-@dataclass
-class StoredSubnetwork:
-    """What the file holds: pruned tensors, whole tensors, base fingerprints ``{name: hex}``."""
-
-    pruned: dict[str, PrunedTensor]
-    whole: dict[str, torch.Tensor]
-    fingerprints: dict[str, str]
-
-
-def pack_positions(positions: torch.Tensor, numel: int) -> torch.Tensor:
-    """Flat positions -> uint8 bitmask ``[ceil(numel / 8)]``: bit j of byte i is element 8i+j."""
-    bits = np.zeros(numel, dtype=bool)
-    bits[positions.numpy()] = True
-    return _pack_bits(bits)
-
-
-def _pack_bits(bits: np.ndarray) -> torch.Tensor:
-    return torch.from_numpy(np.packbits(bits, bitorder="little"))
-
-
-def unpack_positions(packed: torch.Tensor, numel: int) -> torch.Tensor:
-    """Inverse of ``pack_positions`` (bits past ``numel`` ignored): int64 positions."""
-    bits = np.unpackbits(packed.numpy(), count=numel, bitorder="little")
-    return torch.from_numpy(np.flatnonzero(bits.view(bool)))  # bool: numpy scans it faster
-
-
-def _index_dtype(numel: int) -> torch.dtype:
-    for dtype in _INDEX_DTYPES:
-        if numel - 1 <= torch.iinfo(dtype).max:
-            return dtype
-    raise ValueError(f"tensor of {numel} elements is too large to index")
-
-
-def _checksum(tensor: torch.Tensor, shape: list[int]) -> str:
-    """xxh3 of a stored array's bytes and of the logical ``shape`` of the tensor it encodes
-    (an index list does not carry that shape itself)."""
-    hasher = xxhash.xxh3_64(repr(list(shape)).encode())
-    data = tensor.contiguous().reshape(-1)
-    if data.numel():
-        hasher.update(data.view(torch.uint8).numpy().data)
-    return hasher.hexdigest()
-
-
-def _smaller_encoding(numel: int, count: int) -> str:
-    """``"indices"`` when an index list of ``count`` takes fewer bytes than a bitmask."""
-    index_size = torch.tensor([], dtype=_index_dtype(numel)).element_size()
-    return "indices" if count * index_size < -(-numel // 8) else "mask"
-
-
-def _masked_values(flat: torch.Tensor, mask: torch.Tensor, block: int = 2**22) -> torch.Tensor:
-    """``flat[mask]`` for 1-D tensors, in blocks: selecting by a bool mask builds an int64
-    helper as long as the mask (8 bytes per value), so whole tensors would pay that."""
-    mask = mask.to(flat.device)
-    pieces = [
-        torch.masked_select(flat[start : start + block], mask[start : start + block])
-        for start in range(0, flat.numel(), block)
-    ]
-    return torch.cat(pieces) if pieces else flat[:0].clone()
+def _uint8(data: bytes) -> torch.Tensor:
+    """A uint8 tensor of ``data``'s bytes."""
+    return torch.from_numpy(np.frombuffer(data, dtype=np.uint8).copy())
 
 
 class SubnetworkWriter:
-    """Writes a subnetwork file one tensor at a time (``write_subnetwork`` writes one held in
-    memory). Use as a context manager; set ``fingerprints`` before the block ends."""
+    """Writes a version 2 subnetwork file one tensor at a time (``write_subnetwork`` writes
+    one held in memory). ``level`` and ``threads``: zstd's compression level (default 1)
+    and worker threads (default 0: single-threaded, the same bytes everywhere). Use as a
+    context manager; set ``fingerprints`` before the block ends."""
 
-    def __init__(self, path: str | os.PathLike) -> None:
+    def __init__(
+        self, path: str | os.PathLike, *, level: int = DEFAULT_LEVEL, threads: int = DEFAULT_THREADS
+    ) -> None:
         self._file = SafetensorsWriter(path)
+        self._level, self._threads = level, threads
         self._entries: dict[str, dict] = {}
         self.fingerprints: dict[str, str] = {}
         self.digest: str | None = None  # of the header's document, set on closing
 
+    def _compressed(self, data: bytes) -> torch.Tensor:
+        return _uint8(compress(data, level=self._level, threads=self._threads))
+
     def add_record(self, record: TensorRecord) -> None:
-        """Store what the pipeline's step found for one tensor; returns nothing."""
+        """Store what the pipeline's step found for one tensor."""
         name = record.plan.name
         if record.fingerprint is not None:
             self.fingerprints[name] = record.fingerprint
         if record.mask is not None:
-            self.add_pruned_mask(name, record.mask, record.finetuned, record.delta)
+            bits = record.mask.detach().cpu().reshape(-1).numpy()
+            self._add_pruned(
+                name, record.mask.shape, record.finetuned.dtype, bits, None, record.changed,
+                record.xor, record.delta,
+            )  # fmt: skip
         elif record.fingerprint is None:
             self.add_whole(name, record.finetuned)
 
     def add_pruned(self, name: str, pruned: PrunedTensor) -> None:
-        numel = pruned.shape.numel()
-        if _smaller_encoding(numel, pruned.positions.numel()) == "indices":
-            encoding, positions = "indices", pruned.positions.to(_index_dtype(numel))
-        else:
-            encoding, positions = "mask", pack_positions(pruned.positions, numel)
-        delta = [pruned.delta_kept, pruned.delta_reset]
-        self._add_pruned(name, list(pruned.shape), pruned.values, encoding, positions, delta)
+        """A pruned tensor held in memory (it must carry its delta: ``changed``, ``xor``)."""
+        if pruned.changed is None:
+            raise ValueError(
+                f"tensor {name!r} was read from a version 1 file and holds no delta against "
+                "the base: apply it to its base (KENModel) and save that to write version 2"
+            )
+        self._add_pruned(
+            name, pruned.shape, pruned.dtype, None, pruned.positions, pruned.changed, pruned.xor,
+            [pruned.delta_kept, pruned.delta_reset],
+        )  # fmt: skip
 
-    def add_pruned_mask(
-        self, name: str, mask: torch.Tensor, finetuned: torch.Tensor, delta: list
-    ) -> int:
-        """A pruned tensor from its bool ``mask`` and ``finetuned`` values (same shape),
-        without the int64 position list (8 bytes per kept value) that ``PrunedTensor`` holds.
-        ``delta``: ``[delta_kept, delta_reset]``. Returns the kept count."""
-        bits = mask.detach().cpu().reshape(-1).numpy()
-        values = _masked_values(finetuned.detach().reshape(-1), mask.reshape(-1))
-        if _smaller_encoding(bits.size, values.numel()) == "indices":
+    def _add_pruned(self, name, shape, dtype, bits, positions, changed, xor, statistics) -> None:
+        """``bits`` (bool numpy ``[numel]``) or ``positions`` (int64 ``[K]``) say where."""
+        numel = math.prod(shape)
+        count = int(changed.numel())
+        if smaller_encoding(numel, count) == "indices":
             encoding = "indices"
-            positions = torch.from_numpy(np.flatnonzero(bits)).to(_index_dtype(bits.size))
+            if positions is None:
+                positions = positions_of(bits)
+            kept = positions.to(index_dtype(numel)).numpy().tobytes()
         else:
-            encoding, positions = "mask", _pack_bits(bits)
-        self._add_pruned(name, list(mask.shape), values, encoding, positions, delta)
-        return values.numel()
-
-    def _add_pruned(self, name, shape, values, encoding, positions, delta) -> None:
-        values = values.detach().cpu().contiguous()
-        self._file.add(f"pruned.{name}.values", values)
-        self._file.add(f"pruned.{name}.{encoding}", positions)
+            encoding = "mask"
+            if bits is None:
+                bits = np.zeros(numel, dtype=bool)
+                bits[positions.numpy()] = True
+            kept = np.packbits(bits, bitorder="little").tobytes()
+        arrays = {
+            "kept": kept,
+            "changed": pack_bits(changed),
+            "xor": to_planes(xor.detach().cpu()),
+        }
+        stored = {part: self._compressed(data) for part, data in arrays.items()}
+        for part, tensor in stored.items():
+            self._file.add(f"pruned.{name}.{part}", tensor)
         self._entries[name] = {
             "kind": "pruned",
-            "shape": shape,
-            "dtype": str(values.dtype).removeprefix("torch."),
-            "count": values.numel(),
+            "shape": list(shape),
+            "dtype": str(dtype).removeprefix("torch."),
+            "count": count,
+            "changed": int(xor.numel()),
             "encoding": encoding,
-            "delta": delta,
-            "checksums": [_checksum(values, shape), _checksum(positions, shape)],
+            "sizes": [len(data) for data in arrays.values()],
+            "delta": statistics,
+            "checksums": [checksum(t, list(shape)) for t in stored.values()],
         }
 
     def add_whole(self, name: str, tensor: torch.Tensor) -> None:
+        """A tensor stored whole: its byte planes compressed where that is smaller."""
         tensor = tensor.detach().cpu().contiguous()
-        self._file.add(f"whole.{name}", tensor)
+        planes = to_planes(tensor)
+        packed = self._compressed(planes)
+        codec = "zstd" if packed.numel() < len(planes) else "none"
+        stored = packed if codec == "zstd" else tensor
+        self._file.add(f"whole.{name}", stored)
         self._entries[name] = {
             "kind": "whole",
             "shape": list(tensor.shape),
             "dtype": str(tensor.dtype).removeprefix("torch."),
-            "checksums": [_checksum(tensor, list(tensor.shape))],
+            "codec": codec,
+            "checksums": [checksum(stored, list(tensor.shape))],
         }
 
     def __enter__(self) -> SubnetworkWriter:
@@ -233,10 +201,16 @@ class SubnetworkWriter:
         self._file.close()
 
 
-def write_subnetwork(stored: StoredSubnetwork, path: str | os.PathLike) -> str:
-    """Write ``stored`` to ``path`` (a safetensors file), tensors in name order; returns the
+def write_subnetwork(
+    stored: StoredSubnetwork,
+    path: str | os.PathLike,
+    *,
+    level: int = DEFAULT_LEVEL,
+    threads: int = DEFAULT_THREADS,
+) -> str:
+    """Write ``stored`` to ``path`` (version 2), tensors in name order; returns the
     header's digest."""
-    with SubnetworkWriter(path) as writer:
+    with SubnetworkWriter(path, level=level, threads=threads) as writer:
         for name in sorted([*stored.pruned, *stored.whole]):
             if name in stored.pruned:
                 writer.add_pruned(name, stored.pruned[name])
@@ -247,11 +221,11 @@ def write_subnetwork(stored: StoredSubnetwork, path: str | os.PathLike) -> str:
 
 
 class SubnetworkReader:
-    """Reads a subnetwork file one tensor at a time, each validated as it is read
-    (``read_subnetwork`` reads them all). The header is checked on opening: format,
+    """Reads a subnetwork file (version 1 or 2) one tensor at a time, each validated as it
+    is read (``read_subnetwork`` reads them all). The header is checked on opening: format,
     version, digest, and that every stored array is one the header describes.
 
-    Use as a context manager; ``names`` lists the tensors in the model's order.
+    Use as a context manager; ``names`` lists the tensors in the file's order.
     """
 
     def __init__(self, path: str | os.PathLike) -> None:
@@ -262,10 +236,14 @@ class SubnetworkReader:
             self._file = SafetensorsFile(self.path)
         except SafetensorsError as error:
             raise KENFormatError(str(error)) from None
-        self._document = _read_document(self.path, self._file.metadata)
+        self.version, self._document = _read_document(self.path, self._file.metadata)
         self.digest: str = self._file.metadata["digest"]
         self._keys = set(self._file.names)
-        extra = sorted(self._keys - _described_keys(self._document["tensors"]))
+        described = set()
+        for name, entry in self._document["tensors"].items():
+            if isinstance(entry, dict):
+                described |= _described_keys(self.version, name, entry)
+        extra = sorted(self._keys - described)
         if extra:
             raise KENFormatError(f"{self.path}: arrays not described by the header: {extra[:5]}")
         fingerprints = self._document["fingerprints"]
@@ -294,7 +272,10 @@ class SubnetworkReader:
 
     def read(self, name: str) -> PrunedTensor | torch.Tensor:
         """Tensor ``name``: a ``PrunedTensor``, or the tensor itself when stored whole."""
-        return _validate_entry(self.path, name, self.entry(name), self._get)
+        check = EntryCheck(self.path, name, self._get)
+        if self.version == "1":
+            return format_v1.read_entry(check, self.entry(name))
+        return _read_entry(check, self.entry(name))
 
     def _get(self, key: str) -> torch.Tensor | None:
         if key not in self._keys:
@@ -304,11 +285,11 @@ class SubnetworkReader:
         except SafetensorsError as error:
             raise KENFormatError(f"{self.path}: array {key!r} is unreadable ({error})") from None
 
-    def __enter__(self) -> SubnetworkReader:
-        return self
-
     def close(self) -> None:
         self._file.close()
+
+    def __enter__(self) -> SubnetworkReader:
+        return self
 
     def __exit__(self, *exception) -> None:
         self.close()
@@ -328,24 +309,23 @@ def read_subnetwork(path: str | os.PathLike) -> StoredSubnetwork:
         return StoredSubnetwork(pruned, whole, reader.fingerprints)
 
 
-def _described_keys(entries: dict) -> set[str]:
-    """The array names the header's entries call for (malformed entries fail on reading)."""
-    keys = set()
-    for name, entry in entries.items():
-        if isinstance(entry, dict) and entry.get("kind") == "whole":
-            keys.add(f"whole.{name}")
-        elif isinstance(entry, dict):
-            keys.update({f"pruned.{name}.values", f"pruned.{name}.{entry.get('encoding')}"})
-    return keys
+def _described_keys(version: str, name: str, entry: dict) -> set[str]:
+    """The array names an entry calls for (malformed entries fail on reading)."""
+    if version == "1":
+        return format_v1.described_keys(name, entry)
+    if entry.get("kind") == "whole":
+        return {f"whole.{name}"}
+    return {f"pruned.{name}.{part}" for part in ("kept", "changed", "xor")}
 
 
-def _read_document(path: Path, metadata: dict[str, str]) -> dict:
+def _read_document(path: Path, metadata: dict[str, str]) -> tuple[str, dict]:
     if metadata.get("format") != FORMAT:
         raise KENFormatError(f"{path}: not a ken-hf subnetwork (format={metadata.get('format')!r})")
-    if metadata.get("format_version") != FORMAT_VERSION:
+    version = metadata.get("format_version")
+    if version not in READABLE_VERSIONS:
         raise KENFormatError(
-            f"{path}: format version {metadata.get('format_version')!r} is not supported "
-            f"(this ken-hf reads {FORMAT_VERSION})"
+            f"{path}: format version {version!r} is not supported (this ken-hf reads "
+            f"{', '.join(READABLE_VERSIONS)})"
         )
     text = metadata.get("ken", "")
     if xxhash.xxh3_64_hexdigest(text.encode()) != metadata.get("digest"):
@@ -358,80 +338,65 @@ def _read_document(path: Path, metadata: dict[str, str]) -> dict:
         raise KENFormatError(f"{path}: metadata lacks the tensor table")
     if not isinstance(document.get("fingerprints"), dict):
         raise KENFormatError(f"{path}: metadata lacks the base fingerprints")
-    return document
+    return version, document
 
 
-def _validate_entry(path: Path, name: str, entry, get) -> PrunedTensor | torch.Tensor:
-    """Check one header entry against its arrays (``get(key)`` -> tensor or None)."""
-
-    def fail(problem: str) -> KENFormatError:
-        return KENFormatError(f"{path}: tensor {name!r}: {problem}")
-
-    def array(key: str) -> torch.Tensor:
-        tensor = get(key)
-        if tensor is None:
-            raise fail(f"array {key!r} is missing")
-        return tensor
-
-    if not isinstance(entry, dict):
-        raise fail("malformed entry")
-    shape, dtype_name = entry.get("shape"), entry.get("dtype")
-    if not isinstance(shape, list) or not all(isinstance(d, int) and d >= 0 for d in shape):
-        raise fail(f"bad shape {shape!r}")
-    if dtype_name not in _VALUE_DTYPES:
-        raise fail(f"unsupported dtype {dtype_name!r}")
-    dtype = _VALUE_DTYPES[dtype_name]
-    numel = int(torch.Size(shape).numel())
-    checksums = entry.get("checksums")
-    if entry.get("kind") == "whole":
-        tensor = array(f"whole.{name}")
-        if tensor.dtype != dtype or list(tensor.shape) != shape:
-            raise fail(f"stored {tensor.dtype} {list(tensor.shape)}, header says {dtype} {shape}")
-        _check_sums(fail, checksums, [tensor], shape)
-        return tensor
-    if entry.get("kind") != "pruned":
-        raise fail(f"unknown kind {entry.get('kind')!r}")
-    count, encoding = entry.get("count"), entry.get("encoding")
-    if not isinstance(count, int) or not 0 <= count <= numel:
-        raise fail(f"bad kept count {count!r}")
-    kept = array(f"pruned.{name}.values")
-    if kept.dtype != dtype or kept.shape != (count,):
-        raise fail(f"values are {kept.dtype} {tuple(kept.shape)}, expected {dtype} ({count},)")
-    if encoding == "mask":
-        packed = array(f"pruned.{name}.mask")
-        if packed.dtype != torch.uint8 or packed.shape != (-(-numel // 8),):
-            raise fail("packed mask has the wrong type or length")
-        _check_sums(fail, checksums, [kept, packed], shape)
-        if numel % 8 and int(packed[-1]) >> (numel % 8):
-            raise fail("packed mask has bits set past the tensor's end")
-        positions = unpack_positions(packed, numel)
-    elif encoding == "indices":
-        positions = array(f"pruned.{name}.indices")
-        if positions.dtype != _index_dtype(numel) or positions.shape != (count,):
-            raise fail("index list has the wrong type or length")
-        _check_sums(fail, checksums, [kept, positions], shape)
-        positions = positions.long()
-        if count and (positions[0] < 0 or positions[-1] >= numel):
-            raise fail("index out of range")
-        if count > 1 and not bool((positions[1:] > positions[:-1]).all()):
-            raise fail("indices are not strictly increasing")
-    else:
-        raise fail(f"unknown encoding {encoding!r}")
+def _read_entry(check: EntryCheck, entry) -> PrunedTensor | torch.Tensor:
+    """Tensor ``check.name`` of a version 2 file, every array checked before decoding."""
+    shape, dtype, numel = check.basics(entry)
+    name, checksums = check.name, entry.get("checksums")
+    if entry["kind"] == "whole":
+        stored = check.array(f"whole.{name}")
+        check.sums(checksums, [stored], shape)
+        if entry.get("codec") == "none":
+            if stored.dtype != dtype or list(stored.shape) != shape:
+                raise check.fail(f"stored {stored.dtype} {list(stored.shape)}, header says {shape}")
+            return stored
+        if entry.get("codec") != "zstd" or stored.dtype != torch.uint8 or stored.dim() != 1:
+            raise check.fail(f"bad whole-tensor codec {entry.get('codec')!r}")
+        itemsize = torch.empty((), dtype=dtype).element_size()
+        planes = _decompressed(check, stored, numel * itemsize)
+        return from_planes(planes, dtype, numel).reshape(shape)
+    count = check.count(entry, "count", numel)
+    changed_count = check.count(entry, "changed", count)
+    encoding, sizes = entry.get("encoding"), entry.get("sizes")
+    itemsize = torch.empty((), dtype=dtype).element_size()
+    index_size = torch.empty((), dtype=index_dtype(numel)).element_size()
+    expected = {
+        "mask": [-(-numel // 8), -(-count // 8), changed_count * itemsize],
+        "indices": [count * index_size, -(-count // 8), changed_count * itemsize],
+    }.get(encoding)
+    if expected is None:
+        raise check.fail(f"unknown encoding {encoding!r}")
+    if sizes != expected:
+        raise check.fail(f"array sizes {sizes!r} do not fit the header's counts")
+    stored = [check.array(f"pruned.{name}.{part}") for part in ("kept", "changed", "xor")]
+    if any(t.dtype != torch.uint8 or t.dim() != 1 for t in stored):
+        raise check.fail("compressed arrays must be uint8 vectors")
+    check.sums(checksums, stored, shape)
+    kept, changed, xor = (_decompressed(check, t, n) for t, n in zip(stored, sizes, strict=True))
+    try:
+        if encoding == "mask":
+            positions = positions_of(unpack_bits(kept, numel).numpy())
+        else:
+            indices = _uint8(kept).view(index_dtype(numel))
+            positions = check.indices(indices, count, numel)
+        changed_bits = unpack_bits(changed, count)
+    except ValueError as error:
+        raise check.fail(str(error)) from None
     if positions.numel() != count:
-        raise fail(f"mask keeps {positions.numel()} positions, header says {count}")
-    delta = entry.get("delta", [None, None])
-    if not (
-        isinstance(delta, list)
-        and len(delta) == 2
-        and all(d is None or isinstance(d, int | float) for d in delta)
-    ):
-        raise fail(f"bad delta statistics {delta!r}")
-    return PrunedTensor(torch.Size(shape), positions, kept, *delta)
+        raise check.fail(f"mask keeps {positions.numel()} positions, header says {count}")
+    if int(changed_bits.sum()) != changed_count:
+        raise check.fail(
+            f"changed bits count {int(changed_bits.sum())}, header says {changed_count}"
+        )
+    bits = from_planes(xor, BITS_DTYPES[dtype], changed_count)
+    statistics = check.statistics(entry.get("delta", [None, None]))
+    return PrunedTensor(torch.Size(shape), dtype, positions, None, changed_bits, bits, *statistics)
 
 
-def _check_sums(fail, checksums, tensors, shape) -> None:
-    if not isinstance(checksums, list) or len(checksums) != len(tensors):
-        raise fail("checksums missing")
-    for expected, tensor in zip(checksums, tensors, strict=True):
-        if _checksum(tensor, shape) != expected:
-            raise fail("checksum mismatch (corrupted data)")
+def _decompressed(check: EntryCheck, stored: torch.Tensor, size: int) -> bytes:
+    try:
+        return decompress(stored.numpy().tobytes(), size)
+    except ValueError as error:
+        raise check.fail(f"compressed array: {error}") from None

@@ -31,12 +31,12 @@ from .checkpoints import (
     read_json,
 )
 from .config import CONFIG_NAME, KENConfig
+from .delta_codec import DEFAULT_LEVEL, DEFAULT_THREADS
 from .fingerprint import tensor_fingerprint
 from .hub import resolve_folder
 from .pipeline import PRUNED, WHOLE, dominant_dtype, plan_tensors, process_tensor
 from .safetensors_io import ShardedWriter
 from .serialization import (
-    FORMAT_VERSION,
     SUBNETWORK_NAME,
     PrunedTensor,
     SubnetworkReader,
@@ -69,6 +69,8 @@ def prune_checkpoints(
     progress: bool = True,
     base_revision: str | None = None,
     finetuned_revision: str | None = None,
+    compression_level: int = DEFAULT_LEVEL,
+    compression_threads: int = DEFAULT_THREADS,
 ) -> dict:
     """Select the KEN subnetwork of checkpoint ``finetuned`` against checkpoint ``base`` and
     write it into the folder ``out`` (as ``KENSubnetwork.save_pretrained`` does: other files
@@ -76,7 +78,8 @@ def prune_checkpoints(
 
     The pipeline's plan (``ken_hf.pipeline``) is made from the headers, so every check
     (names in common, shapes, dtypes) runs before any selection; tensors only in the
-    fine-tune are stored whole. Returns counts and sizes of what was written.
+    fine-tune are stored whole. ``compression_level`` / ``compression_threads``: as in
+    ``KENSubnetwork.save_pretrained``. Returns counts and sizes of what was written.
     """
     with (
         Checkpoint(base, revision=base_revision) as base_ckpt,
@@ -97,7 +100,9 @@ def prune_checkpoints(
         with FolderWriter(out, commit=CONFIG_NAME) as folder:
             subnetwork_file = folder.staged(SUBNETWORK_NAME)
             with (
-                SubnetworkWriter(subnetwork_file) as writer,
+                SubnetworkWriter(
+                    subnetwork_file, level=compression_level, threads=compression_threads
+                ) as writer,
                 tqdm(
                     total=sum(tuned.nbytes(p.name) for p in plans),
                     desc="KEN prune",
@@ -198,7 +203,7 @@ def inspect_subnetwork(path: str | os.PathLike, *, revision: str | None = None) 
     config = KENConfig.from_pretrained(folder)
     subnetwork_file, _ = saved_files(folder, config)
     with SubnetworkReader(subnetwork_file) as reader:
-        counts = reader.summary()
+        counts, version = reader.summary(), reader.version
         tensors = {
             name: {key: reader.entry(name).get(key) for key in ("kind", "shape", "dtype", "count")}
             for name in reader.names
@@ -213,7 +218,7 @@ def inspect_subnetwork(path: str | os.PathLike, *, revision: str | None = None) 
         "keep_ratio": config.keep_ratio,
         "rule": config.rule,
         "compat": config.compat,
-        "format_version": FORMAT_VERSION,
+        "format_version": version,
         "library_version": config.library_version,
         **counts,
         "kept_fraction": counts["kept_values"] / pruned if pruned else 1.0,
@@ -236,7 +241,9 @@ def _merged(name: str, reader: SubnetworkReader, base: Checkpoint, pairs: dict) 
     if name in reader.names:
         stored = reader.read(name)
         if isinstance(stored, PrunedTensor):
-            tensor.view(-1).index_copy_(0, stored.positions, stored.values.to(tensor.dtype))
+            flat = tensor.view(-1)
+            values = stored.values_on(flat.index_select(0, stored.positions))
+            flat.index_copy_(0, stored.positions, values)
         else:
             tensor = stored
     return tensor

@@ -24,6 +24,7 @@ from .base_source import BaseSource, Weights, cannot_tell, locate_base
 from .card import model_card
 from .checkpoints import tensors_of
 from .config import CONFIG_NAME, KENConfig
+from .delta_codec import DEFAULT_LEVEL, DEFAULT_THREADS
 from .fingerprint import tensor_fingerprint
 from .hub import push_folder, resolve_folder
 from .pipeline import (
@@ -47,6 +48,7 @@ from .serialization import (
     read_subnetwork,
     write_subnetwork,
 )
+from .subnetwork_format import masked_values, positions_of
 
 # Selects masks for the pruned plans: (plans, fine-tuned, base, config, progress) -> masks.
 MaskSelector = Callable[
@@ -150,8 +152,16 @@ class KENSubnetwork:
             if record.fingerprint is not None:
                 fingerprints[name] = record.fingerprint
             if record.mask is not None:
-                pruned[name] = PrunedTensor.from_mask(record.mask, record.finetuned)
-                pruned[name].delta_kept, pruned[name].delta_reset = record.delta
+                flat_mask = record.mask.reshape(-1)
+                pruned[name] = PrunedTensor(
+                    record.mask.shape,
+                    record.finetuned.dtype,
+                    positions_of(flat_mask.cpu().numpy()),
+                    masked_values(record.finetuned.reshape(-1), flat_mask).cpu(),
+                    record.changed,
+                    record.xor,
+                    *record.delta,
+                )
             elif record.fingerprint is None:
                 whole[name] = record.finetuned.detach().to("cpu", copy=True)
         model_config = None
@@ -235,7 +245,7 @@ class KENSubnetwork:
             for name, pruned in self.pruned.items():
                 flat = _flat(parameters[name])
                 saved[name] = flat.index_select(0, pruned.positions.to(flat.device))
-                _write_at(parameters[name], pruned.positions, pruned.values)
+                _write_at(parameters[name], pruned.positions, pruned.values_on(saved[name]))
             for name, tensor in self.whole.items():
                 saved[name] = parameters[name].detach().clone()
                 parameters[name].copy_(tensor)
@@ -252,16 +262,26 @@ class KENSubnetwork:
 
     # -- files and the Hub --------------------------------------------------------------
     def save_pretrained(
-        self, save_directory: str | os.PathLike, *, report: dict | None = None
+        self,
+        save_directory: str | os.PathLike,
+        *,
+        report: dict | None = None,
+        compression_level: int = DEFAULT_LEVEL,
+        compression_threads: int = DEFAULT_THREADS,
     ) -> None:
-        """Write ``ken_subnetwork.safetensors``, the model's ``config.json``, a model card,
-        ``report`` as ``ken_report.json`` when given, and ``ken_config.json`` last into
+        """Write ``ken_subnetwork.safetensors`` (format version 2: kept values as a
+        compressed lossless delta against the base), the model's ``config.json``, a model
+        card, ``report`` as ``ken_report.json`` when given, and ``ken_config.json`` last into
         ``save_directory`` (see ``FolderWriter``: other files there are never touched, and
-        an interrupted save leaves the previous subnetwork loadable)."""
+        an interrupted save leaves the previous subnetwork loadable). ``compression_level``
+        and ``compression_threads``: zstd's level (1-22) and worker threads (0: one)."""
         with FolderWriter(save_directory, commit=CONFIG_NAME) as out:
             subnetwork_file = out.staged(SUBNETWORK_NAME)
             digest = write_subnetwork(
-                StoredSubnetwork(self.pruned, self.whole, self.fingerprints), subnetwork_file
+                StoredSubnetwork(self.pruned, self.whole, self.fingerprints),
+                subnetwork_file,
+                level=compression_level,
+                threads=compression_threads,
             )
             if self.model_config is not None:
                 out.write_text(

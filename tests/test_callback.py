@@ -438,7 +438,8 @@ def test_ddp_two_cpu_processes_share_selection_and_end_identical(tmp_path):
     assert set(shared.whole) == set(alone.whole) and set(shared.pruned) == set(alone.pruned)
     for name, pruned in alone.pruned.items():
         assert torch.equal(shared.pruned[name].positions, pruned.positions), name
-        assert torch.equal(shared.pruned[name].values, pruned.values), name
+        assert torch.equal(shared.pruned[name].changed, pruned.changed), name
+        assert torch.equal(shared.pruned[name].xor, pruned.xor), name
     assert ranks[0]["fingerprints"] == alone_fingerprints
 
 

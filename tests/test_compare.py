@@ -46,6 +46,7 @@ def test_every_row_is_a_real_run(comparison):
         assert 0.0 <= row["metric"] <= 1.0
         assert Path(row["files"][0]).is_relative_to(out / "seed0")
         assert row["bytes"] == sum(os.path.getsize(f) for f in row["files"]) > 0, row["label"]
+        assert 0 < row["zstd_bytes"] <= row["bytes"] * 1.01, row["label"]
     by_method = {row["method"]: row for row in results["runs"]}
     assert by_method["lora"]["bytes"] < by_method["ken"]["bytes"] < by_method["full"]["bytes"]
     assert by_method["lora"]["trainable_parameters"] < by_method["full"]["trainable_parameters"]

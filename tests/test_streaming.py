@@ -52,7 +52,8 @@ def test_prune_matches_the_python_api(checkpoints, pruned, minilm_finetune):
     assert streamed.fingerprints == reference.fingerprints  # names matched across the prefix
     for name, expected in reference.pruned.items():
         assert torch.equal(streamed.pruned[name].positions, expected.positions), name
-        assert torch.equal(streamed.pruned[name].values, expected.values), name
+        assert torch.equal(streamed.pruned[name].changed, expected.changed), name
+        assert torch.equal(streamed.pruned[name].xor, expected.xor), name
         assert streamed.pruned[name].delta_kept == pytest.approx(expected.delta_kept)
     config = KENConfig.from_pretrained(pruned)
     assert config.base_model_name_or_path == str(base)
@@ -86,7 +87,7 @@ def test_inspect_reports_the_header(pruned, capsys):
     kept = sum(p.positions.numel() for p in stored.pruned.values())
     assert info["kept_values"] == kept
     assert info["kept_fraction"] == pytest.approx(0.5, abs=0.01)
-    assert info["keep_ratio"] == 0.5 and info["format_version"] == "1"
+    assert info["keep_ratio"] == 0.5 and info["format_version"] == "2"
     assert info["bytes"] == (pruned / SUBNETWORK_NAME).stat().st_size
     assert main(["inspect", str(pruned), "--tensors"]) == 0
     text = capsys.readouterr().out
@@ -191,7 +192,8 @@ def test_llama_base_against_its_sequence_classifier_in_bf16(tmp_path):
     assert set(stored.whole) == {"score.weight"}
     assert "model.embed_tokens.weight" in stored.fingerprints
     assert "model.embed_tokens.weight" not in stored.pruned  # excluded: reset to the base
-    assert all(p.values.dtype == torch.bfloat16 for p in stored.pruned.values())
+    assert all(p.dtype == torch.bfloat16 for p in stored.pruned.values())
+    assert all(p.xor.dtype == torch.int16 for p in stored.pruned.values())
     loaded = AutoKENModelForSequenceClassification.from_pretrained(out, dtype=torch.bfloat16)
     reference = KENSubnetwork.from_weights(
         AutoModelForSequenceClassification.from_pretrained(

@@ -6,6 +6,7 @@ import json
 import random
 import shutil
 import struct
+from pathlib import Path
 
 import pytest
 import torch
@@ -13,13 +14,11 @@ import xxhash
 from transformers import AutoModelForSequenceClassification
 
 from ken_hf import KENConfig, KENFormatError, KENModel, KENSubnetwork
+from ken_hf.delta_codec import pack_bits, unpack_bits
 from ken_hf.experiments.assets import minilm_path
-from ken_hf.serialization import (
-    SUBNETWORK_NAME,
-    pack_positions,
-    read_subnetwork,
-    unpack_positions,
-)
+from ken_hf.serialization import SUBNETWORK_NAME, read_subnetwork
+
+V1 = Path(__file__).parent / "data" / "v1"  # a base, its fine-tune and a version 1 subnetwork
 
 
 @pytest.fixture(scope="module")
@@ -55,25 +54,36 @@ def test_encodings_chosen_by_size(small_subnetworks):
     for label, folder in small_subnetworks.items():
         _, header = _header((folder / SUBNETWORK_NAME).read_bytes())
         keys = [k for k in header if k != "__metadata__"]
-        assert any(k.endswith("." + label) for k in keys), keys
+        document = json.loads(header["__metadata__"]["ken"])
+        pruned = [e for e in document["tensors"].values() if e["kind"] == "pruned"]
+        assert pruned and all(e["encoding"] == label for e in pruned)
         assert "whole.classifier.weight" in keys
 
 
-def test_mask_packing_round_trips():
+def test_bit_packing_round_trips():
     torch.manual_seed(0)
-    for numel in (1, 7, 8, 9, 1000):
-        positions = (torch.rand(numel) < 0.3).nonzero().squeeze(1)
-        packed = pack_positions(positions, numel)
-        assert packed.numel() == -(-numel // 8)
-        assert torch.equal(unpack_positions(packed, numel), positions)
+    for count in (0, 1, 7, 8, 9, 1000):
+        bits = torch.rand(count) < 0.3
+        packed = pack_bits(bits)
+        assert len(packed) == -(-count // 8)
+        assert torch.equal(unpack_bits(packed, count), bits)
+
+
+def _equal(x, y) -> bool:
+    return (x is None and y is None) or (x is not None and y is not None and torch.equal(x, y))
 
 
 def _same(a, b) -> bool:
+    fields = ("positions", "values", "changed", "xor")
     return (
         a.pruned.keys() == b.pruned.keys()
         and all(a.pruned[n].shape == b.pruned[n].shape for n in a.pruned)
-        and all(torch.equal(a.pruned[n].positions, b.pruned[n].positions) for n in a.pruned)
-        and all(torch.equal(a.pruned[n].values, b.pruned[n].values) for n in a.pruned)
+        and all(a.pruned[n].dtype == b.pruned[n].dtype for n in a.pruned)
+        and all(
+            _equal(getattr(a.pruned[n], f), getattr(b.pruned[n], f))
+            for n in a.pruned
+            for f in fields
+        )
         and a.whole.keys() == b.whole.keys()
         and all(torch.equal(a.whole[n], b.whole[n]) for n in a.whole)
         and a.fingerprints == b.fingerprints
@@ -144,6 +154,12 @@ def _semantic_mutations(data: bytes) -> list[tuple[str, bytes]]:
         if entry["kind"] == "pruned":
             other = "mask" if entry["encoding"] == "indices" else "indices"
             edits["encoding"] = set_field("encoding", other)
+            if "changed" in entry:  # version 2
+                edits["changed+1"] = set_field("changed", entry["changed"] + 1)
+                edits["changed-1"] = set_field("changed", max(0, entry["changed"] - 1))
+                edits["sizes"] = set_field("sizes", [s + 1 for s in entry["sizes"]])
+        elif "codec" in entry:
+            edits["codec"] = set_field("codec", "none" if entry["codec"] == "zstd" else "zstd")
         for label, edit in edits.items():
             mutations.append((f"{name}: {label}", _rewrite_metadata(data, edit)))
     mutations.append(("fingerprints", _rewrite_metadata(data, lambda d: d.pop("fingerprints"))))
@@ -153,7 +169,7 @@ def _semantic_mutations(data: bytes) -> list[tuple[str, bytes]]:
 def test_two_hundred_mutations_raise_a_clear_error_or_read_identically(small_subnetworks, tmp_path):
     rng = random.Random(0)
     checked = 0
-    for folder in small_subnetworks.values():
+    for folder in [*small_subnetworks.values(), V1 / "ken"]:  # version 2, and 1
         data = (folder / SUBNETWORK_NAME).read_bytes()
         original = read_subnetwork(folder / SUBNETWORK_NAME)
         for label, mutated in _byte_mutations(data, rng, 120) + _semantic_mutations(data):
@@ -197,7 +213,7 @@ def test_interrupted_save_leaves_the_previous_folder_intact(small_subnetworks, m
     before = {p.name: p.read_bytes() for p in folder.iterdir()}
     subnetwork = KENSubnetwork.from_pretrained(small_subnetworks["mask"])
 
-    def crash(stored, path):
+    def crash(stored, path, **options):
         path.write_bytes(b"partial")
         raise KeyboardInterrupt
 

@@ -24,6 +24,7 @@ from tqdm.auto import tqdm
 from ..atomic_files import write_text_atomic
 from ..checkpoints import new_parameters
 from ..config import KENConfig, module_name
+from ..delta_codec import compress
 from ..modeling import AutoKENModelForSequenceClassification
 from ..selection import RULES
 from ..serialization import SUBNETWORK_NAME
@@ -197,6 +198,9 @@ def _row(
         "metric": metric,
         "files": [str(f) for f in files],
         "bytes": sum(f.stat().st_size for f in files),
+        # zstd-compressed as well, so that no method is measured uncompressed against
+        # KEN's compressed subnetwork file.
+        "zstd_bytes": sum(len(compress(f.read_bytes())) for f in files),
         "trainable_parameters": trainable,
         "kept_values": kept,
         "train_seconds": train_seconds,
@@ -206,7 +210,8 @@ def _row(
 
 def summarise(rows: list[dict], metric: str) -> list[dict]:
     """One entry per label, in first-seen order: metric mean and sample standard deviation
-    over seeds (None with one seed), mean bytes, percent of the full fine-tune's file."""
+    over seeds (None with one seed), mean bytes (as stored and zstd-compressed), percent of
+    the full fine-tune's file."""
     labels = list(dict.fromkeys(row["label"] for row in rows))
     full_bytes = statistics.mean(r["bytes"] for r in rows if r["method"] == "full")
     summary = []
@@ -224,6 +229,7 @@ def summarise(rows: list[dict], metric: str) -> list[dict]:
                 "std": statistics.stdev(values) if len(values) > 1 else None,
                 "seeds": len(values),
                 "bytes": stored,
+                "zstd_bytes": statistics.mean(r["zstd_bytes"] for r in group),
                 "percent_of_full": 100 * stored / full_bytes,
                 "trainable_parameters": group[0]["trainable_parameters"],
                 "kept_values": statistics.mean(kept) if kept else None,
@@ -243,25 +249,26 @@ def markdown_table(results: dict) -> str:
         f"{settings['epochs']:g} epochs, seeds {sorted({r['seed'] for r in results['runs']})}; "
         f"{results['machine']['cpus']} CPUs, torch {results['machine']['torch']}.",
         "",
-        f"| method | {results['summary'][0]['metric']} (mean ± sd) | stored | % of full "
-        "| trainable params | values kept | training s | pruning s |",
-        "|---|---|---|---|---|---|---|---|",
+        f"| method | {results['summary'][0]['metric']} (mean ± sd) | stored | zstd-compressed "
+        "| % of full | trainable params | values kept | training s | pruning s |",
+        "|---|---|---|---|---|---|---|---|---|",
     ]
     for entry in results["summary"]:
         spread = f" ± {entry['std']:.4f}" if entry["std"] is not None else ""
         kept = f"{entry['kept_values']:,.0f}" if entry["kept_values"] is not None else "-"
         lines.append(
             f"| {entry['label']} | {entry['mean']:.4f}{spread} | {_size(entry['bytes'])} "
-            f"| {entry['percent_of_full']:.1f} | {entry['trainable_parameters']:,} | {kept} "
+            f"| {_size(entry['zstd_bytes'])} | {entry['percent_of_full']:.1f} "
+            f"| {entry['trainable_parameters']:,} | {kept} "
             f"| {entry['train_seconds']:.0f} | {entry['prune_seconds']:.1f} |"
         )
     return "\n".join(lines) + "\n"
 
 
 def plot(results: dict, path: Path) -> None:
-    """Metric against bytes stored (log scale), error bars of one standard deviation; every
-    point carries a number, spread apart where points crowd, and the key beside the plot
-    names each one with its metric."""
+    """Metric against bytes stored, zstd-compressed (log scale), error bars of one standard
+    deviation; every point carries a number, spread apart where points crowd, and the key
+    beside the plot names each one with its metric."""
     import matplotlib
 
     matplotlib.use("Agg")
@@ -280,13 +287,13 @@ def plot(results: dict, path: Path) -> None:
     for number, (entry, label_y) in enumerate(zip(summary, heights, strict=True), start=1):
         colour = colours[entry["method"]]
         axes.errorbar(
-            entry["bytes"], entry["mean"], yerr=entry["std"] or 0.0, fmt="o", color=colour,
+            entry["zstd_bytes"], entry["mean"], yerr=entry["std"] or 0.0, fmt="o", color=colour,
             capsize=3, alpha=0.8,
         )  # fmt: skip
         axes.annotate(
             str(number),
-            (entry["bytes"], entry["mean"]),
-            xytext=(entry["bytes"] * 1.1, label_y),
+            (entry["zstd_bytes"], entry["mean"]),
+            xytext=(entry["zstd_bytes"] * 1.1, label_y),
             fontsize=8,
             color=colour,
             va="center",
@@ -299,8 +306,8 @@ def plot(results: dict, path: Path) -> None:
                  family="monospace", transform=key.transAxes)  # fmt: skip
     key.axis("off")
     axes.set_xscale("log")
-    axes.set_xlim(right=max(e["bytes"] for e in summary) * 1.6)
-    axes.set_xlabel("bytes stored (log scale)")
+    axes.set_xlim(right=max(e["zstd_bytes"] for e in summary) * 1.6)
+    axes.set_xlabel("bytes stored, zstd-compressed (log scale)")
     axes.set_ylabel(f"held-out {results['summary'][0]['metric']}")
     with_lora = any(e["method"] == "lora" for e in summary)
     compared = "sparse baselines and LoRA" if with_lora else "sparse baselines"
@@ -318,8 +325,10 @@ def _label_heights(summary: list[dict], gap: float) -> list[float]:
     within a factor of 1.5 (their labels would overlap): points sharing a k share bytes."""
     heights: dict[int, float] = {}
     for index in sorted(range(len(summary)), key=lambda i: summary[i]["mean"]):
-        x, y = math.log10(summary[index]["bytes"]), summary[index]["mean"]
-        near = [h for i, h in heights.items() if abs(math.log10(summary[i]["bytes"]) - x) < 0.18]
+        x, y = math.log10(summary[index]["zstd_bytes"]), summary[index]["mean"]
+        near = [
+            h for i, h in heights.items() if abs(math.log10(summary[i]["zstd_bytes"]) - x) < 0.18
+        ]
         for taken in sorted(near):
             if abs(taken - y) < gap:
                 y = taken + gap

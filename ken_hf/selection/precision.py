@@ -39,6 +39,7 @@ import torch
 _HAS_PER_BACKEND = hasattr(torch._C, "_get_fp32_precision_getter")
 _BACKENDS = ("cuda", "mkldnn")
 
+
 @dataclass(frozen=True)
 class _Settings:
     """What ``full_precision_matmul`` found on entry.

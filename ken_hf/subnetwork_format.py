@@ -1,0 +1,186 @@
+"""What a subnetwork file holds, in memory, and the pieces both file versions share: the
+pruned tensor record, the header checks and the position encodings."""
+
+from __future__ import annotations
+
+import dataclasses
+from dataclasses import dataclass
+
+import numpy as np
+import torch
+import xxhash
+
+from .delta_codec import undo_xor_delta, xor_delta
+from .safetensors_io import FLOAT_DTYPES
+
+FORMAT = "ken-hf-subnetwork"
+SUBNETWORK_NAME = "ken_subnetwork.safetensors"
+_INDEX_DTYPES = (torch.uint8, torch.uint16, torch.uint32, torch.int64)
+VALUE_DTYPES = {str(dtype).removeprefix("torch."): dtype for dtype in FLOAT_DTYPES}
+
+
+class KENFormatError(ValueError):
+    """A subnetwork file that is truncated, corrupted, foreign or inconsistent."""
+
+
+@dataclass
+class PrunedTensor:
+    """A pruned tensor: where KEN kept values, and those values, either as they are or as a
+    delta against the base values at the same positions.
+
+    Attributes:
+        shape: the tensor's shape.
+        dtype: its (floating-point) dtype.
+        positions: int64 ``[K]`` flat (row-major) positions kept, increasing.
+        values: ``[K]`` fine-tuned values at those positions (None when known only as a
+            delta, as read from a version 2 file: see ``values_on``).
+        changed: bool ``[K]``: kept values whose bits differ from the base's (None when
+            only ``values`` are known, as read from a version 1 file).
+        xor: integers ``[C]`` (C = changed count, same width as the dtype): fine-tuned XOR
+            base bit patterns of the changed kept values.
+        delta_kept, delta_reset: mean |fine-tuned - pre-trained| over the kept and over the
+            reset positions, measured when the subnetwork was made (None if unknown).
+    """
+
+    shape: torch.Size
+    dtype: torch.dtype
+    positions: torch.Tensor
+    values: torch.Tensor | None = None
+    changed: torch.Tensor | None = None
+    xor: torch.Tensor | None = None
+    delta_kept: float | None = None
+    delta_reset: float | None = None
+
+    def values_on(self, base_values: torch.Tensor) -> torch.Tensor:
+        """The fine-tuned values ``[K]``, given the base's values ``[K]`` at ``positions``
+        (the caller has checked the base against its fingerprint)."""
+        if self.values is not None:
+            return self.values.to(base_values.device)
+        return undo_xor_delta(base_values, self.changed, self.xor)
+
+    def with_delta(self, base_values: torch.Tensor) -> PrunedTensor:
+        """This tensor with its delta against the base's values ``[K]`` at ``positions``
+        (for one read from a version 1 file, which holds the values only)."""
+        if self.changed is not None:
+            return self
+        changed, xor = xor_delta(self.values, base_values.cpu())
+        return dataclasses.replace(self, changed=changed, xor=xor)
+
+    def mask(self) -> torch.Tensor:
+        """Bool tensor of ``shape``: True at the kept positions."""
+        flat = torch.zeros(self.shape.numel(), dtype=torch.bool)
+        flat[self.positions] = True
+        return flat.reshape(self.shape)
+
+
+@dataclass
+class StoredSubnetwork:
+    """What the file holds: pruned tensors, whole tensors, base fingerprints ``{name: hex}``."""
+
+    pruned: dict[str, PrunedTensor]
+    whole: dict[str, torch.Tensor]
+    fingerprints: dict[str, str]
+
+
+def index_dtype(numel: int) -> torch.dtype:
+    """The narrowest integer type that indexes ``numel`` positions."""
+    for dtype in _INDEX_DTYPES:
+        if numel - 1 <= torch.iinfo(dtype).max:
+            return dtype
+    raise ValueError(f"tensor of {numel} elements is too large to index")
+
+
+def smaller_encoding(numel: int, count: int) -> str:
+    """``"indices"`` when an index list of ``count`` takes fewer bytes than a bitmask."""
+    index_size = torch.tensor([], dtype=index_dtype(numel)).element_size()
+    return "indices" if count * index_size < -(-numel // 8) else "mask"
+
+
+def checksum(tensor: torch.Tensor, shape: list[int]) -> str:
+    """xxh3 of a stored array's bytes and of the logical ``shape`` of the tensor it encodes
+    (an index list or a compressed array does not carry that shape itself)."""
+    hasher = xxhash.xxh3_64(repr(list(shape)).encode())
+    data = tensor.contiguous().reshape(-1)
+    if data.numel():
+        hasher.update(data.view(torch.uint8).numpy().data)
+    return hasher.hexdigest()
+
+
+def masked_values(flat: torch.Tensor, mask: torch.Tensor, block: int = 2**22) -> torch.Tensor:
+    """``flat[mask]`` for 1-D tensors, in blocks: selecting by a bool mask builds an int64
+    helper as long as the mask (8 bytes per value), so whole tensors would pay that."""
+    mask = mask.to(flat.device)
+    pieces = [
+        torch.masked_select(flat[start : start + block], mask[start : start + block])
+        for start in range(0, flat.numel(), block)
+    ]
+    return torch.cat(pieces) if pieces else flat[:0].clone()
+
+
+def positions_of(bits: np.ndarray) -> torch.Tensor:
+    """int64 positions of the set entries of a bool array."""
+    return torch.from_numpy(np.flatnonzero(bits))
+
+
+class EntryCheck:
+    """Checks of one header entry, raising ``KENFormatError`` that names the file and the
+    tensor. ``get(key)`` returns a stored array or None."""
+
+    def __init__(self, path, name: str, get) -> None:
+        self.path, self.name, self._get = path, name, get
+
+    def fail(self, problem: str) -> KENFormatError:
+        return KENFormatError(f"{self.path}: tensor {self.name!r}: {problem}")
+
+    def array(self, key: str) -> torch.Tensor:
+        tensor = self._get(key)
+        if tensor is None:
+            raise self.fail(f"array {key!r} is missing")
+        return tensor
+
+    def basics(self, entry) -> tuple[list[int], torch.dtype, int]:
+        """A well-formed entry's ``(shape, dtype, numel)``."""
+        if not isinstance(entry, dict):
+            raise self.fail("malformed entry")
+        shape, dtype_name = entry.get("shape"), entry.get("dtype")
+        if not isinstance(shape, list) or not all(isinstance(d, int) and d >= 0 for d in shape):
+            raise self.fail(f"bad shape {shape!r}")
+        if dtype_name not in VALUE_DTYPES:
+            raise self.fail(f"unsupported dtype {dtype_name!r}")
+        if entry.get("kind") not in ("pruned", "whole"):
+            raise self.fail(f"unknown kind {entry.get('kind')!r}")
+        return shape, VALUE_DTYPES[dtype_name], int(torch.Size(shape).numel())
+
+    def count(self, entry, key: str, limit: int) -> int:
+        value = entry.get(key)
+        if not isinstance(value, int) or isinstance(value, bool) or not 0 <= value <= limit:
+            raise self.fail(f"bad {key} {value!r}")
+        return value
+
+    def indices(self, positions: torch.Tensor, count: int, numel: int) -> torch.Tensor:
+        """An index list's int64 positions, checked: ``count`` of them, increasing, inside
+        the tensor."""
+        if positions.dtype != index_dtype(numel) or positions.shape != (count,):
+            raise self.fail("index list has the wrong type or length")
+        positions = positions.long()
+        if count and (positions[0] < 0 or positions[-1] >= numel):
+            raise self.fail("index out of range")
+        if count > 1 and not bool((positions[1:] > positions[:-1]).all()):
+            raise self.fail("indices are not strictly increasing")
+        return positions
+
+    def sums(self, checksums, tensors: list[torch.Tensor], shape: list[int]) -> None:
+        if not isinstance(checksums, list) or len(checksums) != len(tensors):
+            raise self.fail("checksums missing")
+        for expected, tensor in zip(checksums, tensors, strict=True):
+            if checksum(tensor, shape) != expected:
+                raise self.fail("checksum mismatch (corrupted data)")
+
+    def statistics(self, value) -> list:
+        if not (
+            isinstance(value, list)
+            and len(value) == 2
+            and all(d is None or isinstance(d, int | float) for d in value)
+        ):
+            raise self.fail(f"bad delta statistics {value!r}")
+        return value
