@@ -31,6 +31,7 @@ from transformers import AutoModelForSequenceClassification
 
 from ken_hf import AutoKENModelForSequenceClassification, KENConfig, KENModel, KENSubnetwork
 from ken_hf.checkpoints import new_parameters
+from ken_hf.config import CONFIG_NAME
 from ken_hf.delta_codec import pack_bits, to_planes
 from ken_hf.experiments.assets import cache_dir
 from ken_hf.experiments.finetune import (
@@ -176,8 +177,11 @@ def bench(label: str, dtype: torch.dtype, work: Path) -> dict:
         save_v2 = seconds(lambda: subnetwork.save_pretrained(v2), repeats=1)  # noqa: B023
         v1.mkdir(exist_ok=True)
         for file in v2.iterdir():
-            if file.name != SUBNETWORK_NAME:
+            if file.name not in (SUBNETWORK_NAME, CONFIG_NAME):
                 (v1 / file.name).write_bytes(file.read_bytes())
+        # A version 1 folder's config names no subnetwork digest (version 1 had none).
+        config_values = json.loads((v2 / CONFIG_NAME).read_text())
+        (v1 / CONFIG_NAME).write_text(json.dumps({**config_values, "subnetwork_digest": None}))
         save_v1 = seconds(lambda: write_version_1(subnetwork, v1 / SUBNETWORK_NAME), repeats=1)  # noqa: B023
         kept_bytes = sum(p.positions.numel() for p in subnetwork.pruned.values()) * (
             torch.empty((), dtype=dtype).element_size()

@@ -108,6 +108,8 @@ def _convert_smollm2(target: Path) -> None:
     if result.missing_keys or result.unexpected_keys:
         raise RuntimeError(f"SmolLM2 conversion: {result}")
     tokenizer = transformers.AutoTokenizer.from_pretrained(gguf.parent, gguf_file=gguf.name)
+    if tokenizer.pad_token is None:  # older transformers do not read it from the GGUF file
+        tokenizer.pad_token = tokenizer.eos_token
     with atomic_folder(target) as staging:
         model.save_pretrained(staging)
         tokenizer.save_pretrained(staging)
