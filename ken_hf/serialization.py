@@ -386,10 +386,8 @@ def _read_entry(check: EntryCheck, entry) -> PrunedTensor | torch.Tensor:
         raise check.fail(str(error)) from None
     if positions.numel() != count:
         raise check.fail(f"mask keeps {positions.numel()} positions, header says {count}")
-    if int(changed_bits.sum()) != changed_count:
-        raise check.fail(
-            f"changed bits count {int(changed_bits.sum())}, header says {changed_count}"
-        )
+    if int(torch.count_nonzero(changed_bits)) != changed_count:
+        raise check.fail(f"the changed bits do not number the header's {changed_count}")
     bits = from_planes(xor, BITS_DTYPES[dtype], changed_count)
     statistics = check.statistics(entry.get("delta", [None, None]))
     return PrunedTensor(torch.Size(shape), dtype, positions, None, changed_bits, bits, *statistics)
