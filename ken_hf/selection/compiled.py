@@ -131,38 +131,37 @@ def _convolve(nodes, taps, k, fine, coarse, pad, q_max, out):
 
 
 @njit(nogil=True, cache=True)
-def _densities(x, g, h, out):
-    """Rounded densities of one row at its grid (docs/algorithm.md steps 4-5) into out [k].
+def _kernel_sums(x, g, h, target, sums, bounds):
+    """Fast kernel sums of one row at its grid, with rigorous bounds on their error.
 
-    x float32 [n] (not constant), g float32 [k] (k >= 2), h float64 > 0."""
+    x float32 [n] (not constant), g float32 [k] (k >= 2), h float64 > 0, target: the
+    interpolation error aimed at, in density units. Fills sums [k] and bounds [k] (absolute,
+    in the units of the sums) and returns True; returns False, filling nothing, for a row
+    whose spread would need too many nodes (the caller then sums directly)."""
     n = x.shape[0]
     k = g.shape[0]
     norm = 1.0 / (n * h * _SQRT_2PI)
-    target = min(_MAX_TARGET, _TARGET / n)
     lo = np.float64(g[0])
     hi = np.float64(g[k - 1])
-    step = (hi - lo) / (k - 1)
-    # Node spacing delta = rho h, from the interpolation bound in density units.
+    # Node spacing delta about rho h, from the interpolation bound in density units.
     rho = (target * h * _SQRT_2PI / (_SAFETY * _C6)) ** (1.0 / 6.0)
     if rho > _MAX_RHO:
         rho = _MAX_RHO
     wanted = rho * h
-    if step >= wanted:
+    cap = max(_MIN_NODE_CAP, _MAX_NODES_PER_VALUE * (n + k))
+    if not ((hi - lo) / wanted < cap / 2):  # delta >= wanted / 2 below; also inf / nan
+        return False
+    step = (hi - lo) / (k - 1)
+    if step >= wanted:  # nodes finer than the grid: fine nodes per grid step
         fine = int(math.ceil(step / wanted))
         coarse = 1
-    else:
+    else:  # nodes coarser: one node every coarse grid points
         fine = 1
         coarse = int(math.floor(wanted / step))
     sigma = step / fine
     delta = coarse * sigma
-    span = (hi - lo) / delta
-    cap = max(_MIN_NODE_CAP, _MAX_NODES_PER_VALUE * (n + k))
-    if not (span < cap):  # also catches inf / nan
-        for j in range(k):
-            out[j] = _round_half_even(_direct_sum(x, g[j], h) * norm)
-        return
     pad = 2
-    num_nodes = int(span) + 2 * pad + 3
+    num_nodes = int((hi - lo) / delta) + 2 * pad + 3
     nodes = np.zeros(num_nodes)
     inverse = 1.0 / delta
     for i in range(n):
@@ -202,9 +201,10 @@ def _densities(x, g, h, out):
         value = math.exp(u * u / scale)
         taps[q_max + q] = value
         taps[q_max - q] = value
-    sums = np.empty(k)
     _convolve(nodes, taps, k, fine, coarse, pad, q_max, sums)
 
+    # The bound (module docstring): interpolation, truncated taps, the value positions'
+    # and the taps' float64 rounding, then per grid point its distance from its node.
     u_far = (q_max + 1) * sigma
     terms = 2.0 * q_max / coarse + 2.0
     shared = (
@@ -218,9 +218,27 @@ def _densities(x, g, h, out):
     for j in range(k):
         ideal = lo + j * stride
         dev = abs(np.float64(g[j]) - ideal) + 8.0 * _U64 * (abs(lo) + abs(ideal))
-        bound = _SAFETY * (shared + slope * dev)
+        bounds[j] = _SAFETY * (shared + slope * dev)
+    return True
+
+
+@njit(nogil=True, cache=True)
+def _densities(x, g, h, sums, bounds, out):
+    """Rounded densities of one row at its grid (docs/algorithm.md steps 4-5) into out [k]:
+    fast sums, and a direct float64 sum wherever the bound reaches a rounding boundary.
+
+    x float32 [n] (not constant), g float32 [k] (k >= 2), h float64 > 0; sums and bounds
+    float64 [k] scratch."""
+    n = x.shape[0]
+    k = g.shape[0]
+    norm = 1.0 / (n * h * _SQRT_2PI)
+    if not _kernel_sums(x, g, h, min(_MAX_TARGET, _TARGET / n), sums, bounds):
+        for j in range(k):
+            out[j] = _round_half_even(_direct_sum(x, g[j], h) * norm)
+        return
+    for j in range(k):
         density = sums[j] * norm
-        if abs((density - math.floor(density)) - 0.5) <= bound * norm:
+        if abs((density - math.floor(density)) - 0.5) <= bounds[j] * norm:
             density = _direct_sum(x, g[j], h) * norm
         out[j] = _round_half_even(density)
 
@@ -265,7 +283,9 @@ def _priority(rounded, order, scratch):
 
 
 @njit(nogil=True, cache=True)
-def _sort_row(x, values, positions, scratch_keys, scratch_positions, sorted_positions, keys, counts):
+def _sort_row(
+    x, values, positions, scratch_keys, scratch_positions, sorted_positions, keys, counts
+):
     """values[1 : n + 1], positions[1 : n + 1]: the row sorted ascending, stable (a radix sort
     on the float32 bit patterns; -0.0 is keyed as 0.0, since it equals it)."""
     n = x.shape[0]
@@ -405,11 +425,14 @@ def _insertion_points(values, grid, out):
 
 
 @njit(nogil=True, cache=True)
-def _select_block(rows, grids, bandwidths, compat, mask, first, last):
-    """KEN on rows first..last-1 (each non-constant, k < n): mask[r] = kept positions."""
+def _select_block(rows, grids, bandwidths, compat, mask):
+    """KEN on rows with k < n: mask[r] = kept positions of rows[r]; a row with bandwidth 0
+    (constant) keeps positions 0..k-1."""
     n = rows.shape[1]
     k = grids.shape[1]
     rounded = np.empty(k)
+    sums = np.empty(k)
+    bounds = np.empty(k)
     order = np.empty(k, dtype=np.int64)
     order_scratch = np.empty(k, dtype=np.int64)
     targets = np.empty(k, dtype=np.float32)
@@ -431,13 +454,17 @@ def _select_block(rows, grids, bandwidths, compat, mask, first, last):
     values[n + 1] = np.inf
     positions[0] = n
     positions[n + 1] = n
-    for r in range(first, last):
+    for r in range(rows.shape[0]):
         x = rows[r]
         g = grids[r]
+        if bandwidths[r] == 0.0:
+            mask[r, :] = False
+            mask[r, :k] = True
+            continue
         if k == 1:
             order[0] = 0
         else:
-            _densities(x, g, bandwidths[r], rounded)
+            _densities(x, g, bandwidths[r], sums, bounds, rounded)
             _priority(rounded, order, order_scratch)
         _sort_row(
             x, values, positions, scratch_keys, scratch_positions, sorted_positions, keys, counts
@@ -468,27 +495,54 @@ def _select_block(rows, grids, bandwidths, compat, mask, first, last):
                     out[positions[i]] = True
 
 
-def select_rows(
-    rows: np.ndarray, grids: np.ndarray, bandwidths: np.ndarray, compat: bool, threads: int
-) -> np.ndarray:
-    """KEN masks of non-constant rows with k < n: rows float32 ``[R, n]``, grids float32
-    ``[R, k]``, bandwidths float64 ``[R]`` (> 0). Returns bool ``[R, n]``."""
+def _bandwidths(rows: np.ndarray) -> np.ndarray:
+    """Silverman's rule per row, as density.silverman_bandwidth computes it: numpy's float32
+    std (pairwise summation), then ``|1.06 * std * n ** (-1/5)|`` in float64."""
+    std = np.std(rows, axis=1).astype(np.float64)
+    return np.abs(1.06 * std * (rows.shape[1] ** (-1 / 5)))
+
+
+def _grids(rows: np.ndarray, k: int) -> np.ndarray:
+    """``k`` points from each row's min to max with numpy.linspace's float32 arithmetic, as
+    density.even_grid computes them (one float32 operation at a time)."""
+    low = rows.min(axis=1, keepdims=True)
+    high = rows.max(axis=1, keepdims=True)
+    if k == 1:
+        return np.ascontiguousarray(low)
+    positions = np.arange(k, dtype=np.float32)[None, :]
+    delta = high - low
+    step = delta / np.float32(k - 1)
+    # numpy's guard for a step that underflows to zero: scale the positions first.
+    stepped = np.where(step == 0, positions / np.float32(k - 1) * delta, positions * step)
+    grid = stepped + low
+    grid[:, -1:] = high
+    return grid
+
+
+def _select(rows: np.ndarray, k: int, compat: bool, mask: np.ndarray) -> None:
+    """One block of rows, on the calling thread: bandwidths, grids, then the kernel."""
+    _select_block(rows, _grids(rows, k), _bandwidths(rows), compat, mask)
+
+
+# Rows per block handed to a thread, at least (fewer blocks than threads below this).
+_MIN_BLOCK_VALUES = 1 << 16
+
+
+def select_rows(rows: np.ndarray, k: int, compat: bool, threads: int) -> np.ndarray:
+    """KEN masks of rows float32 ``[R, n]`` with ``k < n``: bool ``[R, n]``, computed by up
+    to ``threads`` threads, each on contiguous blocks of rows."""
     rows = np.ascontiguousarray(rows, dtype=np.float32)
-    grids = np.ascontiguousarray(grids, dtype=np.float32)
-    bandwidths = np.ascontiguousarray(bandwidths, dtype=np.float64)
-    num_rows = rows.shape[0]
+    num_rows, n = rows.shape
     mask = np.empty(rows.shape, dtype=np.bool_)
-    blocks = max(1, min(num_rows, 4 * threads)) if threads > 1 else 1
-    bounds = [num_rows * b // blocks for b in range(blocks + 1)]
-    if blocks == 1:
-        _select_block(rows, grids, bandwidths, compat, mask, 0, num_rows)
+    blocks = min(4 * max(1, threads), max(1, num_rows * n // _MIN_BLOCK_VALUES), num_rows)
+    if blocks <= 1 or threads <= 1:
+        _select(rows, k, compat, mask)
         return mask
+    edges = [num_rows * b // blocks for b in range(blocks + 1)]
     with ThreadPoolExecutor(max_workers=min(threads, blocks)) as pool:
         jobs = [
-            pool.submit(
-                _select_block, rows, grids, bandwidths, compat, mask, bounds[b], bounds[b + 1]
-            )
-            for b in range(blocks)
+            pool.submit(_select, rows[a:b], k, compat, mask[a:b])
+            for a, b in zip(edges[:-1], edges[1:], strict=True)
         ]
         for job in jobs:
             job.result()

@@ -114,10 +114,13 @@ def _select_rows(rows: torch.Tensor, k: int, *, compat: bool = False) -> torch.T
     with zero standard deviation keeps positions ``0 .. min(k, n) - 1``.
     """
     num_rows, n = rows.shape
-    mask = torch.zeros(rows.shape, dtype=torch.bool, device=rows.device)
     if k >= n:
-        mask[:] = True
-        return mask
+        return torch.ones(rows.shape, dtype=torch.bool, device=rows.device)
+    compiled = _compiled_kernels() if rows.device.type == "cpu" else None
+    if compiled is not None:
+        kept = compiled.select_rows(rows.detach().numpy(), k, compat, torch.get_num_threads())
+        return torch.from_numpy(kept)
+    mask = torch.zeros(rows.shape, dtype=torch.bool, device=rows.device)
     h = silverman_bandwidth(rows)
     constant = h == 0
     mask[constant, :k] = True
@@ -126,13 +129,6 @@ def _select_rows(rows: torch.Tensor, k: int, *, compat: bool = False) -> torch.T
         return mask
     x = rows[varied]
     grid = even_grid(x, k)
-    compiled = _compiled_kernels() if rows.device.type == "cpu" else None
-    if compiled is not None:
-        matched = compiled.select_rows(
-            x.numpy(), grid.numpy(), h[varied].numpy(), compat, torch.get_num_threads()
-        )
-        mask[varied] = torch.from_numpy(matched)
-        return mask
     order = priority_order(rounded_densities(x, grid, h[varied]))
     positions = greedy_match(x, grid.gather(1, order))
     matched = torch.zeros(x.shape, dtype=torch.bool, device=rows.device)
