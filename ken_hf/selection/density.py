@@ -1,5 +1,9 @@
 """KEN's kernel density step: bandwidth, grid, rounded densities and the grid's priority order.
 
+This is the torch path, taken by CUDA tensors (and by CPU tensors under
+``KEN_HF_SELECT_BACKEND=torch``); CPU tensors otherwise go through compiled.py, which computes
+the same rounded densities another way.
+
 Every quantity that feeds a comparison reproduces the reference arithmetic of
 docs/algorithm.md bit for bit (bandwidth, grid, rounded density). The densities are
 computed fast and a little inexactly, with a rigorous bound on the error; the few grid points

@@ -1,5 +1,8 @@
 """KEN's greedy matching: each grid point, in priority order, takes the nearest free position.
 
+This is the torch path, taken by CUDA tensors (and by CPU tensors under
+``KEN_HF_SELECT_BACKEND=torch``); CPU tensors otherwise go through compiled.py.
+
 The reference is a Python loop of ``k`` argmin-and-delete steps per row. Here the ``k`` steps
 run once for a whole chunk of rows: each row is sorted, so the nearest free value to a target
 is either the first free one at or above it or the last free one below it. Free positions are
