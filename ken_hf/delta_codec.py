@@ -41,16 +41,6 @@ def xor_delta(finetuned: torch.Tensor, base: torch.Tensor) -> tuple[torch.Tensor
     return changed, xor[changed]
 
 
-def undo_xor_delta(base: torch.Tensor, changed: torch.Tensor, xor: torch.Tensor) -> torch.Tensor:
-    """The fine-tuned values ``[K]`` back from the ``base`` values ``[K]`` at the same
-    positions and ``xor_delta``'s ``changed`` ``[K]`` and ``xor`` ``[C]``."""
-    bits = bits_of(base.contiguous())
-    # A dense XOR [K] (zeros where unchanged), then one vectorised XOR: faster than
-    # indexing by the bool mask, and ``base`` is left as it was.
-    dense = torch.zeros_like(bits).masked_scatter_(changed.to(bits.device), xor.to(bits.device))
-    return (bits ^ dense).view(base.dtype)
-
-
 def to_planes(data: torch.Tensor) -> bytes:
     """The bytes of ``data`` (any dtype, on the CPU) as byte planes: byte 0 of every element,
     then byte 1, ... (uint8 ``[itemsize * numel]``)."""

@@ -237,16 +237,15 @@ class KENModel(PreTrainedModel):
             if name in subnetwork.whole:
                 same = torch.equal(current.cpu(), subnetwork.whole[name])
             else:
-                rebuilt_base = current.clone()
+                # What was written must be the subnetwork's values; with the base's values
+                # put back there, the tensor must be the base, bit for bit.
+                rebuilt_base, same = current.clone(), True
                 pruned = subnetwork.pruned.get(name)
                 if pruned is not None:
-                    flat = current.reshape(-1)
-                    positions = pruned.positions.to(flat.device)
-                    expected = pruned.values_on(self._overwritten[name])
-                    same = torch.equal(flat.index_select(0, positions), expected)
-                    rebuilt_base.view(-1).index_copy_(0, positions, self._overwritten[name])
-                else:
-                    same = True
+                    where, overwritten = pruned.written_positions(), self._overwritten[name]
+                    written = current.reshape(-1).index_select(0, where.to(current.device))
+                    same = torch.equal(written, pruned.written_values(overwritten))
+                    rebuilt_base.view(-1).index_copy_(0, where.to(current.device), overwritten)
                 same = same and tensor_fingerprint(rebuilt_base) == base.get(name)
             if not same:
                 raise ValueError(

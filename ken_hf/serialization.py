@@ -19,8 +19,8 @@ kept and changed counts, encodings, the raw size of each compressed array and an
 checksum of every stored array, plus the fingerprints of the base tensors; ``digest`` is
 the xxh3 of that JSON text. Reading checks all of it before anything is returned, so a
 truncated, corrupted or foreign file raises ``KENFormatError`` and never reaches a model.
-The kept values are rebuilt only on a base whose fingerprints match (``PrunedTensor.
-values_on``, called by the loaders after checking).
+The kept values are rebuilt only on a base whose fingerprints match
+(``PrunedTensor.written_values``, called by the loaders after checking).
 """
 
 from __future__ import annotations

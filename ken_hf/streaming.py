@@ -241,9 +241,8 @@ def _merged(name: str, reader: SubnetworkReader, base: Checkpoint, pairs: dict) 
     if name in reader.names:
         stored = reader.read(name)
         if isinstance(stored, PrunedTensor):
-            flat = tensor.view(-1)
-            values = stored.values_on(flat.index_select(0, stored.positions))
-            flat.index_copy_(0, stored.positions, values)
+            flat, where = tensor.view(-1), stored.written_positions()
+            flat.index_copy_(0, where, stored.written_values(flat.index_select(0, where)))
         else:
             tensor = stored
     return tensor

@@ -227,7 +227,8 @@ class KENSubnetwork:
 
         Everything is checked before any weight changes. Returns the base values it
         overwrote (``{name: values}``), which ``restore`` puts back. Costs time in
-        proportion to the kept values (flat gathers and scatters).
+        proportion to the kept values that differ from the base (flat gathers and
+        scatters): the others equal the base already.
         """
         parameters = tensors_of(model)
         self.check_base(base_fingerprints or fingerprints_of(model))
@@ -243,9 +244,10 @@ class KENSubnetwork:
         saved: dict[str, torch.Tensor] = {}
         with torch.no_grad():
             for name, pruned in self.pruned.items():
+                where = pruned.written_positions()
                 flat = _flat(parameters[name])
-                saved[name] = flat.index_select(0, pruned.positions.to(flat.device))
-                _write_at(parameters[name], pruned.positions, pruned.values_on(saved[name]))
+                saved[name] = flat.index_select(0, where.to(flat.device))
+                _write_at(parameters[name], where, pruned.written_values(saved[name]))
             for name, tensor in self.whole.items():
                 saved[name] = parameters[name].detach().clone()
                 parameters[name].copy_(tensor)
@@ -256,7 +258,7 @@ class KENSubnetwork:
         parameters = tensors_of(model)
         with torch.no_grad():
             for name, pruned in self.pruned.items():
-                _write_at(parameters[name], pruned.positions, saved[name])
+                _write_at(parameters[name], pruned.written_positions(), saved[name])
             for name in self.whole:
                 parameters[name].copy_(saved[name])
 

@@ -10,7 +10,7 @@ import numpy as np
 import torch
 import xxhash
 
-from .delta_codec import undo_xor_delta, xor_delta
+from .delta_codec import bits_of, xor_delta
 from .safetensors_io import FLOAT_DTYPES
 
 FORMAT = "ken-hf-subnetwork"
@@ -33,7 +33,7 @@ class PrunedTensor:
         dtype: its (floating-point) dtype.
         positions: int64 ``[K]`` flat (row-major) positions kept, increasing.
         values: ``[K]`` fine-tuned values at those positions (None when known only as a
-            delta, as read from a version 2 file: see ``values_on``).
+            delta, as read from a version 2 file: see ``written_values``).
         changed: bool ``[K]``: kept values whose bits differ from the base's (None when
             only ``values`` are known, as read from a version 1 file).
         xor: integers ``[C]`` (C = changed count, same width as the dtype): fine-tuned XOR
@@ -51,12 +51,21 @@ class PrunedTensor:
     delta_kept: float | None = None
     delta_reset: float | None = None
 
-    def values_on(self, base_values: torch.Tensor) -> torch.Tensor:
-        """The fine-tuned values ``[K]``, given the base's values ``[K]`` at ``positions``
-        (the caller has checked the base against its fingerprint)."""
-        if self.values is not None:
-            return self.values.to(base_values.device)
-        return undo_xor_delta(base_values, self.changed, self.xor)
+    def written_positions(self) -> torch.Tensor:
+        """int64 ``[W]``: the positions a rebuild writes into the base: the kept values that
+        differ from the base's (the others equal it already), or every kept position when
+        only the values are known (read from a version 1 file)."""
+        if self.changed is None:
+            return self.positions
+        return torch.masked_select(self.positions, self.changed)
+
+    def written_values(self, base_values: torch.Tensor) -> torch.Tensor:
+        """``[W]`` fine-tuned values for ``written_positions``, given the base's values
+        there (the caller has checked the base against its fingerprint)."""
+        if self.changed is None:
+            return self.values.to(base_values.device, base_values.dtype)
+        bits = bits_of(base_values.contiguous()) ^ self.xor.to(base_values.device)
+        return bits.view(base_values.dtype)
 
     def with_delta(self, base_values: torch.Tensor) -> PrunedTensor:
         """This tensor with its delta against the base's values ``[K]`` at ``positions``

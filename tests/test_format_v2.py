@@ -12,8 +12,8 @@ from transformers import AutoModelForSequenceClassification
 
 from ken_hf import AutoKENModelForSequenceClassification, KENConfig, KENModel, prune_model
 from ken_hf.cli import main
-from ken_hf.delta_codec import from_planes, to_planes, undo_xor_delta, xor_delta
-from ken_hf.serialization import SUBNETWORK_NAME, SubnetworkReader
+from ken_hf.delta_codec import from_planes, to_planes, xor_delta
+from ken_hf.serialization import SUBNETWORK_NAME, PrunedTensor, SubnetworkReader
 
 V1 = Path(__file__).parent / "data" / "v1"  # a base, its fine-tune and a version 1 subnetwork
 NEW = {"classifier.weight", "classifier.bias"}
@@ -32,7 +32,12 @@ def test_the_delta_is_bit_exact_in_every_dtype(dtype):
     tuned[1], tuned[2], tuned[4] = float("nan"), -0.0, torch.finfo(dtype).tiny / 2
     changed, xor = xor_delta(tuned, base)
     assert int(changed.sum()) == xor.numel() < tuned.numel()
-    rebuilt = undo_xor_delta(base, changed, from_planes(to_planes(xor), xor.dtype, xor.numel()))
+    stored = from_planes(to_planes(xor), xor.dtype, xor.numel())
+    positions = torch.arange(base.numel())
+    pruned = PrunedTensor(base.shape, dtype, positions, None, changed, stored)
+    where = pruned.written_positions()
+    rebuilt = base.clone()
+    rebuilt[where] = pruned.written_values(base[where])
     assert torch.equal(rebuilt.view(integer), tuned.view(integer))
 
 
