@@ -14,6 +14,12 @@ Sharded runs (FSDP2, DeepSpeed ZeRO-3; see ``ken_hf.sharding``): full tensors ar
 one at a time; the main process alone keeps the snapshot (one full copy of the weights on
 its host), selects, and scatters each rebuilt tensor back into every rank's shard. FSDP
 version 1 is refused (use ``fsdp_version: 2``), and so is ``auto_k`` with sharding.
+
+The Hub: with ``TrainingArguments(push_to_hub=True)`` the saved subnetwork folder (report,
+model card and the Trainer's tokenizer or processor included) is pushed when training ends
+into the subfolder ``ken/`` of the Trainer's own repository (``hub_model_id``), the place
+that the Trainer's own ``push_to_hub`` of ``output_dir`` gives it, with the Trainer's
+``hub_token``, ``hub_private_repo`` and ``hub_revision``.
 """
 
 from __future__ import annotations
@@ -30,6 +36,7 @@ from transformers.utils import logging
 from .base_source import BaseSource, cannot_tell, locate_base
 from .checkpoints import Checkpoint, match_names, tensors_of
 from .config import KENConfig
+from .hub import push_folder
 from .pipeline import PRUNED, select_masks
 from .sharding import full_numel, prune_sharded, sharding_of, snapshot_sharded
 from .subnetwork import KENSubnetwork, prune_model, select_in_process
@@ -65,6 +72,11 @@ class KENCallback(TrainerCallback):
         new_tensors: names of the newly initialised tensors (stored whole). By default they
             are found from the checkpoint the model was loaded from; a model that was not
             loaded from a readable checkpoint needs them (an empty set if none is).
+        dataset: Hub id of the evaluation data set; the model card's metadata then lists
+            the metrics after KEN for it (``model-index``).
+
+    With ``TrainingArguments(push_to_hub=True)``, the main process pushes the saved folder
+    to ``<hub_model_id>/ken`` when training ends (``push_subnetwork``).
     """
 
     def __init__(
@@ -78,6 +90,7 @@ class KENCallback(TrainerCallback):
         auto_k: AutoK | None = None,
         snapshot_device: str | torch.device = "cpu",
         new_tensors: set[str] | None = None,
+        dataset: str | None = None,
         **config_fields,
     ) -> None:
         if config is None:
@@ -88,6 +101,7 @@ class KENCallback(TrainerCallback):
             raise ValueError("give either a KENConfig or its fields, not both")
         self.config = config
         self.save_dir = save_dir
+        self.dataset = dataset
         self.evaluate = evaluate
         self.auto_k = auto_k
         self.snapshot_device = torch.device(snapshot_device)
@@ -222,8 +236,61 @@ class KENCallback(TrainerCallback):
         }
         if trainer.is_world_process_zero():
             folder = Path(self.save_dir or Path(args.output_dir) / "ken")
-            self.subnetwork.save_pretrained(folder, report=self.report)
+            self.subnetwork.save_pretrained(
+                folder,
+                report=self.report,
+                tokenizer=getattr(trainer, "processing_class", None),
+                dataset=self.dataset,
+            )
             logger.info(f"KEN subnetwork saved to {folder}")
+            if args.push_to_hub:
+                self.push_subnetwork(trainer, folder)
+
+    def push_subnetwork(self, trainer: Trainer, folder: Path) -> str:
+        """Push ``folder`` (the saved subnetwork) to the Trainer's repository, into the
+        subfolder ``ken/`` (or the folder's path inside ``output_dir`` when ``save_dir`` lies
+        there), with the Trainer's ``hub_token``, ``hub_private_repo`` and ``hub_revision``.
+
+        The subnetwork exists only once training ends, so it is pushed then whatever
+        ``hub_strategy`` says; uploads the Trainer still has in flight (``every_save``,
+        ``checkpoint``) are waited for first, so that the subnetwork's commit comes last.
+        A failed push raises ``OSError`` saying that the subnetwork is saved in ``folder``
+        and how to push it again. Returns the commit URL."""
+        args = trainer.args
+        repo_id = (
+            getattr(trainer, "hub_model_id", None)
+            or args.hub_model_id
+            or Path(args.output_dir).absolute().name
+        )
+        try:
+            path_in_repo = folder.resolve().relative_to(Path(args.output_dir).resolve()).as_posix()
+        except ValueError:  # save_dir outside output_dir
+            path_in_repo = "ken"
+        revision = getattr(args, "hub_revision", None)  # not in every transformers
+        in_flight = getattr(trainer, "push_in_progress", None)
+        if in_flight is not None:
+            in_flight.wait_until_done()
+        try:
+            url = push_folder(
+                folder,
+                repo_id,
+                private=args.hub_private_repo,
+                token=args.hub_token,
+                revision=revision,
+                path_in_repo=path_in_repo,
+                commit_message="KEN subnetwork, end of training",
+            )
+        except Exception as error:  # network, permissions, unknown branch: all reported alike
+            again = f"ken push {folder} {repo_id} --subfolder {path_in_repo}" + (
+                f" --revision {revision}" if revision else ""
+            )
+            raise OSError(
+                f"KENCallback: pushing the subnetwork to {repo_id} (subfolder {path_in_repo}) "
+                f"failed: {error}. The subnetwork is saved and safe in {folder}; push it "
+                f"again with: {again}"
+            ) from error
+        logger.info(f"KEN subnetwork pushed to {repo_id}/{path_in_repo}: {url}")
+        return url
 
     # -- helpers --------------------------------------------------------------------------
     def _find_trainer(self) -> Trainer:

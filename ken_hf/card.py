@@ -1,83 +1,231 @@
-"""The model card (README.md) written beside a saved subnetwork."""
+"""The model card (README.md) written beside a saved subnetwork: YAML metadata the Hub
+understands (``base_model``, ``library_name``, ``tags``, the base's ``license`` when its own
+card is at hand, ``model-index`` when a task and a data set are known), then what KEN kept,
+the metrics before and after KEN, sizes, and how to load it."""
 
 from __future__ import annotations
 
+import math
 from collections.abc import Mapping
 from pathlib import Path
 from typing import TYPE_CHECKING
 
-from huggingface_hub import ModelCardData
+import torch
+from huggingface_hub import EvalResult, ModelCardData, try_to_load_from_cache
+from huggingface_hub.repocard import metadata_load
 
+from .hub import is_hub_id
 from .serialization import SubnetworkReader
 
 if TYPE_CHECKING:
     from .config import KENConfig
 
+# Suffix of a transformers class -> (the AutoKENModel class that loads it, its Hub task).
 _AUTO_CLASSES = {
-    "ForSequenceClassification": "AutoKENModelForSequenceClassification",
-    "ForCausalLM": "AutoKENModelForCausalLM",
-    "ForTokenClassification": "AutoKENModelForTokenClassification",
-    "ForQuestionAnswering": "AutoKENModelForQuestionAnswering",
-    "ForConditionalGeneration": "AutoKENModelForSeq2SeqLM",
+    "ForSequenceClassification": ("AutoKENModelForSequenceClassification", "text-classification"),
+    "ForCausalLM": ("AutoKENModelForCausalLM", "text-generation"),
+    "ForTokenClassification": ("AutoKENModelForTokenClassification", "token-classification"),
+    "ForQuestionAnswering": ("AutoKENModelForQuestionAnswering", "question-answering"),
+    "ForConditionalGeneration": ("AutoKENModelForSeq2SeqLM", "text2text-generation"),
 }
+# Trainer.evaluate's bookkeeping, not measures of the model.
+_NOT_METRICS = {"runtime", "samples_per_second", "steps_per_second", "epoch"}
 
 
 def model_card(
-    config: KENConfig, subnetwork_file: Path, metrics: Mapping[str, float] | None = None
+    config: KENConfig,
+    subnetwork_file: Path,
+    metrics: Mapping[str, float] | None = None,
+    *,
+    report: Mapping | None = None,
+    dataset: str | None = None,
+    tokenizer: bool = False,
 ) -> str:
-    """Markdown with YAML metadata: base model, library, tags; then what was kept (read from
-    the header of ``subnetwork_file``), sizes, ``metrics`` when known, and how to
-    load it."""
-    data = ModelCardData(
-        base_model=config.base_model_name_or_path,
-        library_name="ken-hf",
-        tags=["ken", "pruning"],
-    )
-    rule = f"k = {config.k} values per row" if config.k else f"keep ratio {config.keep_ratio:g}"
-    stored = subnetwork_file.stat().st_size
+    """Markdown with YAML metadata, then the base model (linked when a Hub id), the rule,
+    k or keep ratio, the share of values reset, sizes (read from the header of
+    ``subnetwork_file``), the metrics before and after KEN (``report``'s, else
+    ``metrics``), and how to load it. ``dataset``: Hub id of the evaluation data set; with
+    a known task it puts the metrics after KEN into the ``model-index`` metadata.
+    ``tokenizer``: whether a tokenizer is saved beside the subnetwork (the loading example
+    then loads it too)."""
     with SubnetworkReader(subnetwork_file) as reader:
         counts = reader.summary()
-    pruned_values, kept_values = counts["pruned_values"], counts["kept_values"]
-    kept_fraction = kept_values / pruned_values if pruned_values else 1.0
-    auto = next(
+        full_bytes = sum(
+            math.prod(entry["shape"]) * _itemsize(entry["dtype"])
+            for entry in (reader.entry(name) for name in reader.names)
+        )
+    stored = subnetwork_file.stat().st_size
+    auto, task = next(
         (
-            name
-            for suffix, name in _AUTO_CLASSES.items()
+            names
+            for suffix, names in _AUTO_CLASSES.items()
             if (config.model_class or "").endswith(suffix)
         ),
-        "AutoKENModel",
+        ("AutoKENModel", None),
     )
+    before, after = _before_after(report, metrics)
+    base = config.base_model_name_or_path
+    hub_base = base if base and is_hub_id(base) else None
     lines = [
         "---",
-        data.to_yaml(),
+        _metadata(config, hub_base, task, dataset, after).to_yaml(),
         "---",
         "",
-        f"# KEN subnetwork of {config.base_model_name_or_path}",
+        f"# KEN subnetwork of {base}",
         "",
         "A [KEN](https://arxiv.org/abs/2402.03142) subnetwork made with "
         f"ken-hf {config.library_version}: only the kept fine-tuned values are stored; "
         "every other value comes from the base model when it is loaded.",
         "",
-        f"- Selection: {rule}{' (compatibility mode)' if config.compat else ''}"
-        + ("" if config.rule == "ken" else f", rule {config.rule!r} (a baseline, not KEN)"),
-        f"- Pruned tensors: {counts['pruned_tensors']}, {kept_values:,} of {pruned_values:,} "
-        f"values kept ({kept_fraction:.1%})",
-        f"- Stored whole: {counts['whole_tensors']} tensors, {counts['whole_values']:,} values",
-        f"- Subnetwork file: {stored / 2**20:.2f} MiB",
+        f"- Base model: {_base_link(base, hub_base, config.base_model_revision)}",
         f"- Model class: {config.model_class}",
+        f"- Selection: {_rule(config)}",
+        f"- Values reset to the base: {_reset_share(counts, report):.1%}; pruned tensors: "
+        f"{counts['pruned_tensors']}, {counts['kept_values']:,} of {counts['pruned_values']:,} "
+        "values kept",
+        f"- Stored whole: {counts['whole_tensors']} tensors, {counts['whole_values']:,} values",
+        f"- Size: subnetwork file {stored / 2**20:.2f} MiB; the same tensors in full "
+        f"{full_bytes / 2**20:.2f} MiB ({stored / full_bytes:.1%})"
+        if full_bytes
+        else f"- Size: subnetwork file {stored / 2**20:.2f} MiB",
     ]
-    if metrics:
-        lines += ["", "| metric | value |", "|---|---|"]
-        lines += [f"| {name} | {value:.4f} |" for name, value in sorted(metrics.items())]
+    if before or after:
+        lines += ["", "## Metrics", "", "| metric | before KEN | after KEN |", "|---|---|---|"]
+        for name in sorted(set(before) | set(after)):
+            lines.append(f"| {name} | {_number(before.get(name))} | {_number(after.get(name))} |")
+    source = '"<this repository or folder>"'
+    load = [f"from ken_hf import {auto}", "", f"model = {auto}.from_pretrained({source})"]
+    if tokenizer:
+        load = [
+            "from transformers import AutoTokenizer",
+            *load,
+            f"tokenizer = AutoTokenizer.from_pretrained({source})",
+        ]
     lines += [
         "",
         "## Load",
         "",
         "```python",
-        f"from ken_hf import {auto}",
-        "",
-        f'model = {auto}.from_pretrained("<this repository or folder>")',
+        *load,
         "```",
+        "",
+        "`from_pretrained` takes `subfolder=` (the folder inside the repository that holds "
+        "this card) and `revision=` as transformers does.",
         "",
     ]
     return "\n".join(lines)
+
+
+def _itemsize(dtype: str) -> int:
+    return torch.empty(0, dtype=getattr(torch, dtype)).element_size()
+
+
+def _rule(config: KENConfig) -> str:
+    budget = f"k = {config.k} values per row" if config.k else f"keep ratio {config.keep_ratio:g}"
+    rule = "KEN" if config.rule == "ken" else f"rule {config.rule!r} (a baseline, not KEN)"
+    return f"{rule}, {budget}" + (" (compatibility mode)" if config.compat else "")
+
+
+def _reset_share(counts: Mapping[str, int], report: Mapping | None) -> float:
+    """The report's share of the model's parameters reset; else the share of the values
+    the file covers (pruned and whole) that are not kept."""
+    if report and isinstance(report.get("ken_reset_fraction"), float):
+        return report["ken_reset_fraction"]
+    covered = counts["pruned_values"] + counts["whole_values"]
+    kept = counts["kept_values"] + counts["whole_values"]
+    return 1.0 - kept / covered if covered else 0.0
+
+
+def _before_after(
+    report: Mapping | None, metrics: Mapping[str, float] | None
+) -> tuple[dict[str, float], dict[str, float]]:
+    """``{metric: value}`` before and after KEN, prefixes and bookkeeping taken off."""
+    sources = {"before": {}, "after": {}}
+    if report:
+        sources = {
+            "before": report.get("metrics_before") or {},
+            "after": report.get("metrics_after") or {},
+        }
+    elif metrics:
+        sources = {
+            when: {k: v for k, v in metrics.items() if k.startswith(f"ken_{when}_")}
+            for when in ("before", "after")
+        }
+    return tuple(  # type: ignore[return-value]
+        {
+            key.removeprefix(f"ken_{when}_"): float(value)
+            for key, value in values.items()
+            if isinstance(value, int | float)
+            and key.removeprefix(f"ken_{when}_") not in _NOT_METRICS
+        }
+        for when, values in sources.items()
+    )
+
+
+def _number(value: float | None) -> str:
+    return "-" if value is None else f"{value:.4f}"
+
+
+def _base_link(base: str | None, hub_base: str | None, revision: str | None) -> str:
+    if hub_base is None:
+        return f"`{base}` (a local folder)" if base else "not recorded"
+    url = f"https://huggingface.co/{hub_base}"
+    if revision:
+        return f"[{hub_base}]({url}/tree/{revision}) at revision `{revision}`"
+    return f"[{hub_base}]({url})"
+
+
+def _metadata(
+    config: KENConfig,
+    hub_base: str | None,
+    task: str | None,
+    dataset: str | None,
+    after: Mapping[str, float],
+) -> ModelCardData:
+    """The card's YAML: ``base_model`` only for a Hub id (the Hub links it), the base's
+    license when its card can be read without the network, ``model-index`` when the task,
+    ``dataset`` and metrics are all known."""
+    results = None
+    if task and dataset and after:
+        results = [
+            EvalResult(
+                task_type=task,
+                dataset_type=dataset,
+                dataset_name=dataset,
+                metric_type=name,
+                metric_value=value,
+                metric_name=f"{name} after KEN",
+            )
+            for name, value in sorted(after.items())
+            if name != "loss"
+        ] or None
+    return ModelCardData(
+        base_model=hub_base,
+        library_name="ken-hf",
+        license=_base_license(config),
+        pipeline_tag=task,
+        tags=["ken", "pruning"],
+        eval_results=results,
+        model_name=f"{hub_base or config.model_class or 'model'} (KEN)" if results else None,
+    )
+
+
+def _base_license(config: KENConfig) -> str | None:
+    """``license`` from the front matter of the base's README.md: in its folder, or in the
+    Hub cache for a Hub id (never downloaded for this); None when unknown."""
+    base = config.base_model_name_or_path
+    if not base:
+        return None
+    card: str | Path | None = Path(base) / "README.md"
+    if not Path(base).is_dir():
+        card = None
+        if is_hub_id(base):
+            cached = try_to_load_from_cache(base, "README.md", revision=config.base_model_revision)
+            card = cached if isinstance(cached, str) else None
+    if card is None or not Path(card).is_file():
+        return None
+    try:
+        license_ = (metadata_load(Path(card)) or {}).get("license")
+    except Exception:  # an unreadable or malformed card says nothing about the license
+        return None
+    return license_ if isinstance(license_, str) else None

@@ -76,6 +76,17 @@ def _number(kind: type[int] | type[float], text: str) -> int | float:
         raise argparse.ArgumentTypeError(f"not a number: {text!r}") from None
 
 
+def _subfolder(text: str) -> str:
+    """A relative path inside a folder or Hub repository (argparse type)."""
+    parts = text.replace("\\", "/").split("/")
+    if text.startswith(("/", "\\")) or ".." in parts:
+        raise argparse.ArgumentTypeError(
+            f"{text!r} must be a relative path inside the folder or repository (no leading "
+            "'/', no '..')"
+        )
+    return text
+
+
 _SIZE_UNITS = {"KIB": 2**10, "MIB": 2**20, "GIB": 2**30, "KB": 10**3, "MB": 10**6, "GB": 10**9}
 
 
@@ -219,7 +230,14 @@ def _prune(args: argparse.Namespace) -> int:
 def _apply(args: argparse.Namespace) -> int:
     from .streaming import apply_checkpoint
 
-    result = apply_checkpoint(args.base, args.ken, args.out, max_shard_size=args.max_shard_size)
+    result = apply_checkpoint(
+        args.base,
+        args.ken,
+        args.out,
+        max_shard_size=args.max_shard_size,
+        subfolder=args.subfolder,
+        revision=args.revision,
+    )
     print(
         f"checkpoint: {args.out} ({result['bytes'] / 2**30:.2f} GiB, {result['tensors']} tensors)"
     )
@@ -229,7 +247,7 @@ def _apply(args: argparse.Namespace) -> int:
 def _inspect(args: argparse.Namespace) -> int:
     from .streaming import inspect_subnetwork
 
-    info = inspect_subnetwork(args.path)
+    info = inspect_subnetwork(args.path, subfolder=args.subfolder, revision=args.revision)
     if args.json:
         print(json.dumps(info, indent=2))
         return 0
@@ -257,11 +275,47 @@ def _inspect(args: argparse.Namespace) -> int:
 
 
 def _viz(args: argparse.Namespace) -> int:
+    from .subnetwork import KENSubnetwork
     from .viz import write_report
 
-    report = write_report(args.path, args.out, tensors=args.tensor or None)
+    subnetwork = KENSubnetwork.from_pretrained(
+        args.path, subfolder=args.subfolder, revision=args.revision
+    )
+    report = write_report(subnetwork, args.out, tensors=args.tensor or None)
     print(f"KENviz report: {report}")
     return 0
+
+
+def _push(args: argparse.Namespace) -> int:
+    from pathlib import Path
+
+    from .config import KENConfig
+    from .hub import push_folder
+    from .subnetwork import saved_files
+
+    folder = Path(args.folder)
+    if not folder.is_dir():
+        raise FileNotFoundError(f"{args.folder}: no such folder (FOLDER: a subnetwork folder)")
+    saved_files(folder, KENConfig.from_pretrained(folder))  # a complete subnetwork, or refused
+    url = push_folder(
+        folder,
+        args.repo_id,
+        private=args.private or None,
+        revision=args.revision,
+        path_in_repo=args.subfolder,
+    )
+    print(f"pushed: {url}")
+    return 0
+
+
+def _hub_location(parser: argparse.ArgumentParser) -> None:
+    """``--subfolder`` and ``--revision`` of a command that reads a subnetwork."""
+    parser.add_argument(
+        "--subfolder",
+        type=_subfolder,
+        help="folder inside the folder or Hub repository that holds the subnetwork",
+    )
+    parser.add_argument("--revision", help="branch, tag or commit of the Hub repository")
 
 
 def _add_demo(commands) -> None:
@@ -376,6 +430,7 @@ def _add_apply(commands) -> None:
     apply.add_argument(
         "--max-shard-size", type=_size, default="5GB", help="largest shard (default 5GB)"
     )
+    _hub_location(apply)
     apply.set_defaults(run=_apply)
 
 
@@ -389,6 +444,7 @@ def _add_inspect(commands) -> None:
     inspect.add_argument("path", help="subnetwork folder or Hub id")
     inspect.add_argument("--tensors", action="store_true", help="list every tensor")
     inspect.add_argument("--json", action="store_true", help="print JSON")
+    _hub_location(inspect)
     inspect.set_defaults(run=_inspect)
 
 
@@ -408,14 +464,40 @@ def _add_viz(commands) -> None:
         "repeatable; default: the largest 3",
     )
     viz.add_argument("--out", default="kenviz", help="output folder (default: kenviz)")
+    _hub_location(viz)
     viz.set_defaults(run=_viz)
+
+
+def _add_push(commands) -> None:
+    push = commands.add_parser(
+        "push",
+        help="publish a subnetwork folder to the Hub",
+        description="Upload a subnetwork folder (made by ken prune, save_pretrained or "
+        "KENCallback) to a Hub model repository, creating the repository when it is missing.",
+    )
+    push.add_argument("folder", help="subnetwork folder")
+    push.add_argument("repo_id", help="Hub repository, e.g. me/minilm-sentiment-ken")
+    push.add_argument("--private", action="store_true", help="create the repository private")
+    push.add_argument("--revision", help="branch to push to (created when missing)")
+    push.add_argument(
+        "--subfolder", type=_subfolder, help="folder inside the repository (default: its root)"
+    )
+    push.set_defaults(run=_push)
 
 
 def build_parser() -> argparse.ArgumentParser:
     """The ``ken`` parser: one subcommand per job, each running ``args.run(args)``."""
     parser = _Parser(prog="ken", description="KEN pruning for Hugging Face models")
     commands = parser.add_subparsers(dest="command", required=True)
-    for add in (_add_demo, _add_compare, _add_prune, _add_apply, _add_inspect, _add_viz):
+    for add in (
+        _add_demo,
+        _add_compare,
+        _add_prune,
+        _add_apply,
+        _add_inspect,
+        _add_viz,
+        _add_push,
+    ):
         add(commands)
     return parser
 

@@ -178,10 +178,18 @@ class KENConfig:
 
     @classmethod
     def from_pretrained(
-        cls, name_or_path: str | os.PathLike, *, revision: str | None = None, **hub_kwargs
+        cls,
+        name_or_path: str | os.PathLike,
+        *,
+        subfolder: str | None = None,
+        revision: str | None = None,
+        **hub_kwargs,
     ) -> KENConfig:
-        """Read ``ken_config.json`` from a folder or a Hub repository."""
-        path = resolve_file(name_or_path, CONFIG_NAME, revision=revision, **hub_kwargs)
+        """Read ``ken_config.json`` from a folder or a Hub repository (in its ``subfolder``,
+        at ``revision`` for a Hub id)."""
+        path = resolve_file(
+            name_or_path, CONFIG_NAME, subfolder=subfolder, revision=revision, **hub_kwargs
+        )
         try:
             values = json.loads(Path(path).read_text(encoding="utf-8"))
         except (UnicodeDecodeError, json.JSONDecodeError) as error:

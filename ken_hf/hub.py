@@ -1,11 +1,14 @@
 """Hub access, the lowest layer of ken-hf: folders or Hub ids resolved through
 huggingface_hub (so its cache and ``HF_HUB_OFFLINE`` work as users expect), and publishing a
-folder. Nothing here knows what the files hold."""
+folder. Nothing here knows what the files hold.
+
+Every reader takes ``subfolder`` (a folder inside the local folder or the Hub repository)
+and ``revision`` (a branch, tag or commit of a Hub repository; local folders have none)."""
 
 from __future__ import annotations
 
 import os
-from pathlib import Path
+from pathlib import Path, PurePosixPath
 
 from huggingface_hub import HfApi, hf_hub_download, snapshot_download
 
@@ -19,48 +22,95 @@ def is_hub_id(name_or_path: str | os.PathLike) -> bool:
     )
 
 
+def _checked_subfolder(subfolder: str | os.PathLike | None) -> str:
+    """``subfolder`` as a relative POSIX path ('' for none); a path that leaves the folder
+    (absolute, or with ``..``) is a ``ValueError`` naming the argument."""
+    if subfolder is None or str(subfolder) in ("", "."):
+        return ""
+    path = PurePosixPath(str(subfolder).replace(os.sep, "/"))
+    if path.is_absolute() or ".." in path.parts:
+        raise ValueError(
+            f"subfolder={str(subfolder)!r} must be a relative path inside the folder or "
+            "repository (no leading '/', no '..')"
+        )
+    return str(path)
+
+
 def resolve_folder(
     name_or_path: str | os.PathLike,
     *,
     allow_patterns: list[str] | None = None,
     revision: str | None = None,
+    subfolder: str | os.PathLike | None = None,
     **hub_kwargs,
 ) -> Path:
-    """A local folder as is, or the files of a Hub repository that match ``allow_patterns``
-    (all when None), downloaded or taken from the Hub cache."""
+    """A local folder (``subfolder`` inside it) as is, or the files of a Hub repository
+    under ``subfolder`` that match ``allow_patterns`` (all when None), downloaded or taken
+    from the Hub cache; returns the folder that holds them."""
+    inside = _checked_subfolder(subfolder)
     path = Path(name_or_path)
     if path.is_dir():
-        return path
+        if not (path / inside).is_dir():
+            raise FileNotFoundError(f"{name_or_path} has no subfolder {inside!r} (subfolder=)")
+        return path / inside
     if not is_hub_id(name_or_path):
         raise FileNotFoundError(f"{name_or_path}: no such folder")
+    if inside and allow_patterns is not None:
+        allow_patterns = [f"{inside}/{pattern}" for pattern in allow_patterns]
+    elif inside:
+        allow_patterns = [f"{inside}/*"]
+    where = f" at revision {revision!r}" if revision else ""
     try:
-        folder = snapshot_download(
-            str(name_or_path), revision=revision, allow_patterns=allow_patterns, **hub_kwargs
+        folder = Path(
+            snapshot_download(
+                str(name_or_path), revision=revision, allow_patterns=allow_patterns, **hub_kwargs
+            )
         )
     except Exception as error:  # offline, unknown repository, bad id: say which, and why
         raise FileNotFoundError(
-            f"{name_or_path}: not a local folder, and the Hub could not provide it ({error})"
+            f"{name_or_path}: not a local folder, and the Hub could not provide it{where} ({error})"
         ) from error
-    return Path(folder)
+    if not (folder / inside).is_dir():
+        raise FileNotFoundError(
+            f"{name_or_path}{where}: the repository has no subfolder {inside!r} (subfolder=)"
+        )
+    return folder / inside
 
 
 def resolve_file(
-    name_or_path: str | os.PathLike, filename: str, *, revision: str | None = None, **hub_kwargs
+    name_or_path: str | os.PathLike,
+    filename: str,
+    *,
+    revision: str | None = None,
+    subfolder: str | os.PathLike | None = None,
+    **hub_kwargs,
 ) -> Path:
-    """``filename`` inside a local folder, or downloaded from a Hub repository;
-    ``FileNotFoundError`` when neither has it."""
+    """``filename`` inside a local folder (in its ``subfolder``), or downloaded from a Hub
+    repository (from its ``subfolder``); ``FileNotFoundError`` when neither has it."""
+    inside = _checked_subfolder(subfolder)
+    shown = f"{inside}/{filename}" if inside else filename
     if Path(name_or_path).is_dir():
-        path = Path(name_or_path) / filename
+        path = Path(name_or_path) / inside / filename
         if not path.is_file():
-            raise FileNotFoundError(f"{name_or_path} has no {filename}")
+            raise FileNotFoundError(f"{name_or_path} has no {shown}")
         return path
     if not is_hub_id(name_or_path):
         raise FileNotFoundError(f"{name_or_path}: no such folder")
     try:
-        return Path(hf_hub_download(str(name_or_path), filename, revision=revision, **hub_kwargs))
+        return Path(
+            hf_hub_download(
+                str(name_or_path),
+                filename,
+                subfolder=inside or None,
+                revision=revision,
+                **hub_kwargs,
+            )
+        )
     except Exception as error:
+        where = f" at revision {revision!r}" if revision else ""
         raise FileNotFoundError(
-            f"{name_or_path}: no local folder, and the Hub could not provide {filename} ({error})"
+            f"{name_or_path}: no local folder, and the Hub could not provide {shown}{where} "
+            f"({error})"
         ) from error
 
 
@@ -72,11 +122,29 @@ def push_folder(
     token: str | None = None,
     commit_message: str = "Upload KEN subnetwork",
     revision: str | None = None,
+    path_in_repo: str | None = None,
 ) -> str:
-    """Create ``repo_id`` if needed and upload ``folder``; returns the commit URL."""
+    """Create ``repo_id`` if needed (``private`` applies only then) and upload ``folder``
+    into it, under ``path_in_repo`` (default: the root) on branch ``revision`` (default:
+    the main branch; created from it when missing); returns the commit URL."""
+    inside = _checked_subfolder(path_in_repo)
     api = HfApi(token=token)
-    api.create_repo(repo_id, private=private, exist_ok=True)
-    info = api.upload_folder(
-        repo_id=repo_id, folder_path=str(folder), commit_message=commit_message, revision=revision
-    )
+    try:
+        api.create_repo(repo_id, private=private, exist_ok=True)
+        if revision is not None:
+            api.create_branch(repo_id, branch=revision, exist_ok=True)
+        info = api.upload_folder(
+            repo_id=repo_id,
+            folder_path=str(folder),
+            path_in_repo=inside or None,
+            commit_message=commit_message,
+            revision=revision,
+        )
+    except OSError as error:  # huggingface_hub's HTTP and offline errors are OSErrors
+        where = (f" subfolder {inside!r}" if inside else "") + (
+            f" revision {revision!r}" if revision else ""
+        )
+        raise OSError(
+            f"pushing {folder} to the Hub repository {repo_id}{where} failed: {error}"
+        ) from error
     return info.commit_url

@@ -96,13 +96,16 @@ class KENModel(PreTrainedModel):
         name_or_path: str | os.PathLike,
         *,
         subnetwork_name: str = "default",
+        subfolder: str | None = None,
         revision: str | None = None,
         **hub_kwargs,
     ) -> KENModel:
         """Wrap ``base_model`` (holding the base weights) and apply the subnetwork saved in
-        ``name_or_path`` (a folder or a Hub id)."""
+        ``name_or_path`` (a folder or a Hub id; in its ``subfolder``, at ``revision``)."""
         model = cls(base_model)
-        model.load_subnetwork(name_or_path, subnetwork_name, revision=revision, **hub_kwargs)
+        model.load_subnetwork(
+            name_or_path, subnetwork_name, subfolder=subfolder, revision=revision, **hub_kwargs
+        )
         model.set_subnetwork(subnetwork_name)
         return model
 
@@ -111,13 +114,16 @@ class KENModel(PreTrainedModel):
         name_or_path: str | os.PathLike,
         name: str,
         *,
+        subfolder: str | None = None,
         revision: str | None = None,
         **hub_kwargs,
     ) -> None:
-        """Read a subnetwork and keep it under ``name`` (not applied yet)."""
-        self.add_subnetwork(
-            name, KENSubnetwork.from_pretrained(name_or_path, revision=revision, **hub_kwargs)
+        """Read a subnetwork (a folder or a Hub id; in its ``subfolder``, at ``revision``)
+        and keep it under ``name`` (not applied yet)."""
+        subnetwork = KENSubnetwork.from_pretrained(
+            name_or_path, subfolder=subfolder, revision=revision, **hub_kwargs
         )
+        self.add_subnetwork(name, subnetwork)
 
     def add_subnetwork(self, name: str, subnetwork: KENSubnetwork) -> None:
         """Keep ``subnetwork`` under ``name``; it must have been made from this base."""
@@ -306,16 +312,19 @@ class AutoKENModel:
         cls,
         name_or_path: str | os.PathLike,
         *,
+        subfolder: str | None = None,
         revision: str | None = None,
         subnetwork_name: str = "default",
         hub_kwargs: dict | None = None,
         **model_kwargs,
     ) -> KENModel:
-        """``name_or_path``: a subnetwork folder or Hub id. ``model_kwargs`` go to the base
-        model's ``from_pretrained`` (e.g. ``device_map``); the base revision and dtype are
-        the ones the subnetwork recorded unless given."""
+        """``name_or_path``: a subnetwork folder or Hub id; ``subfolder``: the folder inside
+        it that holds the subnetwork; ``revision``: the subnetwork's branch, tag or commit
+        on the Hub (the base's revision is the one the subnetwork recorded).
+        ``model_kwargs`` go to the base model's ``from_pretrained`` (e.g. ``device_map``);
+        the base dtype is the one the subnetwork recorded unless given."""
         subnetwork = KENSubnetwork.from_pretrained(
-            name_or_path, revision=revision, **(hub_kwargs or {})
+            name_or_path, subfolder=subfolder, revision=revision, **(hub_kwargs or {})
         )
         config = subnetwork.config
         if config.base_model_name_or_path is None:

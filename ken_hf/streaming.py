@@ -149,13 +149,15 @@ def apply_checkpoint(
     *,
     max_shard_size: int = 5 * 10**9,
     progress: bool = True,
+    subfolder: str | None = None,
     revision: str | None = None,
 ) -> dict:
     """Write base + subnetwork to ``out`` as a plain transformers checkpoint (sharded
     safetensors, the fine-tuned model's ``config.json``, tokenizer files), atomically.
+    ``ken``: the subnetwork's folder or Hub id (in its ``subfolder``, at ``revision``).
     Every base tensor is checked against the subnetwork's fingerprints as it is read; a
     mismatch raises ``BaseMismatchError`` and leaves nothing at ``out``."""
-    folder = resolve_folder(ken, revision=revision)
+    folder = resolve_folder(ken, subfolder=subfolder, revision=revision)
     config = KENConfig.from_pretrained(folder)
     subnetwork_file, model_config_file = saved_files(folder, config)
     with (
@@ -197,9 +199,14 @@ def apply_checkpoint(
         return {"tensors": len(names), "bytes": writer.total_bytes}
 
 
-def inspect_subnetwork(path: str | os.PathLike, *, revision: str | None = None) -> dict:
-    """What a subnetwork folder (or Hub id) holds, from its config and file header."""
-    folder = resolve_folder(path, allow_patterns=SUBNETWORK_FILES, revision=revision)
+def inspect_subnetwork(
+    path: str | os.PathLike, *, subfolder: str | None = None, revision: str | None = None
+) -> dict:
+    """What a subnetwork folder (or Hub id; in its ``subfolder``, at ``revision``) holds,
+    from its config and file header."""
+    folder = resolve_folder(
+        path, allow_patterns=SUBNETWORK_FILES, subfolder=subfolder, revision=revision
+    )
     config = KENConfig.from_pretrained(folder)
     subnetwork_file, _ = saved_files(folder, config)
     with SubnetworkReader(subnetwork_file) as reader:

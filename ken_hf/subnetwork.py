@@ -22,7 +22,7 @@ import torch
 from .atomic_files import FolderWriter, previous_version
 from .base_source import BaseSource, Weights, cannot_tell, locate_base
 from .card import model_card
-from .checkpoints import tensors_of
+from .checkpoints import TOKENIZER_FILES, tensors_of
 from .config import CONFIG_NAME, KENConfig
 from .delta_codec import DEFAULT_LEVEL, DEFAULT_THREADS
 from .fingerprint import tensor_fingerprint
@@ -58,7 +58,17 @@ MaskSelector = Callable[
 MODEL_CONFIG_NAME = "config.json"
 REPORT_NAME = "ken_report.json"
 CARD_NAME = "README.md"
-SUBNETWORK_FILES = [CONFIG_NAME, SUBNETWORK_NAME, MODEL_CONFIG_NAME, CARD_NAME, REPORT_NAME]
+# Files a processor (tokenizer, image or audio processor) saves beside the subnetwork.
+PROCESSOR_FILES = [*TOKENIZER_FILES, "preprocessor_config.json", "processor_config.json"]
+# What from_pretrained downloads from a Hub repository: the subnetwork and its processor.
+SUBNETWORK_FILES = [
+    CONFIG_NAME,
+    SUBNETWORK_NAME,
+    MODEL_CONFIG_NAME,
+    CARD_NAME,
+    REPORT_NAME,
+    *PROCESSOR_FILES,
+]
 
 
 def select_in_process(plans, finetuned, base, config, progress) -> dict[str, torch.Tensor]:
@@ -268,15 +278,20 @@ class KENSubnetwork:
         save_directory: str | os.PathLike,
         *,
         report: dict | None = None,
+        tokenizer: object | None = None,
+        dataset: str | None = None,
         compression_level: int = DEFAULT_LEVEL,
         compression_threads: int = DEFAULT_THREADS,
     ) -> None:
         """Write ``ken_subnetwork.safetensors`` (format version 2: kept values as a
         compressed lossless delta against the base), the model's ``config.json``, a model
-        card, ``report`` as ``ken_report.json`` when given, and ``ken_config.json`` last into
-        ``save_directory`` (see ``FolderWriter``: other files there are never touched, and
-        an interrupted save leaves the previous subnetwork loadable). ``compression_level``
-        and ``compression_threads``: zstd's level (1-22) and worker threads (0: one)."""
+        card, ``report`` as ``ken_report.json`` when given, the files of ``tokenizer`` (a
+        tokenizer or processor: anything with ``save_pretrained``) when given, and
+        ``ken_config.json`` last into ``save_directory`` (see ``FolderWriter``: other files
+        there are never touched, and an interrupted save leaves the previous subnetwork
+        loadable). ``dataset``: the Hub id of the evaluation data set, named in the model
+        card's metadata with the report's metrics. ``compression_level`` and
+        ``compression_threads``: zstd's level (1-22) and worker threads (0: one)."""
         with FolderWriter(save_directory, commit=CONFIG_NAME) as out:
             subnetwork_file = out.staged(SUBNETWORK_NAME)
             digest = write_subnetwork(
@@ -289,7 +304,17 @@ class KENSubnetwork:
                 out.write_text(
                     MODEL_CONFIG_NAME, json.dumps(self.model_config, indent=2, sort_keys=True)
                 )
-            out.write_text(CARD_NAME, model_card(self.config, subnetwork_file, self.metrics))
+            if tokenizer is not None:
+                _save_processor(tokenizer, out)
+            card = model_card(
+                self.config,
+                subnetwork_file,
+                self.metrics,
+                report=report,
+                dataset=dataset,
+                tokenizer=tokenizer is not None,
+            )
+            out.write_text(CARD_NAME, card)
             if report is not None:
                 out.write_text(REPORT_NAME, json.dumps(report, indent=2) + "\n")
             else:
@@ -299,11 +324,23 @@ class KENSubnetwork:
 
     @classmethod
     def from_pretrained(
-        cls, name_or_path: str | os.PathLike, *, revision: str | None = None, **hub_kwargs
+        cls,
+        name_or_path: str | os.PathLike,
+        *,
+        subfolder: str | None = None,
+        revision: str | None = None,
+        **hub_kwargs,
     ) -> KENSubnetwork:
-        """Read a subnetwork folder, local or on the Hub; everything is validated."""
+        """Read a subnetwork folder, local or on the Hub, or its ``subfolder`` (at
+        ``revision``: a branch, tag or commit, for a Hub id); everything is validated. From
+        the Hub, the subnetwork's files and the tokenizer saved with it are downloaded (into
+        the Hub cache, so that they load offline afterwards)."""
         folder = resolve_folder(
-            name_or_path, allow_patterns=SUBNETWORK_FILES, revision=revision, **hub_kwargs
+            name_or_path,
+            allow_patterns=SUBNETWORK_FILES,
+            subfolder=subfolder,
+            revision=revision,
+            **hub_kwargs,
         )
         config = KENConfig.from_pretrained(folder)
         subnetwork_file, model_config_file = saved_files(folder, config)
@@ -319,6 +356,28 @@ class KENSubnetwork:
             folder = Path(scratch) / "ken"
             self.save_pretrained(folder)
             return push_folder(folder, repo_id, **push_kwargs)
+
+
+def _save_processor(processor: object, out: FolderWriter) -> None:
+    """Save ``processor`` (a tokenizer or processor) through its ``save_pretrained`` and
+    stage its files in ``out``; a file named like one of ken-hf's own is an error."""
+    if not hasattr(processor, "save_pretrained"):
+        raise TypeError(
+            f"tokenizer={type(processor).__name__}: expected a tokenizer or processor with "
+            "save_pretrained (e.g. AutoTokenizer.from_pretrained(...))"
+        )
+    own = {CONFIG_NAME, SUBNETWORK_NAME, MODEL_CONFIG_NAME, CARD_NAME, REPORT_NAME}
+    with tempfile.TemporaryDirectory() as scratch:
+        processor.save_pretrained(scratch)
+        for path in sorted(Path(scratch).iterdir()):
+            if not path.is_file():
+                continue
+            if path.name in own:
+                raise ValueError(
+                    f"tokenizer={type(processor).__name__} saves {path.name}, a file of the "
+                    "subnetwork itself: save it to another folder"
+                )
+            out.copy(path, path.name)
 
 
 def saved_files(folder: Path, config: KENConfig) -> tuple[Path, Path]:

@@ -123,6 +123,19 @@ BAD_INPUTS = {
     "viz-missing": ("viz {missing} --out {out}", "missing"),
     "viz-plain-model": ("viz {base} --out {out}", "base"),
     "viz-garbage": ("viz {ken-garbage} --out {out}", "ken-garbage"),
+    "viz-subfolder-missing": ("viz {empty} --subfolder nope --out {out}", "nope"),
+    "viz-subfolder-outside": ("viz {ken} --subfolder ../base --out {out}", "--subfolder"),
+    "inspect-subfolder-missing": ("inspect {empty} --subfolder nope", "nope"),
+    "inspect-hub-revision-offline": (f"inspect {OFFLINE_HUB_ID} --revision v1", "'v1'"),
+    "apply-ken-subfolder-missing": ("apply --base {base} --ken {empty} --subfolder nope "
+                                    "--out {out}", "nope"),
+    # ken push
+    "push-missing": ("push {missing} me/repo", "missing"),
+    "push-plain-model": ("push {base} me/repo", "base"),
+    "push-truncated": ("push {ken-truncated} me/repo", "ken-truncated"),
+    "push-offline": ("push {ken} me/repo", "me/repo"),
+    "push-no-repo-id": ("push {ken}", "repo_id"),
+    "push-subfolder-outside": ("push {ken} me/repo --subfolder ../up", "--subfolder"),
     # ken demo, ken compare: refused before any training
     "demo-keep-ratio": ("demo --keep-ratio 1.5 --output-dir {out}", "--keep-ratio"),
     "demo-train-size": ("demo --train-size 0 --output-dir {out}", "--train-size"),

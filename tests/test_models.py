@@ -102,7 +102,9 @@ def test_saved_folder_holds_config_card_and_subnetwork_only(minilm_pruned):
     ]
     card = (folder / "README.md").read_text()
     assert "library_name: ken-hf" in card and "- ken" in card and "- pruning" in card
-    assert "base_model:" in card and "AutoKENModelForSequenceClassification" in card
+    # base_model names Hub ids only (the Hub refuses a folder there); the body names it
+    assert "base_model:" not in card and "AutoKENModelForSequenceClassification" in card
+    assert str(KENConfig.from_pretrained(folder).base_model_name_or_path) in card
     config = KENConfig.from_pretrained(folder)
     assert config.keep_ratio == 0.25 and config.model_class == "BertForSequenceClassification"
 

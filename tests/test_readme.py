@@ -283,6 +283,39 @@ def loading_block(block: Block, shared: Shared, workdir: Path, monkeypatch) -> N
         namespace["model"].set_subnetwork("imdb")
 
 
+def hub_trainer_block(block: Block, shared: Shared, workdir: Path, monkeypatch) -> None:
+    """``TrainingArguments(push_to_hub=True, hub_model_id=...)`` with ``KENCallback``: a real
+    fine-tune (16 snippets, the block's own arguments), the push to the fake Hub into
+    ``ken/`` of the Trainer's repository, and the loads back by repo id and subfolder."""
+    from ken_hf.experiments.metrics import classification_metrics
+
+    train, dev = padded_splits(shared, train_size=16, eval_size=16)
+    torch.manual_seed(0)
+    namespace = {
+        "model": fresh_base(shared),
+        "train": train,
+        "dev": dev,
+        "tokenizer": shared.tokenizer,
+        "compute_metrics": classification_metrics("accuracy"),
+    }
+    with FakeHub() as hub, monkeypatch.context() as patch:
+        _fake_hub_endpoint(patch, hub, workdir / "hf-cache")
+        namespace = run_block(block, block.source, namespace)
+    repo = "me/minilm-sentiment"
+    pushed = hub.repos[repo]
+    for filename in (CONFIG_NAME, SUBNETWORK_NAME, "README.md", "ken_report.json"):
+        local = workdir / "run" / "ken" / filename
+        assert pushed[f"ken/{filename}"] == local.read_bytes(), filename
+    assert "ken/tokenizer.json" in pushed
+    downloads = [r for r in hub.requests if r.startswith(f"GET /{repo}/resolve/")]
+    assert any(r.endswith(f"ken/{SUBNETWORK_NAME}") for r in downloads), hub.requests
+    expected = rebuilt(shared, KENSubnetwork.from_pretrained(workdir / "run" / "ken"))
+    assert_same_state(state_of(namespace["trainer"].model), expected, "trainer.model")
+    assert_same_state(state_of(namespace["model"].base_model), expected, "loaded by repo id")
+    prediction = namespace["pipe"]("a gripping, beautifully acted film")
+    assert prediction[0]["label"] in {"LABEL_0", "LABEL_1"}
+
+
 def without_trainer_block(block: Block, shared: Shared, workdir: Path, monkeypatch) -> None:
     """``prune_model``, ``save_pretrained``, ``apply_to``; ``ken_select`` and ``ken_prune``
     on a real fine-tuned and pre-trained weight."""
@@ -320,6 +353,7 @@ def without_trainer_block(block: Block, shared: Shared, workdir: Path, monkeypat
 SETUPS = {
     "At the end of a Trainer run": trainer_block,
     "Loading, like a PEFT adapter": loading_block,
+    "On the Hub, from a Trainer": hub_trainer_block,
     "Without a Trainer": without_trainer_block,
 }
 

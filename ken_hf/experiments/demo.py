@@ -4,15 +4,33 @@
 from __future__ import annotations
 
 import time
+import warnings
+from collections.abc import Iterator
+from contextlib import contextmanager
 from pathlib import Path
 
 from transformers import Trainer
+from transformers.utils import logging as transformers_logging
 
 from ..callback import KENCallback
 from ..modeling import AutoKENModelForSequenceClassification
 from ..serialization import SUBNETWORK_NAME
+from ..subnetwork import PROCESSOR_FILES
 from .finetune import build_trainer, load_splits, load_tokenizer, new_classifier
 from .run_settings import DemoSettings
+
+
+@contextmanager
+def quiet_load_report() -> Iterator[None]:
+    """transformers' warnings silenced within the block: loading the pre-trained model with
+    a new two-class head makes transformers report the head's weights as MISSING from the
+    checkpoint, which is expected here (the head is new, and KEN stores it whole)."""
+    verbosity = transformers_logging.get_verbosity()
+    transformers_logging.set_verbosity_error()
+    try:
+        yield
+    finally:
+        transformers_logging.set_verbosity(verbosity)
 
 
 def fine_tune_with_ken(settings: DemoSettings, callback) -> tuple[Trainer, float]:
@@ -20,7 +38,8 @@ def fine_tune_with_ken(settings: DemoSettings, callback) -> tuple[Trainer, float
     model now holds the KEN result) and the training seconds."""
     tokenizer = load_tokenizer(settings)
     train, held_out = load_splits(settings, tokenizer)
-    model = new_classifier(settings, tokenizer)
+    with quiet_load_report():
+        model = new_classifier(settings, tokenizer)
     trainer = build_trainer(settings, model, tokenizer, train, held_out, callbacks=[callback])
     start = time.perf_counter()
     trainer.train()
@@ -28,7 +47,14 @@ def fine_tune_with_ken(settings: DemoSettings, callback) -> tuple[Trainer, float
 
 
 def run_demo(settings: DemoSettings) -> dict:
-    """Fine-tune, KEN, report, reload; returns the figures it printed."""
+    """Fine-tune, KEN, report, reload; returns the figures it printed. The table of results
+    is the last thing printed."""
+    # The Trainer pins memory by default; on a machine without an accelerator torch warns.
+    warnings.filterwarnings("ignore", message=".*'pin_memory' argument is set as true")
+    print(
+        "KEN demo: a new two-class head replaces the model's own (transformers' report of "
+        "its weights as missing from the checkpoint is not shown: they are new by design)"
+    )
     callback = KENCallback(keep_ratio=settings.keep_ratio)
     trainer, train_seconds = fine_tune_with_ken(settings, callback)
     report = callback.report
@@ -36,9 +62,13 @@ def run_demo(settings: DemoSettings) -> dict:
     folder = Path(settings.output_dir) / "ken"
     model = trainer.model
     full_bytes = sum(p.numel() * p.element_size() for p in model.parameters())
-    stored = sum(p.stat().st_size for p in folder.iterdir())
+    # The tokenizer saved beside the subnetwork is not part of its size.
+    stored = sum(
+        p.stat().st_size for p in folder.iterdir() if p.is_file() and p.name not in PROCESSOR_FILES
+    )
 
-    reloaded = AutoKENModelForSequenceClassification.from_pretrained(folder)
+    with quiet_load_report():
+        reloaded = AutoKENModelForSequenceClassification.from_pretrained(folder)
     in_memory = trainer.predict(trainer.eval_dataset).predictions
     from_disk = (
         Trainer(model=reloaded, args=trainer.args, data_collator=trainer.data_collator)
@@ -54,7 +84,7 @@ def run_demo(settings: DemoSettings) -> dict:
         (f"{metric}, full fine-tune", f"{before:.4f}"),
         (f"{metric}, after KEN (keep ratio {settings.keep_ratio:g})", f"{after:.4f}"),
         ("parameters reset to pre-trained", f"{report['ken_reset_fraction']:.1%}"),
-        ("subnetwork folder", f"{stored / 2**20:.1f} MiB"),
+        ("subnetwork folder (tokenizer aside)", f"{stored / 2**20:.1f} MiB"),
         ("full checkpoint (parameters)", f"{full_bytes / 2**20:.1f} MiB"),
         ("subnetwork / full", f"{stored / full_bytes:.1%}"),
         ("KEN selection", f"{report['ken_selection_seconds']:.1f} s"),
@@ -64,6 +94,10 @@ def run_demo(settings: DemoSettings) -> dict:
             f"{same_predictions} (max logit diff {largest_difference:.1e})",
         ),
     ]
+    from ..viz import write_report
+
+    report_path = write_report(callback.subnetwork, Path(settings.output_dir) / "kenviz")
+    rows += [("subnetwork", str(folder / SUBNETWORK_NAME)), ("KENviz report", str(report_path))]
     width = max(len(label) for label, _ in rows)
     print(
         f"\nKEN demo: {settings.model or 'all-MiniLM-L6-v2'} on {settings.dataset}, "
@@ -71,11 +105,6 @@ def run_demo(settings: DemoSettings) -> dict:
     )
     for label, value in rows:
         print(f"  {label:<{width}}  {value}")
-    from ..viz import write_report
-
-    report_path = write_report(callback.subnetwork, Path(settings.output_dir) / "kenviz")
-    print(f"\n  subnetwork: {folder / SUBNETWORK_NAME}")
-    print(f"  KENviz report: {report_path}")
     return {
         "before": before,
         "after": after,
