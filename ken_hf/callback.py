@@ -239,7 +239,7 @@ class KENCallback(TrainerCallback):
             self.subnetwork.save_pretrained(
                 folder,
                 report=self.report,
-                tokenizer=getattr(trainer, "processing_class", None),
+                tokenizer=trainer.processing_class,
                 dataset=self.dataset,
             )
             logger.info(f"KEN subnetwork saved to {folder}")
@@ -266,7 +266,7 @@ class KENCallback(TrainerCallback):
             path_in_repo = folder.resolve().relative_to(Path(args.output_dir).resolve()).as_posix()
         except ValueError:  # save_dir outside output_dir
             path_in_repo = "ken"
-        revision = getattr(args, "hub_revision", None)  # not in every transformers
+        revision = args.hub_revision  # a TrainingArguments field since transformers 4.51
         in_flight = getattr(trainer, "push_in_progress", None)
         if in_flight is not None:
             in_flight.wait_until_done()
