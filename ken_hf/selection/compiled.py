@@ -528,12 +528,15 @@ def _select(rows: np.ndarray, k: int, compat: bool, mask: np.ndarray) -> None:
 _MIN_BLOCK_VALUES = 1 << 16
 
 
-def select_rows(rows: np.ndarray, k: int, compat: bool, threads: int) -> np.ndarray:
-    """KEN masks of rows float32 ``[R, n]`` with ``k < n``: bool ``[R, n]``, computed by up
-    to ``threads`` threads, each on contiguous blocks of rows."""
+def select_rows(
+    rows: np.ndarray, k: int, compat: bool, threads: int, out: np.ndarray | None = None
+) -> np.ndarray:
+    """KEN masks of rows float32 ``[R, n]`` with ``k < n``: bool ``[R, n]`` (written into
+    ``out``, C-contiguous, when given), computed by up to ``threads`` threads, each on
+    contiguous blocks of rows."""
     rows = np.ascontiguousarray(rows, dtype=np.float32)
     num_rows, n = rows.shape
-    mask = np.empty(rows.shape, dtype=np.bool_)
+    mask = np.empty(rows.shape, dtype=np.bool_) if out is None else out
     blocks = min(4 * max(1, threads), max(1, num_rows * n // _MIN_BLOCK_VALUES), num_rows)
     if blocks <= 1 or threads <= 1:
         _select(rows, k, compat, mask)

@@ -7,6 +7,7 @@ import warnings
 from collections.abc import Iterator, Mapping
 from dataclasses import dataclass
 
+import numpy as np
 import torch
 from tqdm.auto import tqdm
 
@@ -81,8 +82,8 @@ def ken_select_many(
     k = check_k(k)
     for name, weight in weights.items():
         check_finite(weight, name)
-    masks = {
-        name: torch.zeros(weight.shape, dtype=torch.bool, device=weight.device)
+    masks = {  # every row of every tensor is written below
+        name: torch.empty(weight.shape, dtype=torch.bool, device=weight.device)
         for name, weight in weights.items()
     }
     by_width: dict[int, list[str]] = {}
@@ -94,32 +95,59 @@ def ken_select_many(
         for width, names in by_width.items():
             rows_of = {name: as_rows(weights[name]) for name in names}
             for pieces in _chunks_across(rows_of, width, max_memory):
-                chunk = torch.cat([rows_of[p.name][p.rows] for p in pieces]).to(torch.float32)
+                if len(pieces) == 1:  # rows of one tensor: no copy, results written in place
+                    p = pieces[0]
+                    chunk = rows_of[p.name][p.rows].to(torch.float32)
+                    target = as_rows(masks[p.name])[p.rows]
+                    kept = _select_rows(chunk, k, compat=compat, out=target)
+                    if kept is not target:
+                        target.copy_(kept)
+                    bar.update(chunk.shape[0])
+                    continue
+                parts = [rows_of[p.name][p.rows] for p in pieces]
+                if all(part.device.type == "cpu" for part in parts):  # numpy: one thread
+                    chunk = torch.from_numpy(
+                        np.concatenate([part.detach().to(torch.float32).numpy() for part in parts])
+                    )
+                else:
+                    chunk = torch.cat(parts).to(torch.float32)
                 kept = _select_rows(chunk, k, compat=compat)
                 offset = 0
                 for p in pieces:
                     count = p.rows.stop - p.rows.start
-                    as_rows(masks[p.name])[p.rows] = kept[offset : offset + count].to(
-                        masks[p.name].device
-                    )
+                    target = as_rows(masks[p.name])[p.rows]
+                    if target.device.type == "cpu" and kept.device.type == "cpu":
+                        target.numpy()[:] = kept[offset : offset + count].numpy()
+                    else:
+                        target.copy_(kept[offset : offset + count])
                     offset += count
                 bar.update(chunk.shape[0])
     return masks
 
 
-def _select_rows(rows: torch.Tensor, k: int, *, compat: bool = False) -> torch.Tensor:
+def _select_rows(
+    rows: torch.Tensor, k: int, *, compat: bool = False, out: torch.Tensor | None = None
+) -> torch.Tensor:
     """KEN on a block of rows: float32 ``[R, n]`` -> bool mask ``[R, n]``.
 
     Edge cases as the spec answers them, in both modes: ``k >= n`` keeps the row, a row
-    with zero standard deviation keeps positions ``0 .. min(k, n) - 1``.
+    with zero standard deviation keeps positions ``0 .. min(k, n) - 1``. ``out``: a bool
+    ``[R, n]`` tensor the compiled CPU path may write the mask into (and return).
     """
     num_rows, n = rows.shape
     if k >= n:
         return torch.ones(rows.shape, dtype=torch.bool, device=rows.device)
     compiled = _compiled_kernels() if rows.device.type == "cpu" else None
     if compiled is not None:
-        kept = compiled.select_rows(rows.detach().numpy(), k, compat, torch.get_num_threads())
-        return torch.from_numpy(kept)
+        writable = out is not None and out.device.type == "cpu" and out.is_contiguous()
+        kept = compiled.select_rows(
+            rows.detach().numpy(),
+            k,
+            compat,
+            torch.get_num_threads(),
+            out=out.numpy() if writable else None,
+        )
+        return out if writable else torch.from_numpy(kept)
     mask = torch.zeros(rows.shape, dtype=torch.bool, device=rows.device)
     h = silverman_bandwidth(rows)
     constant = h == 0

@@ -4,7 +4,10 @@ from __future__ import annotations
 
 import numbers
 
+import numpy as np
 import torch
+
+_NUMPY_FLOATS = (torch.float16, torch.float32, torch.float64)
 
 # Extra bytes held per row element while a chunk is selected: the sorted copy, group
 # arrays and bookkeeping of ``greedy_match`` (measured by benchmarks/bench_select.py).
@@ -27,7 +30,13 @@ def check_finite(weight: torch.Tensor, name: str) -> None:
         raise ValueError(
             f"tensor {name!r} has dtype {weight.dtype}; KEN selects on floating-point tensors"
         )
-    if not bool(torch.isfinite(weight).all()):
+    if weight.device.type == "cpu" and weight.dtype in _NUMPY_FLOATS:
+        # numpy, one thread: as fast as torch here, and free of thread hand-offs (which cost
+        # whole scheduler slices on a busy machine) for each of a model's many small tensors.
+        finite = bool(np.isfinite(weight.detach().numpy()).all())
+    else:
+        finite = bool(torch.isfinite(weight).all())
+    if not finite:
         bad = int((~torch.isfinite(weight)).sum())
         raise ValueError(f"tensor {name!r} holds {bad} NaN/Inf value(s); KEN cannot select on it")
 
