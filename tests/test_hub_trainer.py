@@ -388,3 +388,16 @@ def test_the_card_links_a_hub_base_with_its_revision_and_license(run, tmp_path):
     assert meta["base_model"] == base and meta["license"] == "mit"
     assert "model-index" not in meta  # no data set named
     assert f"https://huggingface.co/{base}/tree/{revision}" in card
+
+
+def test_save_pretrained_takes_a_tokenizer_and_refuses_anything_else(run, tmp_path):
+    subnetwork, tokenizer = run["callback"].subnetwork, run["trainer"].processing_class
+    subnetwork.save_pretrained(tmp_path / "with", tokenizer=tokenizer)
+    assert (tmp_path / "with" / "tokenizer.json").is_file()
+    assert "AutoTokenizer.from_pretrained" in (tmp_path / "with" / "README.md").read_text()
+    subnetwork.save_pretrained(tmp_path / "without")
+    assert not (tmp_path / "without" / "tokenizer.json").exists()
+    assert "AutoTokenizer" not in (tmp_path / "without" / "README.md").read_text()
+    with pytest.raises(TypeError, match="tokenizer="):
+        subnetwork.save_pretrained(tmp_path / "bad", tokenizer=object())
+    assert not (tmp_path / "bad").exists()
