@@ -35,7 +35,9 @@ class BaseSource:
     missing: frozenset[str]
 
 
-def _candidates(base: Weights, finetuned: Weights, config: KENConfig) -> list[tuple[str, str]]:
+def _candidates(
+    base: Weights, finetuned: Weights, config: KENConfig
+) -> list[tuple[str, str | None]]:
     """``[(name_or_path, revision)]`` that may hold the base: the config's when it names one
     (alone), else the base model's source, else the fine-tune's (a fine-tune loaded from
     its base's checkpoint names it; one loaded from its own folder fails the check)."""

@@ -40,6 +40,7 @@ from .hub import push_folder
 from .pipeline import PRUNED, select_masks
 from .sharding import full_numel, prune_sharded, sharding_of, snapshot_sharded
 from .subnetwork import KENSubnetwork, prune_model, select_in_process
+from .viz import summary_png
 
 logger = logging.get_logger(__name__)
 
@@ -241,6 +242,7 @@ class KENCallback(TrainerCallback):
                 report=self.report,
                 tokenizer=trainer.processing_class,
                 dataset=self.dataset,
+                picture=summary_png(self.subnetwork),
             )
             logger.info(f"KEN subnetwork saved to {folder}")
             if args.push_to_hub:

@@ -40,6 +40,7 @@ def model_card(
     report: Mapping | None = None,
     dataset: str | None = None,
     tokenizer: bool = False,
+    picture: str | None = None,
 ) -> str:
     """Markdown with YAML metadata, then the base model (linked when a Hub id), the rule,
     k or keep ratio, the share of values reset, sizes (read from the header of
@@ -47,7 +48,7 @@ def model_card(
     ``metrics``), and how to load it. ``dataset``: Hub id of the evaluation data set; with
     a known task it puts the metrics after KEN into the ``model-index`` metadata.
     ``tokenizer``: whether a tokenizer is saved beside the subnetwork (the loading example
-    then loads it too)."""
+    then loads it too). ``picture``: the file name of a KENviz summary PNG beside it."""
     with SubnetworkReader(subnetwork_file) as reader:
         counts = reader.summary()
         full_bytes = sum(
@@ -89,6 +90,8 @@ def model_card(
         if full_bytes
         else f"- Size: subnetwork file {stored / 2**20:.2f} MiB",
     ]
+    if picture:
+        lines += ["", f"![What KEN kept: kept fraction per tensor and layer]({picture})"]
     if before or after:
         lines += ["", "## Metrics", "", "| metric | before KEN | after KEN |", "|---|---|---|"]
         for name in sorted(set(before) | set(after)):

@@ -57,6 +57,7 @@ MaskSelector = Callable[
 ]
 MODEL_CONFIG_NAME = "config.json"
 REPORT_NAME = "ken_report.json"
+PICTURE_NAME = "ken_summary.png"
 CARD_NAME = "README.md"
 # Files a processor (tokenizer, image or audio processor) saves beside the subnetwork.
 PROCESSOR_FILES = [*TOKENIZER_FILES, "preprocessor_config.json", "processor_config.json"]
@@ -280,6 +281,7 @@ class KENSubnetwork:
         report: dict | None = None,
         tokenizer: object | None = None,
         dataset: str | None = None,
+        picture: bytes | None = None,
         compression_level: int = DEFAULT_LEVEL,
         compression_threads: int = DEFAULT_THREADS,
     ) -> None:
@@ -290,7 +292,9 @@ class KENSubnetwork:
         ``ken_config.json`` last into ``save_directory`` (see ``FolderWriter``: other files
         there are never touched, and an interrupted save leaves the previous subnetwork
         loadable). ``dataset``: the Hub id of the evaluation data set, named in the model
-        card's metadata with the report's metrics. ``compression_level`` and
+        card's metadata with the report's metrics. ``picture``: a PNG (the KENviz summary,
+        ``ken_hf.viz.summary_png``) saved as ``ken_summary.png`` and shown in the card.
+        ``compression_level`` and
         ``compression_threads``: zstd's level (1-22) and worker threads (0: one)."""
         with FolderWriter(save_directory, commit=CONFIG_NAME) as out:
             subnetwork_file = out.staged(SUBNETWORK_NAME)
@@ -313,8 +317,14 @@ class KENSubnetwork:
                 report=report,
                 dataset=dataset,
                 tokenizer=tokenizer is not None,
+                picture=PICTURE_NAME if picture is not None else None,
             )
             out.write_text(CARD_NAME, card)
+            if picture is not None:
+                with open(out.staged(PICTURE_NAME), "wb") as stream:
+                    stream.write(picture)
+            else:
+                out.remove_stale([PICTURE_NAME])  # it pictured an earlier subnetwork
             if report is not None:
                 out.write_text(REPORT_NAME, json.dumps(report, indent=2) + "\n")
             else:

@@ -283,6 +283,11 @@ def summary_figure(subnetwork: Source) -> Figure:
     return figure
 
 
+def summary_png(subnetwork: Source) -> bytes:
+    """``summary_figure`` as PNG bytes (what the model card shows)."""
+    return _png(summary_figure(subnetwork))
+
+
 def _png(figure: Figure) -> bytes:
     buffer = io.BytesIO()
     figure.savefig(buffer, format="png", dpi=110)

@@ -262,6 +262,7 @@ def test_the_trainer_pushes_subnetwork_report_card_and_tokenizer_into_ken(run):
         "config.json",
         "README.md",
         "ken_report.json",
+        "ken_summary.png",
         "tokenizer.json",
         "tokenizer_config.json",
     }
@@ -290,6 +291,8 @@ def test_the_card_front_matter_parses_and_has_the_fields(run):
     body = card.split("---\n", 2)[2]
     assert "keep ratio 0.5" in body and "## Metrics" in body and "```python" in body
     assert "the same tensors in full" in body
+    assert "![What KEN kept" in body and "(ken_summary.png)" in body
+    assert run["hub"].branches[REPO, BRANCH]["ken/ken_summary.png"].startswith(b"\x89PNG")
 
 
 def test_loads_back_by_repo_id_subfolder_and_revision_then_offline(run):
