@@ -189,7 +189,7 @@ def bench(label: str, dtype: torch.dtype, work: Path) -> dict:
         row = {
             **budget,
             "kept_fraction": subnetwork.kept_fraction(),
-            "changed_fraction": sum(p.xor.numel() for p in subnetwork.pruned.values())
+            "changed_fraction": sum(p.difference.numel() for p in subnetwork.pruned.values())
             / max(1, sum(p.positions.numel() for p in subnetwork.pruned.values())),
             "v1_bytes": (v1 / SUBNETWORK_NAME).stat().st_size,
             "v2_bytes": (v2 / SUBNETWORK_NAME).stat().st_size,

@@ -25,7 +25,7 @@ import torch
 
 from .checkpoints import match_names
 from .config import KENConfig
-from .delta_codec import xor_delta
+from .delta_codec import bit_difference
 from .fingerprint import tensor_fingerprint
 from .safetensors_io import FLOAT_DTYPES
 from .selection import select_by_rule
@@ -71,7 +71,8 @@ class TensorRecord:
         fingerprint: of the base tensor (``PRUNED`` and ``RESET``).
         delta: ``[mean |change| over kept positions, ... over reset ones]`` (``PRUNED``).
         changed: bool ``[K]``: kept values whose bits differ from the base's (``PRUNED``).
-        xor: integers ``[C]``: their fine-tuned XOR base bit patterns (``PRUNED``).
+        difference: integers ``[C]``: their zigzag-coded bit-pattern differences from the
+            base (``PRUNED``; see ``ken_hf.delta_codec.bit_difference``).
     """
 
     plan: TensorPlan
@@ -80,7 +81,7 @@ class TensorRecord:
     fingerprint: str | None = None
     delta: list[float | None] | None = None
     changed: torch.Tensor | None = None
-    xor: torch.Tensor | None = None
+    difference: torch.Tensor | None = None
 
 
 def plan_tensors(
@@ -199,11 +200,11 @@ def process_tensor(
         )[plan.name]
     delta = delta_statistics(finetuned, base, mask)
     flat_mask = mask.reshape(-1)
-    changed, xor = xor_delta(
+    changed, difference = bit_difference(
         masked_values(finetuned.reshape(-1), flat_mask).cpu(),
         masked_values(base.reshape(-1), flat_mask).cpu(),
     )
-    return TensorRecord(plan, finetuned, mask, fingerprint, delta, changed, xor)
+    return TensorRecord(plan, finetuned, mask, fingerprint, delta, changed, difference)
 
 
 def delta_statistics(

@@ -8,8 +8,9 @@ Version 2 (written; version 1 is still read, see ``format_v1``), one safetensors
 - ``pruned.<name>.changed``: packed bits over the kept positions, set where the fine-tuned
   value's bits differ from the base's, zstd-compressed (kept values equal to the base cost
   nothing more);
-- ``pruned.<name>.xor``: the changed values as fine-tuned XOR base bit patterns, in byte
-  planes, zstd-compressed (``ken_hf.delta_codec``): lossless in every float dtype;
+- ``pruned.<name>.difference``: the changed values as the zigzag-coded difference of their
+  bit patterns from the base's, in byte planes, zstd-compressed (``ken_hf.delta_codec``):
+  lossless in every float dtype;
 - ``whole.<name>``: a tensor stored whole, as it is or, where that is smaller, its byte
   planes zstd-compressed.
 
@@ -112,24 +113,32 @@ class SubnetworkWriter:
             bits = record.mask.detach().cpu().reshape(-1).numpy()
             self._add_pruned(
                 name, record.mask.shape, record.finetuned.dtype, bits, None, record.changed,
-                record.xor, record.delta,
+                record.difference, record.delta,
             )  # fmt: skip
         elif record.fingerprint is None:
             self.add_whole(name, record.finetuned)
 
     def add_pruned(self, name: str, pruned: PrunedTensor) -> None:
-        """A pruned tensor held in memory (it must carry its delta: ``changed``, ``xor``)."""
+        """A pruned tensor held in memory (it must carry its delta: ``changed``, ``difference``)."""
         if pruned.changed is None:
             raise ValueError(
                 f"tensor {name!r} was read from a version 1 file and holds no delta against "
                 "the base: apply it to its base (KENModel) and save that to write version 2"
             )
         self._add_pruned(
-            name, pruned.shape, pruned.dtype, None, pruned.positions, pruned.changed, pruned.xor,
+            name,
+            pruned.shape,
+            pruned.dtype,
+            None,
+            pruned.positions,
+            pruned.changed,
+            pruned.difference,
             [pruned.delta_kept, pruned.delta_reset],
-        )  # fmt: skip
+        )
 
-    def _add_pruned(self, name, shape, dtype, bits, positions, changed, xor, statistics) -> None:
+    def _add_pruned(
+        self, name, shape, dtype, bits, positions, changed, difference, statistics
+    ) -> None:
         """``bits`` (bool numpy ``[numel]``) or ``positions`` (int64 ``[K]``) say where."""
         numel = math.prod(shape)
         count = int(changed.numel())
@@ -147,7 +156,7 @@ class SubnetworkWriter:
         arrays = {
             "kept": kept,
             "changed": pack_bits(changed),
-            "xor": to_planes(xor.detach().cpu()),
+            "difference": to_planes(difference.detach().cpu()),
         }
         stored = {part: self._compressed(data) for part, data in arrays.items()}
         for part, tensor in stored.items():
@@ -157,7 +166,7 @@ class SubnetworkWriter:
             "shape": list(shape),
             "dtype": str(dtype).removeprefix("torch."),
             "count": count,
-            "changed": int(xor.numel()),
+            "changed": int(difference.numel()),
             "encoding": encoding,
             "sizes": [len(data) for data in arrays.values()],
             "delta": statistics,
@@ -315,7 +324,7 @@ def _described_keys(version: str, name: str, entry: dict) -> set[str]:
         return format_v1.described_keys(name, entry)
     if entry.get("kind") == "whole":
         return {f"whole.{name}"}
-    return {f"pruned.{name}.{part}" for part in ("kept", "changed", "xor")}
+    return {f"pruned.{name}.{part}" for part in ("kept", "changed", "difference")}
 
 
 def _read_document(path: Path, metadata: dict[str, str]) -> tuple[str, dict]:
@@ -370,11 +379,13 @@ def _read_entry(check: EntryCheck, entry) -> PrunedTensor | torch.Tensor:
         raise check.fail(f"unknown encoding {encoding!r}")
     if sizes != expected:
         raise check.fail(f"array sizes {sizes!r} do not fit the header's counts")
-    stored = [check.array(f"pruned.{name}.{part}") for part in ("kept", "changed", "xor")]
+    stored = [check.array(f"pruned.{name}.{part}") for part in ("kept", "changed", "difference")]
     if any(t.dtype != torch.uint8 or t.dim() != 1 for t in stored):
         raise check.fail("compressed arrays must be uint8 vectors")
     check.sums(checksums, stored, shape)
-    kept, changed, xor = (_decompressed(check, t, n) for t, n in zip(stored, sizes, strict=True))
+    kept, changed, difference = (
+        _decompressed(check, t, n) for t, n in zip(stored, sizes, strict=True)
+    )
     try:
         if encoding == "mask":
             positions = positions_of(unpack_bits(kept, numel).numpy())
@@ -388,7 +399,7 @@ def _read_entry(check: EntryCheck, entry) -> PrunedTensor | torch.Tensor:
         raise check.fail(f"mask keeps {positions.numel()} positions, header says {count}")
     if int(torch.count_nonzero(changed_bits)) != changed_count:
         raise check.fail(f"the changed bits do not number the header's {changed_count}")
-    bits = from_planes(xor, BITS_DTYPES[dtype], changed_count)
+    bits = from_planes(difference, BITS_DTYPES[dtype], changed_count)
     statistics = check.statistics(entry.get("delta", [None, None]))
     return PrunedTensor(torch.Size(shape), dtype, positions, None, changed_bits, bits, *statistics)
 

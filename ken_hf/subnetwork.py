@@ -170,7 +170,7 @@ class KENSubnetwork:
                     positions_of(flat_mask.cpu().numpy()),
                     masked_values(record.finetuned.reshape(-1), flat_mask).cpu(),
                     record.changed,
-                    record.xor,
+                    record.difference,
                     *record.delta,
                 )
             elif record.fingerprint is None:

@@ -10,7 +10,7 @@ import numpy as np
 import torch
 import xxhash
 
-from .delta_codec import bits_of, xor_delta
+from .delta_codec import add_bit_difference, bit_difference
 from .safetensors_io import FLOAT_DTYPES
 
 FORMAT = "ken-hf-subnetwork"
@@ -36,8 +36,9 @@ class PrunedTensor:
             delta, as read from a version 2 file: see ``written_values``).
         changed: bool ``[K]``: kept values whose bits differ from the base's (None when
             only ``values`` are known, as read from a version 1 file).
-        xor: integers ``[C]`` (C = changed count, same width as the dtype): fine-tuned XOR
-            base bit patterns of the changed kept values.
+        difference: integers ``[C]`` (C = changed count, same width as the dtype): the
+            zigzag-coded difference of the fine-tuned from the base bit patterns of the
+            changed kept values (``ken_hf.delta_codec.bit_difference``).
         delta_kept, delta_reset: mean |fine-tuned - pre-trained| over the kept and over the
             reset positions, measured when the subnetwork was made (None if unknown).
     """
@@ -47,7 +48,7 @@ class PrunedTensor:
     positions: torch.Tensor
     values: torch.Tensor | None = None
     changed: torch.Tensor | None = None
-    xor: torch.Tensor | None = None
+    difference: torch.Tensor | None = None
     delta_kept: float | None = None
     delta_reset: float | None = None
 
@@ -64,16 +65,15 @@ class PrunedTensor:
         there (the caller has checked the base against its fingerprint)."""
         if self.changed is None:
             return self.values.to(base_values.device, base_values.dtype)
-        bits = bits_of(base_values.contiguous()) ^ self.xor.to(base_values.device)
-        return bits.view(base_values.dtype)
+        return add_bit_difference(base_values, self.difference)
 
     def with_delta(self, base_values: torch.Tensor) -> PrunedTensor:
         """This tensor with its delta against the base's values ``[K]`` at ``positions``
         (for one read from a version 1 file, which holds the values only)."""
         if self.changed is not None:
             return self
-        changed, xor = xor_delta(self.values, base_values.cpu())
-        return dataclasses.replace(self, changed=changed, xor=xor)
+        changed, difference = bit_difference(self.values, base_values.cpu())
+        return dataclasses.replace(self, changed=changed, difference=difference)
 
     def mask(self) -> torch.Tensor:
         """Bool tensor of ``shape``: True at the kept positions."""

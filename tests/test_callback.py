@@ -439,7 +439,7 @@ def test_ddp_two_cpu_processes_share_selection_and_end_identical(tmp_path):
     for name, pruned in alone.pruned.items():
         assert torch.equal(shared.pruned[name].positions, pruned.positions), name
         assert torch.equal(shared.pruned[name].changed, pruned.changed), name
-        assert torch.equal(shared.pruned[name].xor, pruned.xor), name
+        assert torch.equal(shared.pruned[name].difference, pruned.difference), name
     assert ranks[0]["fingerprints"] == alone_fingerprints
 
 

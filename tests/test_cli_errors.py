@@ -180,9 +180,7 @@ def test_a_real_process_prints_no_traceback(case, folders, tmp_path):
     template, mentions = BAD_INPUTS[case]
     out = tmp_path / "out"
     argv = _command_line(template, folders, out)
-    done = subprocess.run(
-        [str(KEN_EXECUTABLE), *argv], capture_output=True, text=True, timeout=300
-    )
+    done = subprocess.run([str(KEN_EXECUTABLE), *argv], capture_output=True, text=True, timeout=300)
     assert done.returncode == 2
     _assert_one_short_error(done.stderr, argv[0], mentions)
     assert not out.exists()

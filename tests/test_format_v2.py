@@ -12,7 +12,7 @@ from transformers import AutoModelForSequenceClassification
 
 from ken_hf import AutoKENModelForSequenceClassification, KENConfig, KENModel, prune_model
 from ken_hf.cli import main
-from ken_hf.delta_codec import from_planes, to_planes, xor_delta
+from ken_hf.delta_codec import bit_difference, from_planes, to_planes
 from ken_hf.serialization import SUBNETWORK_NAME, PrunedTensor, SubnetworkReader
 
 V1 = Path(__file__).parent / "data" / "v1"  # a base, its fine-tune and a version 1 subnetwork
@@ -30,9 +30,9 @@ def test_the_delta_is_bit_exact_in_every_dtype(dtype):
     tuned = base.clone()
     tuned[::3] = torch.randint(limits.min, limits.max, (1366,), dtype=integer).view(dtype)
     tuned[1], tuned[2], tuned[4] = float("nan"), -0.0, torch.finfo(dtype).tiny / 2
-    changed, xor = xor_delta(tuned, base)
-    assert int(changed.sum()) == xor.numel() < tuned.numel()
-    stored = from_planes(to_planes(xor), xor.dtype, xor.numel())
+    changed, difference = bit_difference(tuned, base)
+    assert int(changed.sum()) == difference.numel() < tuned.numel()
+    stored = from_planes(to_planes(difference), difference.dtype, difference.numel())
     positions = torch.arange(base.numel())
     pruned = PrunedTensor(base.shape, dtype, positions, None, changed, stored)
     where = pruned.written_positions()

@@ -63,7 +63,7 @@ def test_push_publishes_only_the_subnetwork_and_loads_back_by_repo_id(minilm_fin
         (tmp_path / "pushed.safetensors").write_bytes(hub.repos["me/minilm-ken"][SUBNETWORK_NAME])
         pushed = read_subnetwork(tmp_path / "pushed.safetensors")
         for name, pruned in subnetwork.pruned.items():
-            assert torch.equal(pushed.pruned[name].xor, pruned.xor)
+            assert torch.equal(pushed.pruned[name].difference, pruned.difference)
             assert torch.equal(pushed.pruned[name].positions, pruned.positions)
         seen = len(hub.requests)
         remote = _run(_logits_script("me/minilm-ken"), hub.url, cache)

@@ -90,8 +90,11 @@ FULL = {"matmul precision": "highest"} | (
 
 
 @pytest.fixture(autouse=True)
-def default_precision():
-    """Each test starts from and leaves torch's default precision settings."""
+def default_precision(monkeypatch):
+    """Each test starts from and leaves torch's default precision settings. CPU rows take
+    the torch path (the one CUDA takes, whose density products these tests are about): the
+    default compiled CPU path has no matrix products."""
+    monkeypatch.setenv("KEN_HF_SELECT_BACKEND", "torch")
     _reset_to_default()
     yield
     _reset_to_default()
@@ -110,7 +113,8 @@ def _masks(weights: dict[str, torch.Tensor], device: str) -> dict[tuple[str, int
 
 @pytest.fixture(scope="module")
 def default_masks(minilm_weights) -> dict[str, dict[tuple[str, int], torch.Tensor]]:
-    """Masks under the default settings, per device."""
+    """Masks under the default settings, per device (CPU: the compiled path's masks, so the
+    torch path under reduced precision is compared with the other path)."""
     _reset_to_default()
     devices = ["cpu"] + (["cuda"] if torch.cuda.is_available() else [])
     return {device: _masks(minilm_weights, device) for device in devices}

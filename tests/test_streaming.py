@@ -53,7 +53,7 @@ def test_prune_matches_the_python_api(checkpoints, pruned, minilm_finetune):
     for name, expected in reference.pruned.items():
         assert torch.equal(streamed.pruned[name].positions, expected.positions), name
         assert torch.equal(streamed.pruned[name].changed, expected.changed), name
-        assert torch.equal(streamed.pruned[name].xor, expected.xor), name
+        assert torch.equal(streamed.pruned[name].difference, expected.difference), name
         assert streamed.pruned[name].delta_kept == pytest.approx(expected.delta_kept)
     config = KENConfig.from_pretrained(pruned)
     assert config.base_model_name_or_path == str(base)
@@ -193,7 +193,7 @@ def test_llama_base_against_its_sequence_classifier_in_bf16(tmp_path):
     assert "model.embed_tokens.weight" in stored.fingerprints
     assert "model.embed_tokens.weight" not in stored.pruned  # excluded: reset to the base
     assert all(p.dtype == torch.bfloat16 for p in stored.pruned.values())
-    assert all(p.xor.dtype == torch.int16 for p in stored.pruned.values())
+    assert all(p.difference.dtype == torch.int16 for p in stored.pruned.values())
     loaded = AutoKENModelForSequenceClassification.from_pretrained(out, dtype=torch.bfloat16)
     reference = KENSubnetwork.from_weights(
         AutoModelForSequenceClassification.from_pretrained(

@@ -74,7 +74,7 @@ def _equal(x, y) -> bool:
 
 
 def _same(a, b) -> bool:
-    fields = ("positions", "values", "changed", "xor")
+    fields = ("positions", "values", "changed", "difference")
     return (
         a.pruned.keys() == b.pruned.keys()
         and all(a.pruned[n].shape == b.pruned[n].shape for n in a.pruned)
