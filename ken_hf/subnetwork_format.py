@@ -4,7 +4,7 @@ pruned tensor record, the header checks and the position encodings."""
 from __future__ import annotations
 
 import dataclasses
-from dataclasses import dataclass
+from dataclasses import dataclass, field
 
 import numpy as np
 import torch
@@ -51,6 +51,7 @@ class PrunedTensor:
     difference: torch.Tensor | None = None
     delta_kept: float | None = None
     delta_reset: float | None = None
+    _written: torch.Tensor | None = field(default=None, repr=False, compare=False)
 
     def written_positions(self) -> torch.Tensor:
         """int64 ``[W]``: the positions a rebuild writes into the base: the kept values that
@@ -58,7 +59,9 @@ class PrunedTensor:
         only the values are known (read from a version 1 file)."""
         if self.changed is None:
             return self.positions
-        return torch.masked_select(self.positions, self.changed)
+        if self._written is None:  # numpy's bool indexing is several times torch's here
+            self._written = torch.from_numpy(self.positions.numpy()[self.changed.numpy()])
+        return self._written
 
     def written_values(self, base_values: torch.Tensor) -> torch.Tensor:
         """``[W]`` fine-tuned values for ``written_positions``, given the base's values
