@@ -16,6 +16,7 @@ Prints a table and writes benchmarks/results/bench_stream.json.
 from __future__ import annotations
 
 import argparse
+import contextlib
 import json
 import platform
 import shutil
@@ -27,6 +28,7 @@ from pathlib import Path
 import torch
 from transformers import LlamaConfig, LlamaForCausalLM
 
+from ken_hf.atomic_files import FolderWriter
 from ken_hf.experiments.assets import cache_dir
 from ken_hf.safetensors_io import ShardedWriter
 
@@ -83,20 +85,19 @@ def write_pair(folder: Path) -> dict:
     done = folder / "done"
     if not done.exists():
         shutil.rmtree(folder, ignore_errors=True)
-        writers = {}
-        for kind in ("base", "finetuned"):
-            (folder / kind).mkdir(parents=True)
-            config.save_pretrained(folder / kind)
-            writers[kind] = ShardedWriter(folder / kind, 10**9)
-        generator = torch.Generator().manual_seed(0)
-        for name, shape in shapes.items():
-            base = torch.randn(shape, generator=generator) * 0.02
-            change = torch.randn(shape, generator=generator) * 0.001
-            writers["base"].add(name, base.to(torch.bfloat16))
-            writers["finetuned"].add(name, (base + change).to(torch.bfloat16))
-            del base, change
-        for writer in writers.values():
-            writer.close()
+        with contextlib.ExitStack() as stack:
+            writers = {}
+            for kind in ("base", "finetuned"):
+                target = stack.enter_context(FolderWriter(folder / kind, commit="config.json"))
+                target.write_text("config.json", config.to_json_string())
+                writers[kind] = stack.enter_context(ShardedWriter(target, 10**9))
+            generator = torch.Generator().manual_seed(0)
+            for name, shape in shapes.items():
+                base = torch.randn(shape, generator=generator) * 0.02
+                change = torch.randn(shape, generator=generator) * 0.001
+                writers["base"].add(name, base.to(torch.bfloat16))
+                writers["finetuned"].add(name, (base + change).to(torch.bfloat16))
+                del base, change
         done.touch()
     parameters = sum(s.numel() for s in shapes.values())
     return {
