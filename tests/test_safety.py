@@ -228,3 +228,31 @@ def test_ken_apply_into_a_folder_keeps_the_users_files(minilm_finetune, finetune
     expected = AutoKENModelForSequenceClassification.from_pretrained(tmp_path / "ken")
     for name, tensor in merged.state_dict().items():
         assert torch.equal(tensor, expected.base_model.state_dict()[name]), name
+
+
+def test_float_buffers_follow_the_same_rule_in_memory_and_from_checkpoints(tmp_path):
+    """BatchNorm statistics (persistent float buffers) change in fine-tuning: both drivers
+    treat them as the checkpoint holds them, so the two files are the same bytes."""
+    from transformers import ResNetConfig, ResNetForImageClassification
+
+    config = ResNetConfig(embedding_size=8, hidden_sizes=[8, 16], depths=[1, 1], num_labels=2)
+    torch.manual_seed(0)
+    base = ResNetForImageClassification(config).eval()
+    base.save_pretrained(tmp_path / "base")
+    base = ResNetForImageClassification.from_pretrained(tmp_path / "base").eval()
+    tuned = ResNetForImageClassification.from_pretrained(tmp_path / "base").train()
+    with torch.no_grad():
+        for parameter in tuned.parameters():
+            parameter.add_(0.01 * torch.randn_like(parameter))
+        tuned(torch.randn(4, 3, 32, 32))  # a training-mode pass moves the running statistics
+    tuned.save_pretrained(tmp_path / "finetuned")
+    statistics = "resnet.embedder.embedder.normalization.running_mean"
+    subnetwork = prune_model(tuned, base, KENConfig(keep_ratio=0.5), progress=False)
+    assert statistics in subnetwork.pruned
+    assert not any(name.endswith("num_batches_tracked") for name in subnetwork.fingerprints)
+    subnetwork.save_pretrained(tmp_path / "memory")
+    args = ["prune", "--base", str(tmp_path / "base"), "--finetuned", str(tmp_path / "finetuned")]
+    assert main([*args, "--keep-ratio", "0.5", "--out", str(tmp_path / "stream")]) == 0
+    assert (tmp_path / "memory" / SUBNETWORK_NAME).read_bytes() == (
+        tmp_path / "stream" / SUBNETWORK_NAME
+    ).read_bytes()
