@@ -291,7 +291,7 @@ def _push(args: argparse.Namespace) -> int:
 
     from .config import KENConfig
     from .hub import push_folder
-    from .subnetwork import saved_files
+    from .subnetwork_folder import saved_files
 
     folder = Path(args.folder)
     if not folder.is_dir():

@@ -42,13 +42,8 @@ from .serialization import (
     SubnetworkReader,
     SubnetworkWriter,
 )
-from .subnetwork import (
-    CARD_NAME,
-    MODEL_CONFIG_NAME,
-    SUBNETWORK_FILES,
-    BaseMismatchError,
-    saved_files,
-)
+from .subnetwork import BaseMismatchError
+from .subnetwork_folder import CARD_NAME, MODEL_CONFIG_NAME, SUBNETWORK_FILES, saved_files
 
 # Working memory of the selection, per tensor: half the library default, so that the whole
 # run stays within two copies of the largest tensor plus 1 GiB, start-up included.

@@ -19,11 +19,9 @@ from pathlib import Path
 
 import torch
 
-from .atomic_files import FolderWriter, previous_version
 from .base_source import BaseSource, Weights, cannot_tell, locate_base
-from .card import model_card
-from .checkpoints import TOKENIZER_FILES, tensors_of
-from .config import CONFIG_NAME, KENConfig
+from .checkpoints import tensors_of
+from .config import KENConfig
 from .delta_codec import DEFAULT_LEVEL, DEFAULT_THREADS
 from .fingerprint import tensor_fingerprint
 from .hub import push_folder, resolve_folder
@@ -40,35 +38,17 @@ from .pipeline import (
     specs_of,
 )
 from .serialization import (
-    SUBNETWORK_NAME,
-    KENFormatError,
     PrunedTensor,
     StoredSubnetwork,
-    SubnetworkReader,
     read_subnetwork,
-    write_subnetwork,
 )
+from .subnetwork_folder import SUBNETWORK_FILES, saved_files, write_folder
 from .subnetwork_format import masked_values, positions_of
 
 # Selects masks for the pruned plans: (plans, fine-tuned, base, config, progress) -> masks.
 MaskSelector = Callable[
     [list[TensorPlan], Mapping[str, torch.Tensor], Mapping[str, torch.Tensor], KENConfig, bool],
     dict[str, torch.Tensor],
-]
-MODEL_CONFIG_NAME = "config.json"
-REPORT_NAME = "ken_report.json"
-PICTURE_NAME = "ken_summary.png"
-CARD_NAME = "README.md"
-# Files a processor (tokenizer, image or audio processor) saves beside the subnetwork.
-PROCESSOR_FILES = [*TOKENIZER_FILES, "preprocessor_config.json", "processor_config.json"]
-# What from_pretrained downloads from a Hub repository: the subnetwork and its processor.
-SUBNETWORK_FILES = [
-    CONFIG_NAME,
-    SUBNETWORK_NAME,
-    MODEL_CONFIG_NAME,
-    CARD_NAME,
-    REPORT_NAME,
-    *PROCESSOR_FILES,
 ]
 
 
@@ -296,41 +276,19 @@ class KENSubnetwork:
         ``ken_hf.viz.summary_png``) saved as ``ken_summary.png`` and shown in the card.
         ``compression_level`` and
         ``compression_threads``: zstd's level (1-22) and worker threads (0: one)."""
-        with FolderWriter(save_directory, commit=CONFIG_NAME) as out:
-            subnetwork_file = out.staged(SUBNETWORK_NAME)
-            digest = write_subnetwork(
-                StoredSubnetwork(self.pruned, self.whole, self.fingerprints),
-                subnetwork_file,
-                level=compression_level,
-                threads=compression_threads,
-            )
-            if self.model_config is not None:
-                out.write_text(
-                    MODEL_CONFIG_NAME, json.dumps(self.model_config, indent=2, sort_keys=True)
-                )
-            if tokenizer is not None:
-                _save_processor(tokenizer, out)
-            card = model_card(
-                self.config,
-                subnetwork_file,
-                self.metrics,
-                report=report,
-                dataset=dataset,
-                tokenizer=tokenizer is not None,
-                picture=PICTURE_NAME if picture is not None else None,
-            )
-            out.write_text(CARD_NAME, card)
-            if picture is not None:
-                with open(out.staged(PICTURE_NAME), "wb") as stream:
-                    stream.write(picture)
-            else:
-                out.remove_stale([PICTURE_NAME])  # it pictured an earlier subnetwork
-            if report is not None:
-                out.write_text(REPORT_NAME, json.dumps(report, indent=2) + "\n")
-            else:
-                out.remove_stale([REPORT_NAME])  # it described an earlier subnetwork
-            saved = dataclasses.replace(self.config, subnetwork_digest=digest)
-            out.write_text(CONFIG_NAME, saved.to_json_string())
+        write_folder(
+            save_directory,
+            self.config,
+            StoredSubnetwork(self.pruned, self.whole, self.fingerprints),
+            model_config=self.model_config,
+            metrics=self.metrics,
+            report=report,
+            tokenizer=tokenizer,
+            dataset=dataset,
+            picture=picture,
+            compression_level=compression_level,
+            compression_threads=compression_threads,
+        )
 
     @classmethod
     def from_pretrained(
@@ -366,50 +324,6 @@ class KENSubnetwork:
             folder = Path(scratch) / "ken"
             self.save_pretrained(folder)
             return push_folder(folder, repo_id, **push_kwargs)
-
-
-def _save_processor(processor: object, out: FolderWriter) -> None:
-    """Save ``processor`` (a tokenizer or processor) through its ``save_pretrained`` and
-    stage its files in ``out``; a file named like one of ken-hf's own is an error."""
-    if not hasattr(processor, "save_pretrained"):
-        raise TypeError(
-            f"tokenizer={type(processor).__name__}: expected a tokenizer or processor with "
-            "save_pretrained (e.g. AutoTokenizer.from_pretrained(...))"
-        )
-    own = {CONFIG_NAME, SUBNETWORK_NAME, MODEL_CONFIG_NAME, CARD_NAME, REPORT_NAME}
-    with tempfile.TemporaryDirectory() as scratch:
-        processor.save_pretrained(scratch)
-        for path in sorted(Path(scratch).iterdir()):
-            if not path.is_file():
-                continue
-            if path.name in own:
-                raise ValueError(
-                    f"tokenizer={type(processor).__name__} saves {path.name}, a file of the "
-                    "subnetwork itself: save it to another folder"
-                )
-            out.copy(path, path.name)
-
-
-def saved_files(folder: Path, config: KENConfig) -> tuple[Path, Path]:
-    """The subnetwork file and the model's ``config.json`` saved with ``config`` (read from
-    ``folder``'s ``ken_config.json``): the current files, or the previous versions that an
-    interrupted save left beside them. Raises ``KENFormatError`` for files of another save."""
-    subnetwork_file, model_config_file = folder / SUBNETWORK_NAME, folder / MODEL_CONFIG_NAME
-    if config.subnetwork_digest is None or _digest(subnetwork_file) == config.subnetwork_digest:
-        return subnetwork_file, model_config_file
-    previous = previous_version(subnetwork_file)
-    if previous.is_file() and _digest(previous) == config.subnetwork_digest:
-        previous_config = previous_version(model_config_file)
-        return previous, previous_config if previous_config.is_file() else model_config_file
-    raise KENFormatError(
-        f"{subnetwork_file} is not the subnetwork that {folder / CONFIG_NAME} was saved with "
-        "(another save changed one of them); save the subnetwork again"
-    )
-
-
-def _digest(path: Path) -> str:
-    with SubnetworkReader(path) as reader:
-        return reader.digest
 
 
 def _select(base, finetuned, config, new_tensors, progress, selector):

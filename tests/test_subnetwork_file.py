@@ -217,7 +217,7 @@ def test_interrupted_save_leaves_the_previous_folder_intact(small_subnetworks, m
         path.write_bytes(b"partial")
         raise KeyboardInterrupt
 
-    monkeypatch.setattr("ken_hf.subnetwork.write_subnetwork", crash)
+    monkeypatch.setattr("ken_hf.subnetwork_folder.write_subnetwork", crash)
     with pytest.raises(KeyboardInterrupt):
         subnetwork.save_pretrained(folder)
     assert {p.name: p.read_bytes() for p in folder.iterdir()} == before
