@@ -12,7 +12,11 @@ import hashlib
 import json
 import re
 import threading
+from collections.abc import Iterator
+from contextlib import contextmanager
 from http.server import BaseHTTPRequestHandler, ThreadingHTTPServer
+
+import pytest
 
 
 class FakeHub:
@@ -153,3 +157,34 @@ class FakeHub:
                 },
             )
         return self._not_found(handler)
+
+
+@contextmanager
+def huggingface_hub_at(url: str, cache) -> Iterator[pytest.MonkeyPatch]:
+    """Within the block, the in-process huggingface_hub talks to the fake Hub at ``url``,
+    as ``HF_ENDPOINT=<url> HF_HUB_OFFLINE=0`` would at import time (it reads them once, into
+    ``huggingface_hub.constants``), with its cache in ``cache`` and a token. Yields the
+    ``MonkeyPatch`` for more settings. Releases before 1.0 keep one HTTP session, made with
+    the offline switch of its time: it is reset on entering and on leaving; transformers
+    releases that share one ``HfApi`` (its endpoint fixed when made) get a fresh one."""
+    import huggingface_hub.utils
+    import transformers.utils.hub
+    from huggingface_hub import constants
+
+    reset = getattr(huggingface_hub.utils, "reset_sessions", lambda: None)
+    try:
+        with pytest.MonkeyPatch.context() as patch:
+            patch.setenv("HF_ENDPOINT", url)
+            patch.setenv("HF_HUB_OFFLINE", "0")
+            patch.setenv("HF_TOKEN", "hf_fake")
+            patch.setattr(constants, "ENDPOINT", url)
+            template = url + "/{repo_id}/resolve/{revision}/{filename}"
+            patch.setattr(constants, "HUGGINGFACE_CO_URL_TEMPLATE", template)
+            patch.setattr(constants, "HF_HUB_OFFLINE", False)
+            patch.setattr(constants, "HF_HUB_CACHE", str(cache))
+            if hasattr(transformers.utils.hub, "_hf_api"):
+                patch.setattr(transformers.utils.hub, "_hf_api", None)
+            reset()
+            yield patch
+    finally:
+        reset()

@@ -25,7 +25,7 @@ import pytest
 import torch
 import yaml
 
-from fake_hub import FakeHub
+from fake_hub import FakeHub, huggingface_hub_at
 from ken_hf import KENCallback, KENConfig
 from ken_hf.card import model_card
 from ken_hf.config import CONFIG_NAME
@@ -126,19 +126,6 @@ def _decoded(content: str) -> bytes:
     return base64.b64decode(content)
 
 
-def _point_at(patch: pytest.MonkeyPatch, hub: FakeHub, home: Path) -> None:
-    """The in-process huggingface_hub talks to ``hub`` (it reads its endpoint and offline
-    switch once, at import, into ``huggingface_hub.constants``), with a cache in ``home``."""
-    from huggingface_hub import constants
-
-    patch.setenv("HF_TOKEN", "hf_fake")
-    patch.setattr(constants, "ENDPOINT", hub.url)
-    template = hub.url + "/{repo_id}/resolve/{revision}/{filename}"
-    patch.setattr(constants, "HUGGINGFACE_CO_URL_TEMPLATE", template)
-    patch.setattr(constants, "HF_HUB_OFFLINE", False)
-    patch.setattr(constants, "HF_HUB_CACHE", str(home / "hub"))
-
-
 def _run(script: str, endpoint: str, home: Path, *, offline: bool = False) -> dict:
     """Run ``script`` in a fresh interpreter whose huggingface_hub talks to ``endpoint``;
     returns the JSON it prints last."""
@@ -223,8 +210,7 @@ def run(tmp_path_factory):
         hub_revision=BRANCH,
     )
     callback = KENCallback(keep_ratio=0.5, dataset="rotten_tomatoes")
-    with RevisionHub() as hub, pytest.MonkeyPatch.context() as patch:
-        _point_at(patch, hub, root / "hf-home")
+    with RevisionHub() as hub, huggingface_hub_at(hub.url, root / "hf-home" / "hub"):
         trainer = Trainer(
             model=model,
             args=args,
@@ -242,7 +228,6 @@ def run(tmp_path_factory):
             logits = pruned(**inputs).logits.tolist()
         yield {
             "hub": hub,
-            "patch": patch,
             "home": root / "hf-home",
             "folder": Path(args.output_dir) / "ken",
             "trainer": trainer,

@@ -20,7 +20,7 @@ id go through the real huggingface_hub client to the fake Hub of ``fake_hub.py``
 127.0.0.1. huggingface_hub reads ``HF_ENDPOINT`` and ``HF_HUB_OFFLINE`` once, when it is
 imported, into ``huggingface_hub.constants``; the endpoint (and the URL template built from
 it), the offline switch and the cache folder are therefore set there for that block only
-(``_fake_hub_endpoint``), and the checks confirm that the push and the download went to the
+(``fake_hub.huggingface_hub_at``), and the checks confirm that the push and the download went to the
 fake Hub. Hub ids of base models never appear in the blocks: the packaged all-MiniLM-L6-v2
 folder (``minilm_path()``) is the base everywhere, so every subnetwork records that folder.
 """
@@ -37,7 +37,7 @@ from pathlib import Path
 import pytest
 import torch
 
-from fake_hub import FakeHub
+from fake_hub import FakeHub, huggingface_hub_at
 from ken_hf import KENConfig, KENSubnetwork
 from ken_hf.checkpoints import tensors_of
 from ken_hf.config import CONFIG_NAME
@@ -182,24 +182,6 @@ def rebuilt(shared: Shared, subnetwork: KENSubnetwork) -> dict[str, torch.Tensor
     return state_of(model)
 
 
-def _fake_hub_endpoint(monkeypatch, hub: FakeHub, cache: Path) -> None:
-    """Point the in-process huggingface_hub at ``hub``, as ``HF_ENDPOINT=<hub.url>`` and
-    ``HF_HUB_OFFLINE=0`` would at import time, with its own cache and a token."""
-    from huggingface_hub import constants
-
-    monkeypatch.setenv("HF_ENDPOINT", hub.url)
-    monkeypatch.setenv("HF_HUB_OFFLINE", "0")
-    monkeypatch.setenv("HF_TOKEN", "hf_fake")
-    monkeypatch.setattr(constants, "ENDPOINT", hub.url)
-    monkeypatch.setattr(
-        constants,
-        "HUGGINGFACE_CO_URL_TEMPLATE",
-        hub.url + "/{repo_id}/resolve/{revision}/{filename}",
-    )
-    monkeypatch.setattr(constants, "HF_HUB_OFFLINE", False)
-    monkeypatch.setattr(constants, "HF_HUB_CACHE", str(cache))
-
-
 # -- one set-up and one check per block ---------------------------------------------------
 def trainer_block(block: Block, shared: Shared, workdir: Path, monkeypatch) -> None:
     """``Trainer(... callbacks=[KENCallback(keep_ratio=0.75)])``: a real (2-step) fine-tune
@@ -256,8 +238,7 @@ def loading_block(block: Block, shared: Shared, workdir: Path, monkeypatch) -> N
         "tokenizer": shared.tokenizer,
         "base_model": base_model,
     }
-    with FakeHub() as hub, monkeypatch.context() as patch:
-        _fake_hub_endpoint(patch, hub, workdir / "hf-cache")
+    with FakeHub() as hub, huggingface_hub_at(hub.url, workdir / "hf-cache"):
         namespace = run_block(block, source, namespace)
     # the push published the subnetwork folder only, and the load downloaded it from there
     assert sorted(hub.repos[HUB_REPO]) == sorted(
@@ -298,8 +279,7 @@ def hub_trainer_block(block: Block, shared: Shared, workdir: Path, monkeypatch) 
         "tokenizer": shared.tokenizer,
         "compute_metrics": classification_metrics("accuracy"),
     }
-    with FakeHub() as hub, monkeypatch.context() as patch:
-        _fake_hub_endpoint(patch, hub, workdir / "hf-cache")
+    with FakeHub() as hub, huggingface_hub_at(hub.url, workdir / "hf-cache"):
         namespace = run_block(block, block.source, namespace)
     repo = "me/minilm-sentiment"
     pushed = hub.repos[repo]
