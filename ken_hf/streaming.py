@@ -114,12 +114,13 @@ def prune_checkpoints(
                     record = process_tensor(
                         plan, weight, pretrained, config, max_memory=SELECTION_MEMORY
                     )
-                    del pretrained  # freed before the kept values are gathered
+                    del pretrained  # freed before the record is compressed and written
                     writer.add_record(record)
                     if plan.fate == PRUNED:
                         kept += int(torch.count_nonzero(record.mask))
                         total_pruned += weight.numel()
                     bar.update(tuned.nbytes(plan.name))
+                    del weight, record  # freed before the next tensor is read
             if tuned.config:
                 folder.write_text(MODEL_CONFIG_NAME, json.dumps(tuned.config, indent=2))
             for name in TOKENIZER_FILES:
