@@ -165,8 +165,11 @@ def huggingface_hub_at(url: str, cache) -> Iterator[pytest.MonkeyPatch]:
     as ``HF_ENDPOINT=<url> HF_HUB_OFFLINE=0`` would at import time (it reads them once, into
     ``huggingface_hub.constants``), with its cache in ``cache`` and a token. Yields the
     ``MonkeyPatch`` for more settings. Releases before 1.0 keep one HTTP session, made with
-    the offline switch of its time: it is reset on entering and on leaving; transformers
-    releases that share one ``HfApi`` (its endpoint fixed when made) get a fresh one."""
+    the offline switch of its time: it is reset on entering and on leaving. An ``HfApi``
+    fixes its endpoint when made: huggingface_hub's own (behind ``create_repo`` & co.) is
+    pointed at ``url``, and transformers releases that share one get a fresh one."""
+    import huggingface_hub.file_download
+    import huggingface_hub.hf_api
     import huggingface_hub.utils
     import transformers.utils.hub
     from huggingface_hub import constants
@@ -180,8 +183,18 @@ def huggingface_hub_at(url: str, cache) -> Iterator[pytest.MonkeyPatch]:
             patch.setattr(constants, "ENDPOINT", url)
             template = url + "/{repo_id}/resolve/{revision}/{filename}"
             patch.setattr(constants, "HUGGINGFACE_CO_URL_TEMPLATE", template)
+            # Releases before 1.0 build download URLs from a copy made at import.
+            if hasattr(huggingface_hub.file_download, "HUGGINGFACE_CO_URL_TEMPLATE"):
+                patch.setattr(
+                    huggingface_hub.file_download, "HUGGINGFACE_CO_URL_TEMPLATE", template
+                )
             patch.setattr(constants, "HF_HUB_OFFLINE", False)
             patch.setattr(constants, "HF_HUB_CACHE", str(cache))
+            shared_api = getattr(huggingface_hub.hf_api, "api", None)
+            if shared_api is not None:
+                patch.setattr(shared_api, "endpoint", url)
+            if hasattr(transformers.utils.hub, "_is_offline_mode"):  # a copy, before 5.0
+                patch.setattr(transformers.utils.hub, "_is_offline_mode", False)
             if hasattr(transformers.utils.hub, "_hf_api"):
                 patch.setattr(transformers.utils.hub, "_hf_api", None)
             reset()

@@ -15,7 +15,7 @@ from transformers.utils import logging as transformers_logging
 from ..callback import KENCallback
 from ..modeling import AutoKENModelForSequenceClassification
 from ..serialization import SUBNETWORK_NAME
-from ..subnetwork import PROCESSOR_FILES
+from ..subnetwork_folder import PROCESSOR_FILES
 from .finetune import build_trainer, load_splits, load_tokenizer, new_classifier
 from .run_settings import DemoSettings
 
