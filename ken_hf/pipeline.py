@@ -70,6 +70,7 @@ class TensorRecord:
         mask: bool, ``finetuned``'s shape: the kept positions (``PRUNED`` only).
         fingerprint: of the base tensor (``PRUNED`` and ``RESET``).
         delta: ``[mean |change| over kept positions, ... over reset ones]`` (``PRUNED``).
+        kept: ``[K]`` the fine-tuned values at the kept positions, on the CPU (``PRUNED``).
         changed: bool ``[K]``: kept values whose bits differ from the base's (``PRUNED``).
         difference: integers ``[C]``: their zigzag-coded bit-pattern differences from the
             base (``PRUNED``; see ``ken_hf.delta_codec.bit_difference``).
@@ -80,6 +81,7 @@ class TensorRecord:
     mask: torch.Tensor | None = None
     fingerprint: str | None = None
     delta: list[float | None] | None = None
+    kept: torch.Tensor | None = None
     changed: torch.Tensor | None = None
     difference: torch.Tensor | None = None
 
@@ -200,11 +202,9 @@ def process_tensor(
         )[plan.name]
     delta = delta_statistics(finetuned, base, mask)
     flat_mask = mask.reshape(-1)
-    changed, difference = bit_difference(
-        masked_values(finetuned.reshape(-1), flat_mask).cpu(),
-        masked_values(base.reshape(-1), flat_mask).cpu(),
-    )
-    return TensorRecord(plan, finetuned, mask, fingerprint, delta, changed, difference)
+    kept = masked_values(finetuned.reshape(-1), flat_mask).cpu()
+    changed, difference = bit_difference(kept, masked_values(base.reshape(-1), flat_mask).cpu())
+    return TensorRecord(plan, finetuned, mask, fingerprint, delta, kept, changed, difference)
 
 
 def delta_statistics(

@@ -43,7 +43,7 @@ from .serialization import (
     read_subnetwork,
 )
 from .subnetwork_folder import SUBNETWORK_FILES, saved_files, write_folder
-from .subnetwork_format import masked_values, positions_of
+from .subnetwork_format import positions_of
 
 # Selects masks for the pruned plans: (plans, fine-tuned, base, config, progress) -> masks.
 MaskSelector = Callable[
@@ -143,12 +143,11 @@ class KENSubnetwork:
             if record.fingerprint is not None:
                 fingerprints[name] = record.fingerprint
             if record.mask is not None:
-                flat_mask = record.mask.reshape(-1)
                 pruned[name] = PrunedTensor(
                     record.mask.shape,
                     record.finetuned.dtype,
-                    positions_of(flat_mask.cpu().numpy()),
-                    masked_values(record.finetuned.reshape(-1), flat_mask).cpu(),
+                    positions_of(record.mask.reshape(-1).cpu().numpy()),
+                    record.kept,
                     record.changed,
                     record.difference,
                     *record.delta,
