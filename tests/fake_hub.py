@@ -10,7 +10,11 @@ from __future__ import annotations
 import base64
 import hashlib
 import json
+import os
 import re
+import subprocess
+import sys
+import textwrap
 import threading
 from collections.abc import Iterator
 from contextlib import contextmanager
@@ -201,3 +205,25 @@ def huggingface_hub_at(url: str, cache) -> Iterator[pytest.MonkeyPatch]:
             yield patch
     finally:
         reset()
+
+
+def run_against_hub(script: str, endpoint: str, home, *, offline: bool = False) -> str:
+    """Run ``script`` in a fresh interpreter whose huggingface_hub talks to ``endpoint``
+    (offline when ``offline``), with ``HF_HOME`` at ``home``; returns what it printed."""
+    env = dict(
+        os.environ,
+        HF_ENDPOINT=endpoint,
+        HF_HOME=str(home),
+        HF_HUB_OFFLINE="1" if offline else "0",
+        HF_TOKEN="hf_fake",
+        OMP_NUM_THREADS="1",
+    )
+    done = subprocess.run(
+        [sys.executable, "-c", textwrap.dedent(script)],
+        env=env,
+        capture_output=True,
+        text=True,
+        timeout=600,
+    )
+    assert done.returncode == 0, done.stderr[-3000:]
+    return done.stdout

@@ -4,38 +4,14 @@ against a fake Hub endpoint on localhost (the only part that is faked)."""
 from __future__ import annotations
 
 import json
-import os
-import subprocess
-import sys
-import textwrap
 
 import torch
 from transformers import AutoModelForSequenceClassification
 
-from fake_hub import FakeHub
+from fake_hub import FakeHub, run_against_hub
 from ken_hf import KENConfig, KENSubnetwork
 from ken_hf.config import CONFIG_NAME
 from ken_hf.serialization import SUBNETWORK_NAME, read_subnetwork
-
-
-def _run(script: str, endpoint: str, cache: str, *, offline: bool = False) -> str:
-    """Run ``script`` in a fresh interpreter whose huggingface_hub talks to ``endpoint``."""
-    env = dict(
-        os.environ,
-        HF_ENDPOINT=endpoint,
-        HF_HOME=cache,
-        HF_HUB_OFFLINE="1" if offline else "0",
-        HF_TOKEN="hf_fake",
-    )
-    done = subprocess.run(
-        [sys.executable, "-c", textwrap.dedent(script)],
-        env=env,
-        capture_output=True,
-        text=True,
-        timeout=300,
-    )
-    assert done.returncode == 0, done.stderr[-3000:]
-    return done.stdout
 
 
 def test_push_publishes_only_the_subnetwork_and_loads_back_by_repo_id(minilm_finetune, tmp_path):
@@ -48,7 +24,7 @@ def test_push_publishes_only_the_subnetwork_and_loads_back_by_repo_id(minilm_fin
     subnetwork.save_pretrained(folder)
     with FakeHub() as hub:
         cache = str(tmp_path / "hf-home")
-        _run(
+        run_against_hub(
             f"""
             from ken_hf import KENSubnetwork
             url = KENSubnetwork.from_pretrained({str(folder)!r}).push_to_hub("me/minilm-ken")
@@ -66,18 +42,18 @@ def test_push_publishes_only_the_subnetwork_and_loads_back_by_repo_id(minilm_fin
             assert torch.equal(pushed.pruned[name].difference, pruned.difference)
             assert torch.equal(pushed.pruned[name].positions, pruned.positions)
         seen = len(hub.requests)
-        remote = _run(_logits_script("me/minilm-ken"), hub.url, cache)
+        remote = run_against_hub(_logits_script("me/minilm-ken"), hub.url, cache)
         assert _downloads(hub.requests[seen:]), "the first load downloaded nothing"
         # Loaded again, online: huggingface_hub may check the revision, but every file comes
         # from its cache, so the server is asked for no file content.
         seen = len(hub.requests)
-        again = _run(_logits_script("me/minilm-ken"), hub.url, cache)
+        again = run_against_hub(_logits_script("me/minilm-ken"), hub.url, cache)
         assert _downloads(hub.requests[seen:]) == []
         # And with HF_HUB_OFFLINE=1, while the server still answers: not a single request.
         seen = len(hub.requests)
-        cached = _run(_logits_script("me/minilm-ken"), hub.url, cache, offline=True)
+        cached = run_against_hub(_logits_script("me/minilm-ken"), hub.url, cache, offline=True)
         assert hub.requests[seen:] == []
-    local = _run(_logits_script(str(folder)), hub.url, cache, offline=True)
+    local = run_against_hub(_logits_script(str(folder)), hub.url, cache, offline=True)
     assert json.loads(remote) == json.loads(local) == json.loads(again) == json.loads(cached)
 
 

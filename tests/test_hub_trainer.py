@@ -13,11 +13,7 @@ from __future__ import annotations
 import base64
 import hashlib
 import json
-import os
 import re
-import subprocess
-import sys
-import textwrap
 from pathlib import Path
 from urllib.parse import unquote
 
@@ -25,7 +21,7 @@ import pytest
 import torch
 import yaml
 
-from fake_hub import FakeHub, huggingface_hub_at
+from fake_hub import FakeHub, huggingface_hub_at, run_against_hub
 from ken_hf import KENCallback, KENConfig
 from ken_hf.card import model_card
 from ken_hf.config import CONFIG_NAME
@@ -127,25 +123,9 @@ def _decoded(content: str) -> bytes:
 
 
 def _run(script: str, endpoint: str, home: Path, *, offline: bool = False) -> dict:
-    """Run ``script`` in a fresh interpreter whose huggingface_hub talks to ``endpoint``;
-    returns the JSON it prints last."""
-    env = dict(
-        os.environ,
-        HF_ENDPOINT=endpoint,
-        HF_HOME=str(home),
-        HF_HUB_OFFLINE="1" if offline else "0",
-        HF_TOKEN="hf_fake",
-        OMP_NUM_THREADS="1",
-    )
-    done = subprocess.run(
-        [sys.executable, "-c", textwrap.dedent(script)],
-        env=env,
-        capture_output=True,
-        text=True,
-        timeout=600,
-    )
-    assert done.returncode == 0, done.stderr[-3000:]
-    return json.loads(done.stdout.strip().splitlines()[-1])
+    """``run_against_hub``, and the JSON the script printed last."""
+    printed = run_against_hub(script, endpoint, home, offline=offline)
+    return json.loads(printed.strip().splitlines()[-1])
 
 
 def _load_script(loads: dict[str, dict]) -> str:
