@@ -112,10 +112,8 @@ class FolderWriter:
         self._staged[new_name] = self._staged.pop(name)
 
     def write_text(self, name: str, text: str) -> None:
-        with open(self.staged(name), "w", encoding="utf-8") as stream:
-            stream.write(text)
-            stream.flush()
-            os.fsync(stream.fileno())
+        # Not synced here: publishing syncs every staged file before moving any into place.
+        self.staged(name).write_text(text, encoding="utf-8")
 
     def copy(self, source: Path, name: str) -> None:
         shutil.copyfile(source, self.staged(name))
