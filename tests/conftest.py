@@ -10,6 +10,21 @@ from safetensors.torch import load_file
 
 os.environ.setdefault("HF_HUB_OFFLINE", "1")  # nothing in the tests may reach the Hub
 
+NEEDS_CUDA = pytest.mark.skipif(not torch.cuda.is_available(), reason="needs a CUDA GPU")
+# Devices for tests of whole paths (prune, callback, loading); the CUDA ones run under
+# `make gpu-check` on a machine with a GPU.
+DEVICES = ["cpu", pytest.param("cuda", marks=NEEDS_CUDA)]
+
+
+@pytest.fixture(params=["compiled", "torch", pytest.param("cuda", marks=NEEDS_CUDA)])
+def selection_device(request, monkeypatch) -> str:
+    """Each way KEN selects rows: CPU rows through the compiled kernels (the default), CPU
+    rows through the torch path (``KEN_HF_SELECT_BACKEND=torch``), and CUDA rows (always the
+    torch path). Returns the device to put the rows on."""
+    if request.param == "torch":
+        monkeypatch.setenv("KEN_HF_SELECT_BACKEND", "torch")
+    return "cuda" if request.param == "cuda" else "cpu"
+
 
 @pytest.fixture(scope="session")
 def minilm_weights() -> dict[str, torch.Tensor]:

@@ -129,16 +129,20 @@ class _RowBitsets:
             found = torch.where(bits[level] != 0, here, from_upper)
         return found
 
-    def clear(self, rows: torch.Tensor, index: torch.Tensor) -> None:
-        """Clear bit ``index[j]`` of row ``rows[j]``, and summary bits of emptied words."""
-        for words in self.levels:
-            word = index // _WORD_BITS
-            remaining = words[rows, word] & ~(1 << (index % _WORD_BITS))
-            words[rows, word] = remaining
-            emptied = remaining == 0
-            rows, index = rows[emptied], word[emptied]
-            if rows.numel() == 0:
-                return
+    def clear(self, where: torch.Tensor, index: torch.Tensor) -> None:
+        """Clear bit ``index[r]`` of each row r where bool ``where[r]`` (both ``[R]``), and
+        the summary bits of words that become empty.
+
+        Every row is written, a cleared bit or not: no data-dependent indexing, so that a
+        step of the matching never waits for the GPU (``nonzero`` or ``any`` would)."""
+        for flat, row_base in zip(self.flat, self.row_base, strict=True):
+            word = index.div(_WORD_BITS, rounding_mode="floor")
+            at = row_base + word
+            bit = torch.where(where, 1 << (index - word * _WORD_BITS), 0)
+            remaining = flat.index_select(0, at) & ~bit
+            flat.index_copy_(0, at, remaining)  # one word per row: no index repeats
+            where = where & (remaining == 0)
+            index = word
 
 
 # Searches are planned this many steps at a time: a few [steps, R] arrays of memory.
@@ -220,9 +224,7 @@ def _match_sorted(
         now_taken = _at(taken, group) + 1
         taken.index_copy_(0, group, now_taken)  # one group per row: no index repeats
         used_up = now_taken == _at(group_size, group)
-        if bool(used_up.any()):
-            rows = used_up.nonzero().squeeze(1)
-            free.clear(rows, torch.where(take_left, left_local, right_local)[rows])
+        free.clear(used_up, torch.where(take_left, left_local, right_local))
     return result.t(), tangled
 
 
