@@ -5,11 +5,17 @@ A subnetwork records its base checkpoint and stores whole the tensors that check
 lacks, so the base must be known exactly: candidates are tried in order and accepted only
 when some of their tensors equal the base's bit for bit (``first_difference``). When none
 is, the caller either has the new tensors named or stops with ``cannot_tell``.
+
+A checkpoint so found can also stand in for a copy of the pre-trained values
+(``record_checkpoint``): every tensor is checked and fingerprinted once, and read again, a
+tensor at a time and checked against its fingerprint, only when needed
+(``CheckpointValues.open``).
 """
 
 from __future__ import annotations
 
-from collections.abc import Collection, Mapping
+from collections.abc import Collection, Iterator, Mapping
+from contextlib import contextmanager
 from dataclasses import dataclass
 
 import torch
@@ -17,11 +23,14 @@ import torch
 from .checkpoints import (
     Checkpoint,
     CheckpointError,
+    LazyTensors,
     first_difference,
+    match_names,
     new_tensor_names,
     tensors_of,
 )
 from .config import KENConfig
+from .fingerprint import tensor_fingerprint
 
 Weights = torch.nn.Module | Mapping[str, torch.Tensor]
 
@@ -89,3 +98,76 @@ def cannot_tell(finetuned: Weights, names: Collection[str], reasons: list[str]) 
         "an empty set if none is), or the base model as from_pretrained loaded it, or "
         "KENConfig(base_model_name_or_path=...) naming the base checkpoint"
     )
+
+
+@dataclass(frozen=True)
+class CheckpointValues:
+    """A model's pre-trained values, left in their checkpoint: which checkpoint tensor each
+    model tensor is, and the dtype and fingerprint (``tensor_fingerprint``) it was recorded
+    in. Made by ``record_checkpoint``; read with ``open``."""
+
+    source: BaseSource
+    stored: dict[str, str]
+    dtypes: dict[str, torch.dtype]
+    fingerprints: dict[str, str]
+
+    @contextmanager
+    def open(
+        self, devices: Mapping[str, torch.device | str] | None = None
+    ) -> Iterator[LazyTensors]:
+        """The values as a ``LazyTensors`` over the open checkpoint: each access reads the
+        tensor (a fresh copy, of the model tensor's shape), casts it to the recorded dtype,
+        checks its fingerprint and moves it to ``devices[name]`` (default: stays on the
+        CPU). A tensor that no longer matches (the file was changed or replaced since it was
+        recorded) raises ``CheckpointError`` naming it."""
+        where = self.source.name_or_path
+        with Checkpoint(where, revision=self.source.revision) as checkpoint:
+
+            def read(name: str) -> torch.Tensor:
+                stored = self.stored[name]
+                if stored not in checkpoint.names:
+                    raise CheckpointError(
+                        f"tensor {name!r} ({stored!r}) is no longer in checkpoint {where!r}"
+                    )
+                value = checkpoint.read(stored).to(self.dtypes[name])
+                if tensor_fingerprint(value) != self.fingerprints[name]:
+                    raise CheckpointError(
+                        f"tensor {name!r} ({stored!r}) of checkpoint {where!r} is no longer "
+                        "what it was when its pre-trained values were recorded: the file was "
+                        "changed or replaced since"
+                    )
+                return value.to(devices[name]) if devices is not None else value
+
+            yield LazyTensors(read, self.stored)
+
+
+def record_checkpoint(
+    source: BaseSource,
+    tensors: Mapping[str, torch.Tensor],
+    *,
+    prefix: str | None = None,
+    compare: bool = True,
+) -> CheckpointValues:
+    """Record the checkpoint of ``source`` as the pre-trained values of ``tensors`` (a
+    model's, by name): each floating-point tensor it holds (names matched as
+    ``match_names`` does; ``prefix``: the model's ``base_model_prefix``, default the
+    checkpoint's) is read once, a tensor at a time, cast to the model tensor's dtype and
+    fingerprinted. With ``compare``, each must also equal the model's tensor bit for bit
+    (the model holds its pre-trained values): else ``CheckpointError`` names the first that
+    differs. Costs one read of the checkpoint; holds one tensor at a time."""
+    with Checkpoint(source.name_or_path, revision=source.revision) as checkpoint:
+        floating = [name for name, tensor in tensors.items() if tensor.is_floating_point()]
+        stored = match_names(floating, checkpoint.names, prefix or checkpoint.base_model_prefix)
+        dtypes, fingerprints = {}, {}
+        for name, stored_name in stored.items():
+            tensor = tensors[name].detach()
+            value = checkpoint.read(stored_name).to(tensor.dtype)
+            if compare and (
+                value.shape != tensor.shape or not torch.equal(value.to(tensor.device), tensor)
+            ):
+                raise CheckpointError(
+                    f"tensor {name!r} of the model differs from {stored_name!r} of checkpoint "
+                    f"{source.name_or_path!r}"
+                )
+            dtypes[name], fingerprints[name] = tensor.dtype, tensor_fingerprint(value)
+    return CheckpointValues(source, stored, dtypes, fingerprints)

@@ -1,10 +1,27 @@
 """``KENCallback``: KEN at the end of any transformers ``Trainer`` run.
 
-Memory: the pre-trained values are snapshotted when training begins, one copy of every
-parameter, on the CPU by default (``snapshot_device``): as much host memory as the model's
-weights take (90 MB for MiniLM, 540 MB for SmolLM2-135M in fp32, 28 GB for a 7B model in
-fp32). When a run resumes from a checkpoint, the snapshot is read from the base
-checkpoint instead, so that KEN resets to the pre-trained values, not the resumed ones.
+Memory: where the pre-trained values come from is ``pretrained_source``.
+
+- ``"checkpoint"``: no copy is held during training. When training begins, every tensor of
+  the checkpoint the model was loaded from (found by ``locate_base``) is read once, a
+  tensor at a time, compared bit for bit with the model's and fingerprinted; when training
+  ends, the values are read again from the memory-mapped checkpoint a tensor at a time,
+  each checked against its fingerprint (a file changed meanwhile raises an error naming the
+  tensor) and moved to the model tensor's device. At most one pre-trained tensor is held
+  beyond KEN's own working memory, and the ranks of one machine share the page cache.
+  Every tensor is read a few times at the end (plan, selection, rebuild), from the cache.
+- ``"snapshot"``: a copy of every parameter is taken when training begins, on the CPU by
+  default (``snapshot_device``): as much host memory as the weights take (90 MB for
+  MiniLM, 540 MB for SmolLM2-135M in fp32, 28 GB for a 7B model in fp32), on every rank.
+- ``"auto"`` (the default): the checkpoint when the model still holds exactly its weights,
+  else the snapshot (a model built from a config, or changed after loading); the log says
+  which, and why.
+
+A run resumed from a checkpoint always takes the pre-trained values from the base
+checkpoint (the model holds trained values), so that KEN resets to them, not to the
+resumed ones: read when training ends, or held from its start with ``"snapshot"``.
+``auto_k`` holds one more copy of the weights (the fine-tuned values, put back after each
+probe) while it searches.
 
 Distributed runs (DDP, e.g. ``accelerate launch --num_processes 2``): the tensors are
 shared out among the ranks, each selects its share, and the masks are broadcast, so every
@@ -12,8 +29,9 @@ rank ends with identical weights; only the main process writes files.
 
 Sharded runs (FSDP2, DeepSpeed ZeRO-3; see ``ken_hf.sharding``): full tensors are gathered
 one at a time; the main process alone keeps the snapshot (one full copy of the weights on
-its host), selects, and scatters each rebuilt tensor back into every rank's shard. FSDP
-version 1 is refused (use ``fsdp_version: 2``), and so is ``auto_k`` with sharding.
+its host, whatever ``pretrained_source`` says), selects, and scatters each rebuilt tensor
+back into every rank's shard. FSDP version 1 is refused (use ``fsdp_version: 2``), and so
+is ``auto_k`` with sharding.
 
 The Hub: with ``TrainingArguments(push_to_hub=True)`` the saved subnetwork folder (report,
 model card and the Trainer's tokenizer or processor included) is pushed when training ends
@@ -27,14 +45,22 @@ from __future__ import annotations
 import dataclasses
 import inspect
 import time
+from collections.abc import Iterator, Mapping
+from contextlib import contextmanager
 from pathlib import Path
 
 import torch
 from transformers import Trainer, TrainerCallback
 from transformers.utils import logging
 
-from .base_source import BaseSource, cannot_tell, locate_base
-from .checkpoints import Checkpoint, match_names, tensors_of
+from .base_source import (
+    BaseSource,
+    CheckpointValues,
+    cannot_tell,
+    locate_base,
+    record_checkpoint,
+)
+from .checkpoints import Checkpoint, CheckpointError, new_tensor_names, tensors_of
 from .config import KENConfig
 from .hub import push_folder
 from .pipeline import PRUNED, select_masks
@@ -43,6 +69,8 @@ from .subnetwork import KENSubnetwork, prune_model, select_in_process
 from .viz import summary_png
 
 logger = logging.get_logger(__name__)
+
+PRETRAINED_SOURCES = ("auto", "checkpoint", "snapshot")
 
 
 @dataclasses.dataclass
@@ -69,6 +97,12 @@ class KENCallback(TrainerCallback):
         save_dir: where the subnetwork goes; default ``<output_dir>/ken``.
         evaluate: evaluate before and after KEN when the Trainer has an eval set.
         auto_k: an ``AutoK`` search for the keep ratio (replaces k / keep_ratio).
+        pretrained_source: where the pre-trained values come from when training ends:
+            ``"checkpoint"`` (read then from the checkpoint the model was loaded from,
+            checked against fingerprints taken when training began; no copy held, and an
+            error when the model does not hold exactly that checkpoint's weights),
+            ``"snapshot"`` (a copy taken when training begins) or ``"auto"`` (the
+            checkpoint when possible, else the snapshot). See the module's "Memory".
         snapshot_device: where the pre-trained snapshot is kept.
         new_tensors: names of the newly initialised tensors (stored whole). By default they
             are found from the checkpoint the model was loaded from; a model that was not
@@ -89,6 +123,7 @@ class KENCallback(TrainerCallback):
         save_dir: str | None = None,
         evaluate: bool = True,
         auto_k: AutoK | None = None,
+        pretrained_source: str = "auto",
         snapshot_device: str | torch.device = "cpu",
         new_tensors: set[str] | None = None,
         dataset: str | None = None,
@@ -100,13 +135,22 @@ class KENCallback(TrainerCallback):
             config = KENConfig(k=k, keep_ratio=keep_ratio, **config_fields)
         elif k is not None or keep_ratio is not None or config_fields:
             raise ValueError("give either a KENConfig or its fields, not both")
+        if pretrained_source not in PRETRAINED_SOURCES:
+            raise ValueError(
+                f"pretrained_source={pretrained_source!r}: choose one of "
+                + ", ".join(PRETRAINED_SOURCES)
+            )
         self.config = config
         self.save_dir = save_dir
         self.dataset = dataset
         self.evaluate = evaluate
         self.auto_k = auto_k
+        self.pretrained_source = pretrained_source
         self.snapshot_device = torch.device(snapshot_device)
+        # The pre-trained values during training: a snapshot, or where to read them.
         self.pretrained: dict[str, torch.Tensor] = {}
+        self.checkpoint_values: CheckpointValues | None = None
+        self._reasons: list[str] = []  # why each candidate checkpoint was not the base
         self.new_tensors = None if new_tensors is None else set(new_tensors)
         self.source: BaseSource | None = None
         self.subnetwork: KENSubnetwork | None = None
@@ -127,20 +171,16 @@ class KENCallback(TrainerCallback):
         model = _unwrap(trainer)
         self._sharding = _check_sharding(trainer, model, self.auto_k)
         main = trainer.is_world_process_zero()
-        if state.global_step > 0:  # resumed: the model holds trained values already
-            self.pretrained = self._read_base(model)
+        self.pretrained, self.checkpoint_values = {}, None
+        resumed = state.global_step > 0  # the model holds trained values already
+        if resumed:
+            self._find_resumed_base(model)
         elif self._sharding:
             self.pretrained = snapshot_sharded(model, self.snapshot_device, main=main)
+            if main:
+                self._find_base(model, self.pretrained)
         else:
-            self.pretrained = {
-                name: t.detach().to(self.snapshot_device, copy=True)
-                for name, t in tensors_of(model).items()
-            }
-        if main and self.source is None:
-            self.source, reasons = locate_base(model, model, self.config, self.pretrained)
-            if self.source is None and self.new_tensors is None:
-                floating = [n for n, t in self.pretrained.items() if t.is_floating_point()]
-                raise cannot_tell(model, floating, reasons)
+            self._find_base(model, tensors_of(model))
         if self.source is not None:
             if self.new_tensors is None:
                 self.new_tensors = set(self.source.missing)
@@ -149,11 +189,22 @@ class KENCallback(TrainerCallback):
                 base_model_name_or_path=self.source.name_or_path,
                 base_model_revision=self.source.revision,
             )
+        if resumed or not self._sharding:
+            self._hold_pretrained(model, resumed=resumed)
 
-    def _read_base(self, model: torch.nn.Module) -> dict[str, torch.Tensor]:
-        """The pre-trained values of a resumed run, read a tensor at a time from the base
-        checkpoint, in the dtype of the model's tensor. Tensors the checkpoint lacks are the
-        newly initialised ones."""
+    def _find_base(self, model: torch.nn.Module, tensors: Mapping[str, torch.Tensor]) -> None:
+        """``self.source``: the checkpoint holding ``tensors`` (the model's pre-trained
+        values), or an error when it is unknown and no ``new_tensors`` were named."""
+        if self.source is None:
+            self.source, self._reasons = locate_base(model, model, self.config, tensors)
+            if self.source is None and self.new_tensors is None:
+                floating = [n for n, t in tensors.items() if t.is_floating_point()]
+                raise cannot_tell(model, floating, self._reasons)
+
+    def _find_resumed_base(self, model: torch.nn.Module) -> None:
+        """``self.source`` of a resumed run: the base checkpoint named by the config or the
+        model (its tensors cannot be compared with the model's, which are trained); the
+        tensors it lacks are the newly initialised ones."""
         candidates = [self.config.base_model_name_or_path, getattr(model, "name_or_path", "")]
         name = next((c for c in candidates if c), None)
         if name is None:
@@ -162,55 +213,127 @@ class KENCallback(TrainerCallback):
                 "checkpoint; the model names none: set KENConfig.base_model_name_or_path"
             )
         revision = self.config.base_model_revision or getattr(model.config, "_commit_hash", None)
-        tensors = tensors_of(model)
+        floating = [n for n, t in tensors_of(model).items() if t.is_floating_point()]
         with Checkpoint(name, revision=revision) as checkpoint:
-            prefix = getattr(model, "base_model_prefix", None) or checkpoint.base_model_prefix
-            pairs = match_names(tensors, checkpoint.names, prefix)
-            pretrained = {
-                tensor_name: checkpoint.read(stored).to(
-                    self.snapshot_device, tensors[tensor_name].dtype
+            prefix = getattr(model, "base_model_prefix", None) or None
+            missing = new_tensor_names(floating, checkpoint, prefix)
+        self.source = BaseSource(name, revision, frozenset(missing))
+
+    def _hold_pretrained(self, model: torch.nn.Module, *, resumed: bool) -> None:
+        """Decide where the pre-trained values will come from (``pretrained_source``) and
+        log it: ``self.checkpoint_values`` (read when training ends) or ``self.pretrained``
+        (a snapshot, taken now)."""
+        tensors = tensors_of(model)
+        if self.pretrained_source == "snapshot" and not resumed:
+            recorded, why_not = None, "pretrained_source='snapshot'"
+        else:
+            recorded, why_not = self._checked_checkpoint(model, tensors, resumed=resumed)
+        if recorded is None:
+            if resumed or self.pretrained_source == "checkpoint":
+                raise ValueError(
+                    f"KENCallback: the pre-trained values cannot be read from a checkpoint: "
+                    f"{why_not}"
+                    + ("" if resumed else "; pretrained_source='auto' or 'snapshot' holds a copy")
                 )
-                for tensor_name, stored in pairs.items()
+            self.pretrained = {
+                name: t.detach().to(self.snapshot_device, copy=True) for name, t in tensors.items()
             }
-        missing = frozenset(
-            n for n, t in tensors.items() if t.is_floating_point() and n not in pairs
-        )
-        self.source = BaseSource(name, revision, missing)
-        return pretrained
+            log = logger.info if self.pretrained_source == "snapshot" else logger.warning
+            log(
+                f"KENCallback: the pre-trained values are a snapshot held on "
+                f"{self.snapshot_device} during training ({why_not})"
+            )
+        elif self.pretrained_source == "snapshot":  # resumed: held from the start, as asked
+            with recorded.open() as values:
+                self.pretrained = {
+                    name: value.to(self.snapshot_device) for name, value in values.items()
+                }
+            logger.info(
+                f"KENCallback: the pre-trained values are read from the base checkpoint "
+                f"{self.source.name_or_path!r} and held on {self.snapshot_device}"
+            )
+        else:
+            self.checkpoint_values = recorded
+            logger.info(
+                f"KENCallback: the pre-trained values will be read from the checkpoint "
+                f"{self.source.name_or_path!r} when training ends, a tensor at a time (no copy "
+                "held during training"
+                + ("" if resumed else "; every tensor equals the model's")
+                + ")"
+            )
+
+    def _checked_checkpoint(
+        self, model: torch.nn.Module, tensors: Mapping[str, torch.Tensor], *, resumed: bool
+    ) -> tuple[CheckpointValues | None, str | None]:
+        """The located checkpoint recorded as the pre-trained values of ``tensors`` (each
+        compared with the model's unless ``resumed``), or None and why it cannot be."""
+        if self.source is None:
+            return None, "no checkpoint holds the model's weights (" + (
+                "; ".join(self._reasons) or "none is named"
+            ) + ")"
+        try:
+            recorded = record_checkpoint(
+                self.source,
+                tensors,
+                prefix=getattr(model, "base_model_prefix", None) or None,
+                compare=not resumed,
+            )
+        except (CheckpointError, OSError) as error:
+            return None, str(error)
+        for name, tensor in tensors.items():
+            # a tensor the checkpoint lacks would be stored whole, not pruned against its start
+            if tensor.is_floating_point() and name not in recorded.stored:
+                if name not in (self.new_tensors or ()):
+                    return None, (
+                        f"checkpoint {self.source.name_or_path!r} lacks tensor {name!r}, which "
+                        "is not among new_tensors"
+                    )
+        return recorded, None
+
+    @contextmanager
+    def _pretrained_values(self, model: torch.nn.Module) -> Iterator[Mapping[str, torch.Tensor]]:
+        """The pre-trained values for the end of training: the snapshot, or the checkpoint
+        read a tensor at a time (each on its model tensor's device)."""
+        if self.checkpoint_values is None:
+            yield self.pretrained
+            return
+        devices = {name: tensor.device for name, tensor in tensors_of(model).items()}
+        with self.checkpoint_values.open(devices) as values:
+            yield values
 
     def on_train_end(self, args, state, control, **kwargs):
         trainer = self._find_trainer()
         model = _unwrap(trainer)
         evaluate = self.evaluate and trainer.eval_dataset is not None
         before = trainer.evaluate(metric_key_prefix="ken_before") if evaluate else {}
-        if self.auto_k is not None:
-            self.config = dataclasses.replace(
-                self.config, k=None, keep_ratio=self._search_keep_ratio(trainer, model, before)
-            )
-        start = time.perf_counter()
-        progress = state.is_world_process_zero and not args.disable_tqdm
-        if self._sharding:
-            self.subnetwork = prune_sharded(
-                model,
-                self.pretrained,
-                self.config,
-                new_tensors=self.new_tensors or (),
-                main=state.is_world_process_zero,
-                source=self.source,
-                progress=progress,
-            )
-        else:
-            self.subnetwork = prune_model(
-                model,
-                self.pretrained,
-                self.config,
-                new_tensors=self.new_tensors,
-                progress=progress,
-                selector=_shared_selector(),
-            )
+        with self._pretrained_values(model) as pretrained:
+            if self.auto_k is not None:
+                ratio = self._search_keep_ratio(trainer, model, before, pretrained)
+                self.config = dataclasses.replace(self.config, k=None, keep_ratio=ratio)
+            start = time.perf_counter()
+            progress = state.is_world_process_zero and not args.disable_tqdm
+            if self._sharding:
+                self.subnetwork = prune_sharded(
+                    model,
+                    pretrained,
+                    self.config,
+                    new_tensors=self.new_tensors or (),
+                    main=state.is_world_process_zero,
+                    source=self.source,
+                    progress=progress,
+                )
+            else:
+                self.subnetwork = prune_model(
+                    model,
+                    pretrained,
+                    self.config,
+                    new_tensors=self.new_tensors,
+                    progress=progress,
+                    selector=_shared_selector(),
+                )
         seconds = time.perf_counter() - start
         after = trainer.evaluate(metric_key_prefix="ken_after") if evaluate else {}
-        self.pretrained = {}
+        self.pretrained, self.checkpoint_values = {}, None
         if self.subnetwork is None:  # sharded, not the main process: nothing to report
             return
         total = sum(full_numel(p) for p in model.parameters())
@@ -313,9 +436,12 @@ class KENCallback(TrainerCallback):
             "callback.bind(trainer) after building the Trainer"
         )
 
-    def _search_keep_ratio(self, trainer: Trainer, model, before: dict) -> float:
-        """Bisection on the keep ratio; each probe prunes a copy of the fine-tuned values
-        and evaluates, then the fine-tuned values are put back. The curve is logged."""
+    def _search_keep_ratio(
+        self, trainer: Trainer, model, before: dict, pretrained: Mapping[str, torch.Tensor]
+    ) -> float:
+        """Bisection on the keep ratio; each probe prunes the model against ``pretrained``
+        and evaluates, then the fine-tuned values (a copy held meanwhile) are put back. The
+        curve is logged."""
         search = self.auto_k
         key = f"ken_before_{search.metric}"
         if key not in before:
@@ -329,7 +455,7 @@ class KENCallback(TrainerCallback):
             config = dataclasses.replace(self.config, k=None, keep_ratio=ratio)
             prune_model(
                 model,
-                self.pretrained,
+                pretrained,
                 config,
                 new_tensors=self.new_tensors,
                 progress=False,

@@ -12,7 +12,7 @@ from __future__ import annotations
 
 import json
 import os
-from collections.abc import Iterable, Mapping
+from collections.abc import Callable, Iterable, Iterator, Mapping
 from pathlib import Path
 
 import torch
@@ -166,9 +166,39 @@ def read_json(path: Path) -> dict:
     return value
 
 
-def tensors_of(weights: torch.nn.Module | Mapping[str, torch.Tensor]) -> dict[str, torch.Tensor]:
+class LazyTensors(Mapping[str, torch.Tensor]):
+    """A read-only mapping whose tensors are made on each access, ``read(name)``, and never
+    held: such as pre-trained values read from a checkpoint a tensor at a time. Iterating
+    its items reads every tensor in turn; keys and ``in`` cost nothing."""
+
+    def __init__(self, read: Callable[[str], torch.Tensor], names: Iterable[str]) -> None:
+        self._read = read
+        self._names = list(names)
+        self._known = set(self._names)
+
+    def __getitem__(self, name: str) -> torch.Tensor:
+        if name not in self._known:
+            raise KeyError(name)
+        return self._read(name)
+
+    def __contains__(self, name: object) -> bool:
+        return name in self._known
+
+    def __iter__(self) -> Iterator[str]:
+        return iter(self._names)
+
+    def __len__(self) -> int:
+        return len(self._names)
+
+
+def tensors_of(
+    weights: torch.nn.Module | Mapping[str, torch.Tensor],
+) -> Mapping[str, torch.Tensor]:
     """Named tensors of a model's state, as a checkpoint of it holds them: its parameters
-    (tied ones once) and persistent buffers; or a state dict as it is."""
+    (tied ones once) and persistent buffers; or a state dict as it is (a ``LazyTensors``
+    stays lazy: copying it into a dict would read every tensor at once)."""
+    if isinstance(weights, LazyTensors):
+        return weights
     if not isinstance(weights, torch.nn.Module):
         return dict(weights)
     tensors = dict(weights.named_parameters())

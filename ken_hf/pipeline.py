@@ -23,7 +23,7 @@ from dataclasses import dataclass
 
 import torch
 
-from .checkpoints import match_names
+from .checkpoints import LazyTensors, match_names
 from .config import KENConfig
 from .delta_codec import bit_difference
 from .fingerprint import tensor_fingerprint
@@ -155,19 +155,23 @@ def select_masks(
     """``{name: bool mask}`` for the ``PRUNED`` plans among ``plans``, by ``config.rule``.
     Tensors of one k are selected together (rows of small tensors share chunks); a mask
     does not depend on which other tensors are selected with it. ``finetuned`` is keyed by
-    plan name, ``base`` by base name."""
+    plan name, ``base`` by base name; ``base`` may be lazy (``LazyTensors``)."""
     groups: dict[int, list[TensorPlan]] = {}
     for plan in plans:
         if plan.fate == PRUNED:
             groups.setdefault(plan.k, []).append(plan)
     masks: dict[str, torch.Tensor] = {}
     for k, group in groups.items():
+        base_names = {p.name: p.base_name for p in group}
+        # looked up on access: a lazy base (read from a checkpoint) is then read a tensor
+        # at a time, and not at all by the rules that do not look at it
+        pretrained = LazyTensors(lambda name, names=base_names: base[names[name]], base_names)
         masks.update(
             select_by_rule(
                 {p.name: finetuned[p.name].detach() for p in group},
                 k,
                 rule=config.rule,
-                pretrained={p.name: base[p.base_name].detach() for p in group},
+                pretrained=pretrained,
                 compat=config.compat,
                 seed=config.seed,
                 progress=progress,
