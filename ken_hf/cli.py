@@ -199,6 +199,7 @@ def _compare(args: argparse.Namespace) -> int:
 
 def _prune(args: argparse.Namespace) -> int:
     from .config import KENConfig
+    from .distributed import launched_group
     from .streaming import prune_checkpoints
 
     config = KENConfig(
@@ -210,16 +211,20 @@ def _prune(args: argparse.Namespace) -> int:
         exclude_modules=args.exclude_modules,
         modules_to_save=args.modules_to_save,
     )
-    result = prune_checkpoints(
-        args.base,
-        args.finetuned,
-        config,
-        args.out,
-        device=args.device,
-        progress=True,
-        compression_level=args.compression_level,
-        compression_threads=args.compression_threads,
-    )
+    # Under torchrun / accelerate launch: the ranks share the tensors, rank 0 writes.
+    with launched_group(args.device) as launch:
+        result = prune_checkpoints(
+            args.base,
+            args.finetuned,
+            config,
+            args.out,
+            device=launch.device,
+            progress=launch.main,
+            compression_level=args.compression_level,
+            compression_threads=args.compression_threads,
+        )
+    if not launch.main:
+        return 0
     print(
         f"subnetwork: {args.out} ({result['bytes'] / 2**20:.1f} MiB, "
         f"{result['kept_fraction']:.1%} of pruned values kept, {result['tensors']} tensors)"
@@ -385,7 +390,8 @@ def _add_prune(commands) -> None:
         "safetensors) tensor by tensor, memory-mapped, and write the KEN subnetwork folder "
         "(kept values as a compressed lossless delta against the base). --keep-ratio 1 "
         "stores the whole fine-tune that way. Memory: about two copies of the largest tensor "
-        "plus working memory.",
+        "plus working memory. Under torchrun or accelerate launch (one machine or several) "
+        "the processes share the tensors and rank 0 writes the folder.",
     )
     prune.add_argument("--base", required=True, help="pre-trained checkpoint: Hub id or folder")
     prune.add_argument("--finetuned", required=True, help="fine-tuned checkpoint: Hub id or folder")
@@ -399,7 +405,10 @@ def _add_prune(commands) -> None:
     prune.add_argument("--exclude-modules", nargs="+", help="modules reset to pre-trained")
     prune.add_argument("--modules-to-save", nargs="+", help="modules stored whole")
     prune.add_argument(
-        "--device", type=_device, default="cpu", help="where selection runs: cpu or cuda"
+        "--device",
+        type=_device,
+        default="cpu",
+        help="where selection runs: cpu or cuda (under a launcher: cuda:LOCAL_RANK)",
     )
     prune.add_argument(
         "--compression-level",

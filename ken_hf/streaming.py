@@ -11,12 +11,17 @@ values and the selection's working memory (``max_memory``) at a time.
 
 from __future__ import annotations
 
+import contextlib
 import dataclasses
 import json
+import math
 import os
+import struct
 from pathlib import Path
 
+import numpy as np
 import torch
+import xxhash
 from tqdm.auto import tqdm
 
 from .atomic_files import FolderWriter
@@ -31,10 +36,20 @@ from .checkpoints import (
     read_json,
 )
 from .config import CONFIG_NAME, KENConfig
-from .delta_codec import DEFAULT_LEVEL, DEFAULT_THREADS
+from .delta_codec import BITS_DTYPES, DEFAULT_LEVEL, DEFAULT_THREADS, pack_bits, unpack_bits
+from .distributed import Inbox, Outbox, Team, share_by_size
 from .fingerprint import tensor_fingerprint
 from .hub import resolve_folder
-from .pipeline import PRUNED, WHOLE, dominant_dtype, plan_tensors, process_tensor
+from .pipeline import (
+    PRUNED,
+    RESET,
+    WHOLE,
+    TensorPlan,
+    TensorRecord,
+    dominant_dtype,
+    plan_tensors,
+    process_tensor,
+)
 from .safetensors_io import ShardedWriter
 from .serialization import (
     SUBNETWORK_NAME,
@@ -75,14 +90,27 @@ def prune_checkpoints(
     (names in common, shapes, dtypes) runs before any selection; tensors only in the
     fine-tune are stored whole. ``compression_level`` / ``compression_threads``: as in
     ``KENSubnetwork.save_pretrained``. Returns counts and sizes of what was written.
+
+    In a joined torch.distributed group (``ken prune`` under torchrun or ``accelerate
+    launch``: ``ken_hf.distributed``), every rank reads the headers and plans, the tensors
+    are shared out by size, each rank reads and selects its share, and the main process
+    (rank 0) receives the other ranks' records in name order, as small arrays (mask and
+    changed flags as bits, the kept values' differences, fingerprints: no whole tensor), and
+    writes the folder: the same bytes as one process, written by rank 0 alone (on its
+    machine). ``device`` is this rank's. Every rank returns the main process's result; an
+    error on any rank stops every rank (``RankFailedError`` on the others).
     """
-    with (
-        Checkpoint(base, revision=base_revision) as base_ckpt,
-        Checkpoint(finetuned, revision=finetuned_revision) as tuned,
-    ):
-        base_specs, tuned_specs = _specs(base_ckpt), _specs(tuned)
-        prefix = tuned.base_model_prefix or base_ckpt.base_model_prefix
-        plans = plan_tensors(tuned_specs, base_specs, config, prefix=prefix)
+    team = Team.current()
+    with contextlib.ExitStack() as stack:
+        with team.together("reading the checkpoints' headers"):
+            base_ckpt = stack.enter_context(Checkpoint(base, revision=base_revision))
+            tuned = stack.enter_context(Checkpoint(finetuned, revision=finetuned_revision))
+            base_specs, tuned_specs = _specs(base_ckpt), _specs(tuned)
+            prefix = tuned.base_model_prefix or base_ckpt.base_model_prefix
+            plans = plan_tensors(tuned_specs, base_specs, config, prefix=prefix)
+        sizes = {p.name: math.prod(tuned_specs[p.name][0]) for p in plans}
+        team.same(xxhash.xxh3_64_hexdigest(repr([plans, sizes]).encode()), "tensors")
+        owners = _owners(plans, sizes, team.world)
         config = dataclasses.replace(
             config,
             base_model_name_or_path=config.base_model_name_or_path or str(base),
@@ -91,6 +119,18 @@ def prune_checkpoints(
             base_model_dtype=config.base_model_dtype
             or dominant_dtype(tuned_specs[p.name] for p in plans if p.fate != WHOLE),
         )
+
+        def processed(plan: TensorPlan) -> TensorRecord:
+            weight = tuned.read(plan.name).to(device)
+            pretrained = None
+            if plan.fate != WHOLE:
+                pretrained = base_ckpt.read(plan.base_name).to(device)
+            # the tensors are freed on return, before the record is compressed or sent
+            return process_tensor(plan, weight, pretrained, config, max_memory=SELECTION_MEMORY)
+
+        if not team.main:
+            _send_share([p for p in plans if owners[p.name] == team.rank], processed, team)
+            return team.broadcast(None)
         kept = total_pruned = 0
         with FolderWriter(out, commit=CONFIG_NAME) as folder:
             subnetwork_file = folder.staged(SUBNETWORK_NAME)
@@ -106,21 +146,25 @@ def prune_checkpoints(
                     disable=not progress,
                 ) as bar,
             ):
-                for plan in plans:
-                    weight = tuned.read(plan.name).to(device)
-                    pretrained = None
-                    if plan.fate != WHOLE:
-                        pretrained = base_ckpt.read(plan.base_name).to(device)
-                    record = process_tensor(
-                        plan, weight, pretrained, config, max_memory=SELECTION_MEMORY
-                    )
-                    del pretrained  # freed before the record is compressed and written
+                # Records of the other ranks wait here while this rank selects its own; no
+                # more than the largest tensor's bytes of them.
+                inbox = Inbox(
+                    team,
+                    [owners[p.name] for p in plans if owners[p.name] != team.rank],
+                    max((tuned.nbytes(p.name) for p in plans), default=0),
+                )
+                for plan in plans:  # name order: the file's order
+                    if owners[plan.name] == team.rank:
+                        inbox.check()
+                        record = processed(plan)
+                    else:
+                        record = _received(plan, tuned_specs[plan.name], inbox.get())
                     writer.add_record(record)
                     if plan.fate == PRUNED:
                         kept += int(torch.count_nonzero(record.mask))
-                        total_pruned += weight.numel()
+                        total_pruned += record.mask.numel()
                     bar.update(tuned.nbytes(plan.name))
-                    del weight, record  # freed before the next tensor is read
+                    del record  # freed before the next tensor is read
             if tuned.config:
                 folder.write_text(MODEL_CONFIG_NAME, json.dumps(tuned.config, indent=2))
             for name in TOKENIZER_FILES:
@@ -130,12 +174,92 @@ def prune_checkpoints(
             folder.remove_stale(["ken_report.json"])
             saved = dataclasses.replace(config, subnetwork_digest=writer.digest)
             folder.write_text(CONFIG_NAME, saved.to_json_string())
-        return {
-            "tensors": len(plans),
-            "matched": sum(p.base_name is not None for p in plans),
-            "kept_fraction": kept / total_pruned if total_pruned else 1.0,
-            "bytes": (Path(out) / SUBNETWORK_NAME).stat().st_size,
+        return team.broadcast(
+            {
+                "tensors": len(plans),
+                "matched": sum(p.base_name is not None for p in plans),
+                "kept_fraction": kept / total_pruned if total_pruned else 1.0,
+                "bytes": (Path(out) / SUBNETWORK_NAME).stat().st_size,
+            }
+        )
+
+
+def _owners(plans: list[TensorPlan], sizes: dict[str, int], world: int) -> dict[str, int]:
+    """The rank that processes each tensor. Tensors stored whole go to the main process,
+    which compresses and writes them anyway (sending them would move whole tensors); the
+    others, in name order (the order the main process writes in), each to the rank with
+    the fewest values so far, so that no rank runs far ahead of the writer."""
+    whole = [p for p in plans if p.fate == WHOLE]
+    shared = [p for p in plans if p.fate != WHOLE]
+    load = [sum(sizes[p.name] for p in whole)] + [0] * (world - 1)
+    owners = share_by_size([sizes[p.name] for p in shared], world, load)
+    return {p.name: 0 for p in whole} | {p.name: r for p, r in zip(shared, owners, strict=True)}
+
+
+def _send_share(mine: list[TensorPlan], processed, team: Team) -> None:
+    """A rank other than the main one: process the tensors ``mine`` in name order and send
+    each record to the main process while the next is processed; an error is sent instead
+    of the record, then raised."""
+    outbox = Outbox(team)
+    for plan in mine:
+        try:
+            payload = _payload(processed(plan))
+        except Exception as error:
+            outbox.send_error(f"on tensor {plan.name!r}: {type(error).__name__}: {error}")
+            raise
+        outbox.send(payload)
+    outbox.flush()
+
+
+def _payload(record: TensorRecord) -> bytes:
+    """What the main process needs to write a ``PRUNED`` or ``RESET`` record: an 8-byte
+    length and a JSON header (fingerprint; for a pruned tensor its delta statistics, kept
+    count and array sizes), then the mask ``[numel]`` and the changed flags ``[K]`` as
+    packed bits and the differences ``[C]``' bytes: about one bit per value plus the kept
+    values' changes, never a whole tensor."""
+    header: dict = {"fingerprint": record.fingerprint}
+    arrays: list[bytes] = []
+    if record.mask is not None:
+        arrays = [
+            pack_bits(record.mask),
+            pack_bits(record.changed),
+            record.difference.numpy().tobytes(),
+        ]
+        header |= {
+            "delta": record.delta,
+            "kept": int(record.changed.numel()),
+            "sizes": [len(a) for a in arrays],
         }
+    text = json.dumps(header).encode()
+    return b"".join([struct.pack("<Q", len(text)), text, *arrays])
+
+
+def _received(plan: TensorPlan, spec, payload: bytes) -> TensorRecord:
+    """The record ``_payload`` sent, for the writer; ``spec``: the fine-tuned tensor's
+    (shape, dtype)."""
+    shape, dtype = spec
+    (length,) = struct.unpack_from("<Q", payload)
+    header = json.loads(payload[8 : 8 + length])
+    # The writer reads only the fine-tuned tensor's shape and dtype: a stand-in, no values.
+    finetuned = torch.empty((), dtype=dtype).expand(shape)
+    if plan.fate == RESET:
+        return TensorRecord(plan, finetuned, fingerprint=header["fingerprint"])
+    start, parts = 8 + length, []
+    for size in header["sizes"]:
+        parts.append(payload[start : start + size])
+        start += size
+    mask, changed, difference = parts
+    return TensorRecord(
+        plan,
+        finetuned,
+        mask=unpack_bits(mask, math.prod(shape)).reshape(shape),
+        fingerprint=header["fingerprint"],
+        delta=header["delta"],
+        changed=unpack_bits(changed, header["kept"]),
+        difference=torch.from_numpy(np.frombuffer(difference, dtype=np.uint8).copy()).view(
+            BITS_DTYPES[dtype]
+        ),
+    )
 
 
 def apply_checkpoint(
