@@ -4,20 +4,25 @@ from __future__ import annotations
 
 import inspect
 import json
+import logging
 import os
+import shutil
 import subprocess
 import sys
 from pathlib import Path
 
 import pytest
 import torch
+from safetensors.torch import load_file, save_file
 from transformers import (
+    AutoConfig,
     AutoModelForCausalLM,
     AutoModelForSequenceClassification,
     AutoTokenizer,
     DataCollatorForLanguageModeling,
     DataCollatorWithPadding,
     Trainer,
+    TrainerCallback,
     TrainingArguments,
 )
 
@@ -179,6 +184,117 @@ def test_resumed_run_resets_to_the_base_checkpoint_not_the_resumed_weights(tmp_p
     final = dict(callback._trainer.model.named_parameters())[name]
     assert torch.equal(final[reset], pretrained[name][reset])
     assert not torch.equal(final[reset], dict(resumed.named_parameters())[name][reset])
+
+
+class _Holdings(TrainerCallback):
+    """Records at every step what a ``KENCallback`` holds for the pre-trained values:
+    (snapshot tensors, values of them, whether a checkpoint is to be read instead)."""
+
+    def __init__(self, ken: KENCallback) -> None:
+        self.ken, self.steps = ken, []
+
+    def on_step_end(self, args, state, control, **kwargs):
+        snapshot = self.ken.pretrained
+        values = sum(t.numel() for t in snapshot.values())
+        self.steps.append((len(snapshot), values, self.ken.checkpoint_values is not None))
+
+
+def test_a_model_loaded_from_a_checkpoint_is_read_from_it_when_training_ends(
+    tmp_path, splits, caplog
+):
+    """No copy held during training, and the same bytes as the snapshot gives."""
+    caplog.set_level(logging.INFO, logger="ken_hf.callback")
+    results = {}
+    for source in ("auto", "snapshot"):
+        ken = KENCallback(
+            keep_ratio=0.5, target_modules=LAYERS_0_1, evaluate=False, pretrained_source=source
+        )
+        holdings = _Holdings(ken)
+        trainer = _train(tmp_path / source, splits, [ken, holdings], max_steps=3)
+        folder = tmp_path / source / "run" / "ken"
+        results[source] = (ken, holdings.steps, folder, trainer.model.state_dict())
+    ken, steps, folder, weights = results["auto"]
+    assert steps == [(0, 0, True)] * 3  # nothing held, the checkpoint to be read
+    assert f"read from the checkpoint {str(minilm_path())!r} when training ends" in caplog.text
+    assert ken.pretrained == {} and ken.checkpoint_values is None  # let go at the end
+    _, snapshot_steps, snapshot_folder, snapshot_weights = results["snapshot"]
+    parameters = sum(p.numel() for p in _pretrained().values())
+    assert all(held[1] >= parameters and not held[2] for held in snapshot_steps)
+    assert "snapshot held on cpu during training (pretrained_source='snapshot')" in caplog.text
+    for file in ("ken_subnetwork.safetensors", "ken_config.json"):
+        assert (folder / file).read_bytes() == (snapshot_folder / file).read_bytes(), file
+    for key, value in weights.items():
+        assert torch.equal(snapshot_weights[key], value), key
+    with pytest.raises(ValueError, match="pretrained_source='copy'"):
+        KENCallback(keep_ratio=0.5, pretrained_source="copy")
+
+
+def test_weights_changed_after_loading_fall_back_to_a_snapshot_and_say_so(tmp_path, splits, caplog):
+    """One tensor changed outside the few that locating the checkpoint compares: the full
+    check at train begin finds it; ``auto`` takes a snapshot (the values training began
+    from) and warns, ``checkpoint`` refuses. A model built from its config (random weights,
+    new tensors named) takes a snapshot as well."""
+    from ken_hf.base_source import locate_base
+    from ken_hf.checkpoints import tensors_of
+    from ken_hf.config import KENConfig
+
+    changed = "bert.encoder.layer.0.attention.self.query.bias"
+
+    def model():
+        torch.manual_seed(0)
+        loaded = AutoModelForSequenceClassification.from_pretrained(minilm_path(), num_labels=2)
+        with torch.no_grad():
+            dict(loaded.named_parameters())[changed].add_(0.5)
+        return loaded
+
+    sampled = model()
+    source, _ = locate_base(sampled, sampled, KENConfig(k=1), tensors_of(sampled))
+    assert source is not None  # not one of the tensors locate_base compares
+    with pytest.raises(ValueError, match=f"tensor {changed!r} of the model differs"):
+        strict = KENCallback(keep_ratio=0.5, evaluate=False, pretrained_source="checkpoint")
+        _train(tmp_path / "strict", splits, strict, model=model(), max_steps=1)
+
+    ken = KENCallback(keep_ratio=0.5, target_modules=LAYERS_0_1, evaluate=False)
+    holdings = _Holdings(ken)
+    trainer = _train(tmp_path / "auto", splits, [ken, holdings], model=model(), max_steps=2)
+    assert all(held[0] > 0 and not held[2] for held in holdings.steps)
+    warned = [r for r in caplog.records if r.name == "ken_hf.callback" and r.levelname == "WARNING"]
+    assert len(warned) == 1 and "snapshot held on cpu" in warned[0].getMessage()
+    assert f"tensor {changed!r} of the model differs" in warned[0].getMessage()
+    reset = ~ken.subnetwork.mask(changed)
+    final = dict(trainer.model.named_parameters())[changed]
+    start = dict(model().named_parameters())[changed]
+    assert torch.equal(final[reset], start[reset])  # the values training began from
+
+    caplog.clear()
+    config = AutoConfig.from_pretrained(minilm_path(), num_labels=2)
+    built = AutoModelForSequenceClassification.from_config(config)
+    ken = KENCallback(keep_ratio=0.5, target_modules=LAYERS_0_1, evaluate=False, new_tensors=set())
+    holdings = _Holdings(ken)
+    _train(tmp_path / "built", splits, [ken, holdings], model=built, max_steps=1)
+    assert holdings.steps[0][0] > 0 and not holdings.steps[0][2]
+    assert "no checkpoint holds the model's weights" in caplog.text
+
+
+def test_a_checkpoint_changed_during_training_stops_with_the_tensor_named(tmp_path, splits):
+    """The checkpoint is read again when training ends and checked against fingerprints
+    taken when it began: a file overwritten meanwhile is refused, naming the tensor."""
+    base = tmp_path / "base"
+    shutil.copytree(minilm_path(), base)
+    overwritten = "encoder.layer.2.output.dense.weight"  # as the base checkpoint names it
+
+    class Overwrite(TrainerCallback):
+        def on_step_end(self, args, state, control, **kwargs):
+            tensors = load_file(base / "model.safetensors")
+            tensors[overwritten] = tensors[overwritten] + 1e-3
+            save_file(tensors, base / "model.safetensors", metadata={"format": "pt"})
+
+    torch.manual_seed(0)
+    model = AutoModelForSequenceClassification.from_pretrained(base, num_labels=2)
+    ken = KENCallback(keep_ratio=0.5, target_modules=LAYERS_0_1, evaluate=False)
+    with pytest.raises(ValueError, match=rf"tensor 'bert\.{overwritten}'.*no longer what it was"):
+        _train(tmp_path, splits, [ken, Overwrite()], model=model, max_steps=1)
+    assert ken.checkpoint_values is not None  # it was to be read from the checkpoint
 
 
 @pytest.mark.parametrize(
