@@ -4,6 +4,8 @@ with the same result as the Python API on a real fine-tune."""
 from __future__ import annotations
 
 import json
+import os
+import socket
 import subprocess
 import sys
 import time
@@ -213,3 +215,113 @@ def test_llama_base_against_its_sequence_classifier_in_bf16(tmp_path):
         )
         reference.apply_to(rebuilt)
         assert torch.equal(loaded(input_ids=ids).logits, rebuilt(input_ids=ids).logits)
+
+
+def test_share_by_size_balances_every_prefix():
+    from ken_hf.distributed import share_by_size
+
+    sizes = [5, 1, 1, 1, 1, 1, 4, 2, 2]
+    loads = [0, 0]
+    for size, owner in zip(sizes, share_by_size(sizes, 2), strict=True):
+        loads[owner] += size
+        assert abs(loads[0] - loads[1]) <= max(sizes)  # each prefix: within the largest
+    assert share_by_size([3, 3], 3, load=[1, 0, 0]) == [1, 2]  # rank 0 holds work already
+
+
+def _torchrun(args: list[str], *, processes: int = 2) -> subprocess.CompletedProcess:
+    """``args`` run by torchrun on ``processes`` CPU processes (one thread each), within a
+    time limit: a hang fails the test instead of stalling it."""
+    command = [sys.executable, "-m", "torch.distributed.run", "--standalone",
+               "--nproc_per_node", str(processes), *args]  # fmt: skip
+    environment = {**os.environ, "OMP_NUM_THREADS": "1"}
+    return subprocess.run(command, capture_output=True, text=True, env=environment, timeout=300)
+
+
+def test_prune_on_two_processes_writes_the_bytes_of_one(checkpoints):
+    """``ken prune`` under torchrun with 2 CPU processes (gloo) writes the same files, byte
+    for byte, as one process does (both at one torch thread per process)."""
+    root, base, finetuned = checkpoints
+    args = ["prune", "--base", str(base), "--finetuned", str(finetuned), "--keep-ratio", "0.5"]
+    threads = torch.get_num_threads()
+    torch.set_num_threads(1)  # the delta statistics' float64 sums depend on the thread count
+    try:
+        assert main([*args, "--out", str(root / "one-process")]) == 0
+    finally:
+        torch.set_num_threads(threads)
+    run = _torchrun(["-m", "ken_hf.cli", *args, "--out", str(root / "two-processes")])
+    assert run.returncode == 0, run.stderr[-3000:]
+    assert run.stdout.count("subnetwork: ") == 1  # rank 0 alone reports
+    one = sorted(p.name for p in (root / "one-process").iterdir())
+    assert sorted(p.name for p in (root / "two-processes").iterdir()) == one
+    assert SUBNETWORK_NAME in one and "README.md" in one
+    for name in one:
+        expected = (root / "one-process" / name).read_bytes()
+        assert (root / "two-processes" / name).read_bytes() == expected, name
+
+
+# Rank 1 alone fails: it cannot open the checkpoints ("start"), or its second tensor fails.
+_FAILING_RANK = """
+import os, sys
+import ken_hf.streaming as streaming
+from ken_hf.cli import main
+
+def fail(*args, **kwargs):
+    raise OSError("simulated failure on rank 1")
+
+if os.environ["RANK"] == "1":
+    if sys.argv[1] == "start":
+        streaming.Checkpoint = fail
+    else:
+        real, calls = streaming.process_tensor, []
+        def second_fails(*args, **kwargs):
+            calls.append(None)
+            return fail() if len(calls) == 2 else real(*args, **kwargs)
+        streaming.process_tensor = second_fails
+sys.exit(main(sys.argv[2:]))
+"""
+
+
+@pytest.mark.parametrize("where", ["start", "tensor"])
+def test_a_failure_on_one_rank_stops_every_rank(checkpoints, tmp_path, where):
+    """A failure on one rank only ends the whole run (within the time limit, not a hang),
+    with a non-zero exit, the failing rank's error, and nothing written."""
+    _, base, finetuned = checkpoints
+    script = tmp_path / "failing_rank.py"
+    script.write_text(_FAILING_RANK)
+    out = tmp_path / "ken"
+    args = ["prune", "--base", str(base), "--finetuned", str(finetuned), "--keep-ratio", "0.5"]
+    run = _torchrun([str(script), where, *args, "--out", str(out)])
+    assert run.returncode != 0
+    assert "ken prune: error: simulated failure on rank 1" in run.stderr, run.stderr[-3000:]
+    assert not out.exists()
+
+
+def test_without_a_launcher_to_stop_them_the_other_ranks_fail_too(checkpoints, tmp_path):
+    """Processes started by hand (no torchrun agent that stops the rest when one fails):
+    rank 1 fails on a tensor, and rank 0 stops too, naming rank 1, the tensor and the
+    error, and writes nothing."""
+    _, base, finetuned = checkpoints
+    script = tmp_path / "failing_rank.py"
+    script.write_text(_FAILING_RANK)
+    out = tmp_path / "ken"
+    with socket.socket() as probe:
+        probe.bind(("127.0.0.1", 0))
+        port = probe.getsockname()[1]
+    args = ["prune", "--base", str(base), "--finetuned", str(finetuned), "--keep-ratio", "0.5"]
+    launcher = {"MASTER_ADDR": "127.0.0.1", "MASTER_PORT": str(port), "WORLD_SIZE": "2"}
+    processes = [
+        subprocess.Popen(
+            [sys.executable, str(script), "tensor", *args, "--out", str(out)],
+            stderr=subprocess.PIPE,
+            text=True,
+            env={**os.environ, **launcher, "RANK": str(rank), "LOCAL_RANK": str(rank)},
+        )
+        for rank in (0, 1)
+    ]
+    errors = [process.communicate(timeout=300)[1] for process in processes]
+    assert [process.returncode for process in processes] == [2, 2]
+    last = [text.replace("\r", "\n").strip().splitlines()[-1] for text in errors]
+    assert last[1] == "ken prune: error: simulated failure on rank 1"
+    assert last[0].startswith("ken prune: error: rank 1 failed: on tensor '"), errors[0][-3000:]
+    assert last[0].endswith("OSError: simulated failure on rank 1")
+    assert not out.exists()
