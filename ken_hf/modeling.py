@@ -3,17 +3,20 @@ transparently from a folder or the Hub, in the shape of PEFT's ``PeftModel``."""
 
 from __future__ import annotations
 
+import bisect
 import dataclasses
 import functools
 import os
 from collections.abc import Iterator
 from contextlib import contextmanager
+from pathlib import Path
 
 import torch
 import transformers
 from transformers import PreTrainedModel
 
 from .checkpoints import tensors_of
+from .delta_codec import host_copies
 from .fingerprint import tensor_fingerprint
 from .subnetwork import KENSubnetwork, fingerprints_of
 
@@ -288,12 +291,45 @@ def _calling(model: torch.nn.Module):
 
 
 def _own_weights(model: torch.nn.Module) -> None:
-    """Give every parameter memory of its own. transformers maps checkpoint files into
-    memory; writing kept values into such a mapping copies it page by page on write, which
-    is slower than one copy up front. Tied parameters stay tied (same Parameter object)."""
-    with torch.no_grad():
-        for parameter in model.parameters():
-            parameter.data = parameter.data.clone()
+    """Give every CPU parameter that lies in a memory-mapped file memory of its own.
+    transformers maps checkpoint files into memory when the dtype needs no conversion;
+    writing kept values into such a mapping copies it page by page on write, which is
+    slower than one copy up front. Parameters already in memory of their own (converted
+    to another dtype, or on an accelerator) are left as they are. Tied parameters stay
+    tied (same Parameter object)."""
+    mapped = _file_mappings()
+    parameters = [
+        p for p in model.parameters() if p.device.type == "cpu" and _in_mapping(p, mapped)
+    ]
+    copies = host_copies([p.data for p in parameters])
+    for parameter, copy in zip(parameters, copies, strict=True):
+        parameter.data = copy
+
+
+def _file_mappings() -> list[tuple[int, int]] | None:
+    """Sorted ``(start, end)`` addresses of this process's mappings of files (Linux's
+    ``/proc/self/maps``: an inode other than 0); None where that cannot be read."""
+    try:
+        lines = Path("/proc/self/maps").read_text().splitlines()
+    except OSError:
+        return None
+    ranges = []
+    for line in lines:
+        fields = line.split()
+        if len(fields) >= 5 and fields[4] != "0":
+            start, end = fields[0].split("-")
+            ranges.append((int(start, 16), int(end, 16)))
+    return sorted(ranges)
+
+
+def _in_mapping(tensor: torch.Tensor, mapped: list[tuple[int, int]] | None) -> bool:
+    """Whether ``tensor``'s memory lies in one of the ``mapped`` ranges (True when they are
+    unknown: copying is always safe)."""
+    if mapped is None:
+        return True
+    address = tensor.data_ptr()
+    index = bisect.bisect_right(mapped, (address, float("inf"))) - 1
+    return index >= 0 and mapped[index][0] <= address < mapped[index][1]
 
 
 # transformers 5 names the loading dtype ``dtype``; 4.x ``torch_dtype``.

@@ -390,7 +390,7 @@ def _read_entry(check: EntryCheck, entry) -> PrunedTensor | torch.Tensor:
         if encoding == "mask":
             positions = positions_of(unpack_bits(kept, numel).numpy())
         else:
-            indices = _uint8(kept).view(index_dtype(numel))
+            indices = torch.from_numpy(kept).view(index_dtype(numel))
             positions = check.indices(indices, count, numel)
         changed_bits = unpack_bits(changed, count)
     except ValueError as error:
@@ -404,8 +404,8 @@ def _read_entry(check: EntryCheck, entry) -> PrunedTensor | torch.Tensor:
     return PrunedTensor(torch.Size(shape), dtype, positions, None, changed_bits, bits, *statistics)
 
 
-def _decompressed(check: EntryCheck, stored: torch.Tensor, size: int) -> bytes:
+def _decompressed(check: EntryCheck, stored: torch.Tensor, size: int) -> np.ndarray:
     try:
-        return decompress(stored.numpy().tobytes(), size)
+        return decompress(stored.numpy(), size)
     except ValueError as error:
         raise check.fail(f"compressed array: {error}") from None

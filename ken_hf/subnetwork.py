@@ -22,7 +22,7 @@ import torch
 from .base_source import BaseSource, Weights, cannot_tell, locate_base
 from .checkpoints import tensors_of
 from .config import KENConfig
-from .delta_codec import DEFAULT_LEVEL, DEFAULT_THREADS
+from .delta_codec import DEFAULT_LEVEL, DEFAULT_THREADS, host_empty
 from .fingerprint import tensor_fingerprint
 from .hub import push_folder, resolve_folder
 from .pipeline import (
@@ -75,6 +75,15 @@ def _flat(parameter: torch.Tensor) -> torch.Tensor:
     if not parameter.is_contiguous():
         raise ValueError("KEN writes into contiguous parameters only")
     return parameter.detach().view(-1)
+
+
+def _read_at(parameter: torch.Tensor, positions: torch.Tensor) -> torch.Tensor:
+    """The values ``[count]`` at the flat ``positions`` ``[count]`` of ``parameter`` (on the
+    CPU into memory numpy allocates, which fills faster: see ``host_empty``)."""
+    flat = _flat(parameter)
+    if flat.device.type != "cpu":
+        return flat.index_select(0, positions.to(flat.device))
+    return torch.index_select(flat, 0, positions, out=host_empty(positions.numel(), flat.dtype))
 
 
 def _write_at(parameter: torch.Tensor, positions: torch.Tensor, values: torch.Tensor) -> None:
@@ -235,8 +244,7 @@ class KENSubnetwork:
         with torch.no_grad():
             for name, pruned in self.pruned.items():
                 where = pruned.written_positions()
-                flat = _flat(parameters[name])
-                saved[name] = flat.index_select(0, where.to(flat.device))
+                saved[name] = _read_at(parameters[name], where)
                 _write_at(parameters[name], where, pruned.written_values(saved[name]))
             for name, tensor in self.whole.items():
                 saved[name] = parameters[name].detach().clone()
