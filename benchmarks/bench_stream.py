@@ -6,7 +6,13 @@ The pair is synthetic and Llama-shaped (vocab 32000, hidden 2048, MLP 8192, 24 l
 untied head: 1.74B parameters, 3.5 GB in bf16 each): the base is N(0, 0.02) noise, the
 fine-tune is the base plus N(0, 0.001) noise, written once as sharded safetensors under
 ``$KEN_HF_CACHE/bench-llama`` (no real model of this size ships in the packaged assets).
-Each measured run is a fresh process; its peak RSS is its own VmHWM.
+Each measured run is a fresh process; its peak RSS is its own VmHWM. ``ken prune`` runs
+three ways, with the torch threads set for each: one process with one thread, one process
+with two threads, and two processes with one thread each under torchrun (``--standalone``,
+gloo: the ranks share the tensors, rank 0 writes); for that run the peak RSS is the
+largest of the two processes' (their sum is in the JSON) and the time is the slower
+process's, start-up included, launcher excluded (in the JSON too). The outputs are compared
+byte for byte.
 
     python benchmarks/bench_stream.py [--k 64]
 
@@ -18,10 +24,12 @@ from __future__ import annotations
 import argparse
 import contextlib
 import json
+import os
 import platform
 import shutil
 import subprocess
 import sys
+import tempfile
 import time
 from pathlib import Path
 
@@ -30,7 +38,8 @@ from transformers import LlamaConfig, LlamaForCausalLM
 
 from ken_hf.atomic_files import FolderWriter
 from ken_hf.experiments.assets import cache_dir
-from ken_hf.safetensors_io import ShardedWriter
+from ken_hf.safetensors_io import SafetensorsFile, ShardedWriter
+from ken_hf.serialization import SUBNETWORK_NAME
 
 RESULTS = Path(__file__).resolve().parent / "results"
 SHAPE = {
@@ -47,12 +56,14 @@ SEVEN_B = {"parameters": 6_738_415_616, "largest_tensor_values": 32000 * 4096}
 
 # Runs in a fresh process: the work, then its own peak RSS (VmHWM) and seconds as JSON.
 _PROBE = """
-import json, sys, time
+import json, resource, sys, time
 start = time.perf_counter()
 {work}
 seconds = time.perf_counter() - start
 peak = next(int(l.split()[1]) * 1024 for l in open("/proc/self/status") if l.startswith("VmHWM:"))
-print(json.dumps({{"peak_rss": peak, "seconds": seconds}}))
+usage = resource.getrusage(resource.RUSAGE_SELF)
+cpu = usage.ru_utime + usage.ru_stime
+print(json.dumps({{"peak_rss": peak, "seconds": seconds, "cpu_seconds": cpu}}))
 """
 # What `ken prune` holds before its first tensor: imports, the model class it looks up, the
 # selection's kernels warmed up. The projection scales what lies above this.
@@ -107,13 +118,50 @@ def write_pair(folder: Path) -> dict:
     }
 
 
-def measure(work: str) -> dict:
-    out = subprocess.run(
-        [sys.executable, "-c", _PROBE.format(work=work)], capture_output=True, text=True
-    )
+def measure(work: str, *, threads: int | None = None, processes: int = 1) -> dict:
+    """Peak RSS and seconds of ``work`` in a fresh process (``threads``: its torch threads,
+    default the machine's), or in each of ``processes`` started by torchrun: then the
+    largest peak, their sum, the slowest process's seconds and the launcher's wall time."""
+    env = {**os.environ, "OMP_NUM_THREADS": str(threads)} if threads else None
+    probe = _PROBE.format(work=work)
+    command = [sys.executable, "-c", probe]
+    if processes > 1:
+        script = Path(tempfile.mkdtemp()) / "probe.py"
+        script.write_text(probe)
+        command = [sys.executable, "-m", "torch.distributed.run", "--standalone",
+                   "--nproc_per_node", str(processes), str(script)]  # fmt: skip
+    load = os.getloadavg()[0]  # other jobs on the machine, if any, before the run
+    start = time.perf_counter()
+    out = subprocess.run(command, capture_output=True, text=True, env=env)
+    wall = time.perf_counter() - start
     if out.returncode:
         raise RuntimeError(out.stderr[-3000:])
-    return json.loads(out.stdout.strip().splitlines()[-1])
+    reports = [json.loads(line) for line in out.stdout.splitlines() if line.startswith("{")]
+    if processes == 1:
+        return {**reports[-1], "threads": threads, "load_before": load}
+    return {
+        "peak_rss": max(r["peak_rss"] for r in reports),
+        "peak_rss_sum": sum(r["peak_rss"] for r in reports),
+        "seconds": max(r["seconds"] for r in reports),
+        "cpu_seconds": sum(r["cpu_seconds"] for r in reports),
+        "load_before": load,
+        "launcher_seconds": wall,
+        "processes": processes,
+        "threads": threads,
+    }
+
+
+def compare_folders(first: Path, second: Path) -> dict:
+    """Which files of two subnetwork folders are byte-identical, and whether their
+    subnetwork files store the same arrays (header statistics aside)."""
+    names = sorted(p.name for p in first.iterdir())
+    same = [n for n in names if (first / n).read_bytes() == (second / n).read_bytes()]
+    files = [SafetensorsFile(folder / SUBNETWORK_NAME) for folder in (first, second)]
+    arrays = files[0].names == files[1].names and all(
+        torch.equal(files[0].read(n), files[1].read(n)) for n in files[0].names
+    )
+    return {"identical_files": same, "differing_files": sorted(set(names) - set(same)),
+            "same_arrays": arrays}  # fmt: skip
 
 
 def main() -> None:
@@ -130,21 +178,21 @@ def main() -> None:
     work.mkdir()
     base, finetuned = str(folder / "base"), str(folder / "finetuned")
     runs = {"start-up only": measure(_IMPORTS_ONLY)}
-    runs["ken prune"] = measure(
-        _CLI.format(
-            args=[
-                "prune",
-                "--base",
-                base,
-                "--finetuned",
-                finetuned,
-                "--k",
-                str(args.k),
-                "--out",
-                str(work / "ken"),
-            ]  # fmt: skip
+    prune = ["prune", "--base", base, "--finetuned", finetuned, "--k", str(args.k), "--out"]
+    # The same 2 cores three ways: the fair comparison is 1 x 2 threads against 2 x 1.
+    ways = {
+        "ken prune": ("ken", 1, 1),
+        "ken prune, 1 process x 2 threads": ("ken-1x2", 1, 2),
+        "ken prune, 2 processes x 1 thread (torchrun)": ("ken-2x1", 2, 1),
+    }
+    for name, (folder, processes, threads) in ways.items():
+        runs[name] = measure(
+            _CLI.format(args=[*prune, str(work / folder)]), threads=threads, processes=processes
         )
-    )
+    comparisons = {
+        f"{first} vs {second}": compare_folders(work / first, work / second)
+        for first, second in (("ken", "ken-2x1"), ("ken", "ken-1x2"))
+    }
     runs["ken apply"] = measure(
         _CLI.format(
             args=[
@@ -176,11 +224,16 @@ def main() -> None:
     for run in runs.values():
         run["mb_per_second"] = 2 * pair["bytes_each"] / 1e6 / run["seconds"]
     results = {
-        "machine": {"cpus": torch.get_num_threads(), "platform": platform.platform()},
+        "machine": {
+            "cpus": torch.get_num_threads(),
+            "cores": os.cpu_count(),
+            "platform": platform.platform(),
+        },
         "k": args.k,
         "pair": pair,
         "bound_bytes": bound,
         "runs": runs,
+        "same_output": comparisons,
         "projection_7b": projection,
     }
     RESULTS.mkdir(exist_ok=True)
@@ -188,11 +241,14 @@ def main() -> None:
     print(f"\n{pair['parameters'] / 1e9:.2f}B parameters, {pair['bytes_each'] / 2**30:.2f} GiB "
           f"per checkpoint (bf16), k={args.k}; bound 2 x largest tensor + 1 GiB = "
           f"{bound / 2**30:.2f} GiB")  # fmt: skip
-    print("| run | peak RSS | wall time | MB/s (both checkpoints) |")
-    print("|---|---|---|---|")
+    print("| run | peak RSS (largest process) | wall time | CPU time | MB/s (both checkpoints) |")
+    print("|---|---|---|---|---|")
     for name, run in runs.items():
         print(f"| {name} | {run['peak_rss'] / 2**30:.2f} GiB | {run['seconds']:.0f} s "
-              f"| {run['mb_per_second']:.0f} |")  # fmt: skip
+              f"| {run['cpu_seconds']:.0f} s | {run['mb_per_second']:.0f} |")  # fmt: skip
+    for pair_name, result in comparisons.items():
+        print(f"{pair_name}: identical {result['identical_files']}, differing "
+              f"{result['differing_files']}, same arrays: {result['same_arrays']}")  # fmt: skip
     print(f"\nprojection to 7B ({SEVEN_B['parameters'] / 1e9:.2f}B, bf16): ken prune "
           f"{projection['prune_seconds'] / 60:.0f} min, peak RSS "
           f"{projection['prune_peak_rss'] / 2**30:.2f} GiB (bound "
