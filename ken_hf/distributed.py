@@ -175,8 +175,8 @@ class Team:
         if len(set(values)) > 1:
             differing = [r for r, v in enumerate(values) if v != values[0]]
             raise ValueError(
-                f"ranks {differing} see different {what} from rank 0: every machine must "
-                "read the same checkpoints"
+                f"ranks {differing} see different {what} from rank 0: every process must "
+                "read the same checkpoints with the same settings"
             )
 
     def _gather(self, value: str | None) -> list[str | None]:

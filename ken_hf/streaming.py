@@ -6,7 +6,10 @@ writes base + subnetwork as a plain sharded checkpoint for servers that do not k
 ``inspect_subnetwork`` reports what a subnetwork holds from its headers alone.
 
 Memory: at most the two versions of one tensor, its mask (one byte per value), its kept
-values and the selection's working memory (``max_memory``) at a time.
+values and the selection's working memory (``max_memory``) at a time. Under a distributed
+launcher (``ken_hf.distributed``) each rank holds that for its own tensors, and the main
+process also holds the other ranks' records waiting to be written: at most the bytes of the
+largest tensor (a record is about one bit per value plus the kept values' changes).
 """
 
 from __future__ import annotations
@@ -96,9 +99,10 @@ def prune_checkpoints(
     are shared out by size, each rank reads and selects its share, and the main process
     (rank 0) receives the other ranks' records in name order, as small arrays (mask and
     changed flags as bits, the kept values' differences, fingerprints: no whole tensor), and
-    writes the folder: the same bytes as one process, written by rank 0 alone (on its
-    machine). ``device`` is this rank's. Every rank returns the main process's result; an
-    error on any rank stops every rank (``RankFailedError`` on the others).
+    writes the folder, alone (on its machine): the same bytes as one process with as many
+    torch threads as each rank. ``device`` is this rank's. Every rank returns the main
+    process's result; an error on any rank stops every rank (``RankFailedError`` on the
+    others).
     """
     team = Team.current()
     with contextlib.ExitStack() as stack:
@@ -109,7 +113,9 @@ def prune_checkpoints(
             prefix = tuned.base_model_prefix or base_ckpt.base_model_prefix
             plans = plan_tensors(tuned_specs, base_specs, config, prefix=prefix)
         sizes = {p.name: math.prod(tuned_specs[p.name][0]) for p in plans}
-        team.same(xxhash.xxh3_64_hexdigest(repr([plans, sizes]).encode()), "tensors")
+        team.same(
+            xxhash.xxh3_64_hexdigest(repr([plans, sizes, config]).encode()), "tensors or settings"
+        )
         owners = _owners(plans, sizes, team.world)
         config = dataclasses.replace(
             config,

@@ -259,7 +259,8 @@ def test_prune_on_two_processes_writes_the_bytes_of_one(checkpoints):
         assert (root / "two-processes" / name).read_bytes() == expected, name
 
 
-# Rank 1 alone fails: it cannot open the checkpoints ("start"), or its second tensor fails.
+# Rank 1 alone fails: it cannot open the checkpoints ("start"), or its second tensor fails,
+# or it was given another keep ratio ("settings").
 _FAILING_RANK = """
 import os, sys
 import ken_hf.streaming as streaming
@@ -269,7 +270,9 @@ def fail(*args, **kwargs):
     raise OSError("simulated failure on rank 1")
 
 if os.environ["RANK"] == "1":
-    if sys.argv[1] == "start":
+    if sys.argv[1] == "settings":
+        sys.argv = [a.replace("0.5", "0.25") for a in sys.argv]
+    elif sys.argv[1] == "start":
         streaming.Checkpoint = fail
     else:
         real, calls = streaming.process_tensor, []
@@ -293,6 +296,19 @@ def test_a_failure_on_one_rank_stops_every_rank(checkpoints, tmp_path, where):
     run = _torchrun([str(script), where, *args, "--out", str(out)])
     assert run.returncode != 0
     assert "ken prune: error: simulated failure on rank 1" in run.stderr, run.stderr[-3000:]
+    assert not out.exists()
+
+
+def test_ranks_that_see_different_work_stop_before_any(checkpoints, tmp_path):
+    _, base, finetuned = checkpoints
+    script = tmp_path / "failing_rank.py"
+    script.write_text(_FAILING_RANK)
+    out = tmp_path / "ken"
+    args = ["prune", "--base", str(base), "--finetuned", str(finetuned), "--keep-ratio", "0.5"]
+    run = _torchrun([str(script), "settings", *args, "--out", str(out)])
+    assert run.returncode != 0
+    error = "ken prune: error: ranks [1] see different tensors or settings from rank 0"
+    assert error in run.stderr, run.stderr[-3000:]
     assert not out.exists()
 
 
