@@ -6,13 +6,21 @@ from __future__ import annotations
 import json
 from pathlib import Path
 
+import numpy as np
 import pytest
 import torch
 from transformers import AutoModelForSequenceClassification
 
 from ken_hf import AutoKENModelForSequenceClassification, KENConfig, KENModel, prune_model
 from ken_hf.cli import main
-from ken_hf.delta_codec import bit_difference, from_planes, to_planes
+from ken_hf.delta_codec import (
+    bit_difference,
+    compress,
+    decompress,
+    from_planes,
+    host_copies,
+    to_planes,
+)
 from ken_hf.serialization import SUBNETWORK_NAME, PrunedTensor, SubnetworkReader
 
 V1 = Path(__file__).parent / "data" / "v1"  # a base, its fine-tune and a version 1 subnetwork
@@ -108,3 +116,37 @@ def test_compression_level_changes_size_not_content(minilm_finetune, tmp_path):
             torch.equal(t, _tensors(tuned)[n]) for n, t in _tensors(loaded.base_model).items()
         )
     assert sizes[19] < sizes[1]
+
+
+def test_decompress_takes_exactly_the_frame_it_is_told_of():
+    """Decompressed into numpy memory: a frame holding fewer or more bytes than the header
+    says, a truncated frame or no frame at all are errors, never a silent partial array."""
+    data = bytes(range(256)) * 40
+    frame = compress(data)
+    assert decompress(frame, len(data)).tobytes() == data
+    assert decompress(np.frombuffer(frame, dtype=np.uint8), len(data)).tobytes() == data
+    assert decompress(compress(b""), 0).size == 0
+    for bad_frame, size in [
+        (frame, len(data) + 1),  # holds less than told
+        (frame, len(data) - 1),  # holds more
+        (frame[:-5], len(data)),  # truncated
+        (b"not a zstd frame at all", 10),
+    ]:
+        with pytest.raises(ValueError, match="zstd frame"):
+            decompress(bad_frame, size)
+
+
+def test_host_copies_are_equal_separate_tensors():
+    """One allocation carved into tensors, each with a storage of its own (safetensors and
+    save_pretrained would take shared storages for tied weights)."""
+    tensors = [torch.randn(3, 5), torch.randn(0), torch.randn(7).to(torch.bfloat16),
+               torch.randn(2, 2).t(), torch.randn(()).to(torch.float64)]  # fmt: skip
+    copies = host_copies(tensors)
+    for tensor, copy in zip(tensors, copies, strict=True):
+        assert copy.dtype == tensor.dtype and copy.shape == tensor.shape
+        assert copy.is_contiguous() and torch.equal(copy, tensor)
+    filled = [c for c in copies if c.numel()]
+    assert len({c.untyped_storage().data_ptr() for c in filled}) == len(filled)
+    assert all(c.untyped_storage().nbytes() == c.numel() * c.element_size() for c in filled)
+    copies[0].add_(1)
+    assert torch.equal(copies[2], tensors[2])  # writing one leaves its neighbours alone

@@ -4,9 +4,11 @@ checks, several subnetworks on one base, and the model working where the plain o
 from __future__ import annotations
 
 import copy
+from pathlib import Path
 
 import pytest
 import torch
+import xxhash
 from transformers import (
     AutoModelForCausalLM,
     AutoModelForSequenceClassification,
@@ -27,6 +29,7 @@ from ken_hf import (
     KENSubnetwork,
     prune_model,
 )
+from ken_hf.modeling import _file_mappings, _in_mapping
 
 
 def _minilm_base(path: str) -> torch.nn.Module:
@@ -118,6 +121,41 @@ def test_base_with_one_changed_value_is_refused_by_name(minilm_finetune, minilm_
     with pytest.raises(BaseMismatchError, match=name.replace(".", r"\.")):
         KENModel.from_pretrained(base, minilm_pruned[0.25]["folder"])
     _assert_same_state(_state(base), before)  # nothing was applied
+
+
+@pytest.mark.parametrize("position", [0, -1])
+def test_a_changed_value_in_any_checked_tensor_is_refused(minilm_finetune, minilm_pruned, position):
+    """Every base tensor the subnetwork relies on is checked in full, the first and the last
+    in the model's order included, and for a value anywhere in the tensor."""
+    subnetwork = minilm_pruned[0.25]["subnetwork"]
+    base = _minilm_base(minilm_finetune["base"])
+    name = [n for n, _ in base.named_parameters() if n in subnetwork.fingerprints][position]
+    with torch.no_grad():
+        dict(base.named_parameters())[name].view(-1)[-1] += 1e-3
+    with pytest.raises(BaseMismatchError, match=name.replace(".", r"\.")):
+        KENModel.from_pretrained(base, minilm_pruned[0.25]["folder"])
+
+
+def test_loading_copies_only_weights_mapped_from_the_checkpoint(minilm_finetune, minilm_pruned):
+    """transformers maps a checkpoint it loads in its own dtype: KEN copies those weights
+    before writing into them (the file is never written), and leaves weights that have
+    memory of their own where they are."""
+    checkpoint = Path(minilm_finetune["base"]) / "model.safetensors"
+    digest = xxhash.xxh3_128(checkpoint.read_bytes()).hexdigest()
+    model = AutoKENModelForSequenceClassification.from_pretrained(minilm_pruned[0.25]["folder"])
+    mapped = _file_mappings()
+    assert mapped is not None  # Linux: /proc/self/maps
+    assert not any(_in_mapping(p, mapped) for p in model.parameters())
+    model.load_subnetwork(minilm_pruned[0.5]["folder"], "half")
+    model.set_subnetwork("half")
+    _assert_same_state(_state(model.base_model), _state(minilm_pruned[0.5]["model"]))
+    assert xxhash.xxh3_128(checkpoint.read_bytes()).hexdigest() == digest
+
+    owned = copy.deepcopy(_minilm_base(minilm_finetune["base"]))
+    addresses = [p.data_ptr() for p in owned.parameters()]
+    model = KENModel.from_pretrained(owned, minilm_pruned[0.25]["folder"])
+    assert [p.data_ptr() for p in model.parameters()] == addresses
+    _assert_same_state(_state(owned), _state(minilm_pruned[0.25]["model"]))
 
 
 def test_base_in_another_dtype_or_another_model_is_refused(minilm_finetune, minilm_pruned):
