@@ -59,8 +59,12 @@ class PrunedTensor:
         only the values are known (read from a version 1 file)."""
         if self.changed is None:
             return self.positions
-        if self._written is None:  # numpy's bool indexing is several times torch's here
-            self._written = torch.from_numpy(self.positions.numpy()[self.changed.numpy()])
+        if self._written is None:
+            # numpy: flatnonzero then take is 1.3-3x its bool indexing, several times torch's
+            written = np.flatnonzero(self.changed.cpu().numpy())
+            if self.positions.numel() < self.shape.numel():  # else positions = range
+                written = np.take(self.positions.cpu().numpy(), written)
+            self._written = torch.from_numpy(written)
         return self._written
 
     def written_values(self, base_values: torch.Tensor) -> torch.Tensor:
@@ -130,8 +134,9 @@ def masked_values(flat: torch.Tensor, mask: torch.Tensor, block: int = 2**22) ->
 
 
 def positions_of(bits: np.ndarray) -> torch.Tensor:
-    """int64 positions of the set entries of a bool array."""
-    return torch.from_numpy(np.flatnonzero(bits))
+    """int64 positions of the set entries of a bool array (all set: keep ratio 1, a range
+    written without a search)."""
+    return torch.from_numpy(np.arange(bits.size) if bits.all() else np.flatnonzero(bits))
 
 
 class EntryCheck:
