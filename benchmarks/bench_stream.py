@@ -144,6 +144,7 @@ def measure(work: str, *, threads: int | None = None, processes: int = 1) -> dic
         "peak_rss_sum": sum(r["peak_rss"] for r in reports),
         "seconds": max(r["seconds"] for r in reports),
         "cpu_seconds": sum(r["cpu_seconds"] for r in reports),
+        "cpu_seconds_per_process": sorted(r["cpu_seconds"] for r in reports),
         "load_before": load,
         "launcher_seconds": wall,
         "processes": processes,

@@ -99,6 +99,8 @@ def launched_group(device: str) -> Iterator[Launch]:
     cuda = torch.device(device).type == "cuda"
     if device == "cuda":
         device = f"cuda:{local_rank}"
+    if cuda:
+        torch.cuda.set_device(torch.device(device))  # where NCCL and bare "cuda" allocate
     dist.init_process_group("cpu:gloo,cuda:nccl" if cuda else "gloo")
     previous = signal.signal(signal.SIGTERM, _stopped)
     try:
