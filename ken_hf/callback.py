@@ -7,15 +7,19 @@ Memory: where the pre-trained values come from is ``pretrained_source``.
   tensor at a time, compared bit for bit with the model's and fingerprinted; when training
   ends, the values are read again from the memory-mapped checkpoint a tensor at a time,
   each checked against its fingerprint (a file changed meanwhile raises an error naming the
-  tensor) and moved to the model tensor's device. At most one pre-trained tensor is held
-  beyond KEN's own working memory, and the ranks of one machine share the page cache.
-  Every tensor is read a few times at the end (plan, selection, rebuild), from the cache.
+  tensor) and moved to the model tensor's device. The ranks of one machine share the page
+  cache. Each tensor is read and checked five times at the end (locating, plan, step, base
+  dtype, rebuild; once more for ``ken_delta`` and ``largest_delta``), from the page cache.
+  Pre-trained tensors are held one at a time, except for a moment in
+  ``prune_model`` (``ken_hf.subnetwork``), which today gathers them all at once to find the
+  base's dtype: a transient full copy at the end of training, not during it.
 - ``"snapshot"``: a copy of every parameter is taken when training begins, on the CPU by
   default (``snapshot_device``): as much host memory as the weights take (90 MB for
   MiniLM, 540 MB for SmolLM2-135M in fp32, 28 GB for a 7B model in fp32), on every rank.
 - ``"auto"`` (the default): the checkpoint when the model still holds exactly its weights,
-  else the snapshot (a model built from a config, or changed after loading); the log says
-  which, and why.
+  else the snapshot (a model built from a config, or changed after loading, or a checkpoint
+  lacking a tensor that ``new_tensors`` does not name); the log says which, and why
+  (``logger.info``, or a warning when it falls back to the snapshot).
 
 A run resumed from a checkpoint always takes the pre-trained values from the base
 checkpoint (the model holds trained values), so that KEN resets to them, not to the
@@ -29,9 +33,10 @@ rank ends with identical weights; only the main process writes files.
 
 Sharded runs (FSDP2, DeepSpeed ZeRO-3; see ``ken_hf.sharding``): full tensors are gathered
 one at a time; the main process alone keeps the snapshot (one full copy of the weights on
-its host, whatever ``pretrained_source`` says), selects, and scatters each rebuilt tensor
-back into every rank's shard. FSDP version 1 is refused (use ``fsdp_version: 2``), and so
-is ``auto_k`` with sharding.
+its host: ``pretrained_source="checkpoint"`` is refused there, and a resumed run reads the
+base checkpoint as above), selects, and scatters each rebuilt tensor back into every
+rank's shard. FSDP version 1 is refused (use ``fsdp_version: 2``), and so is ``auto_k``
+with sharding.
 
 The Hub: with ``TrainingArguments(push_to_hub=True)`` the saved subnetwork folder (report,
 model card and the Trainer's tokenizer or processor included) is pushed when training ends
@@ -169,7 +174,7 @@ class KENCallback(TrainerCallback):
     def on_train_begin(self, args, state, control, **kwargs):
         trainer = self._find_trainer()
         model = _unwrap(trainer)
-        self._sharding = _check_sharding(trainer, model, self.auto_k)
+        self._sharding = _check_sharding(trainer, model, self.auto_k, self.pretrained_source)
         main = trainer.is_world_process_zero()
         self.pretrained, self.checkpoint_values = {}, None
         resumed = state.global_step > 0  # the model holds trained values already
@@ -179,6 +184,10 @@ class KENCallback(TrainerCallback):
             self.pretrained = snapshot_sharded(model, self.snapshot_device, main=main)
             if main:
                 self._find_base(model, self.pretrained)
+                logger.info(
+                    f"KENCallback: the pre-trained values are a snapshot held on "
+                    f"{self.snapshot_device} by the main process ({self._sharding} sharding)"
+                )
         else:
             self._find_base(model, tensors_of(model))
         if self.source is not None:
@@ -478,9 +487,11 @@ def _unwrap(trainer: Trainer) -> torch.nn.Module:
     return trainer.accelerator.unwrap_model(trainer.model, keep_torch_compile=False)
 
 
-def _check_sharding(trainer: Trainer, model: torch.nn.Module, auto_k) -> str | None:
-    """The model's sharding (``sharding_of``); FSDP version 1, and ``auto_k`` with any
-    sharding, are refused with the reason."""
+def _check_sharding(
+    trainer: Trainer, model: torch.nn.Module, auto_k, pretrained_source: str = "auto"
+) -> str | None:
+    """The model's sharding (``sharding_of``); FSDP version 1, and ``auto_k`` or
+    ``pretrained_source="checkpoint"`` with any sharding, are refused with the reason."""
     sharding = sharding_of(model)
     if getattr(trainer, "is_fsdp_enabled", False) and sharding is None:
         raise NotImplementedError(
@@ -491,6 +502,12 @@ def _check_sharding(trainer: Trainer, model: torch.nn.Module, auto_k) -> str | N
         raise NotImplementedError(
             f"KENCallback: auto_k is not available with sharded training ({sharding}); give "
             "k or keep_ratio"
+        )
+    if sharding and pretrained_source == "checkpoint":
+        raise NotImplementedError(
+            f"KENCallback: pretrained_source='checkpoint' is not available with sharded "
+            f"training ({sharding}) yet: the main process holds a snapshot of the pre-trained "
+            "values; use pretrained_source='auto' or 'snapshot'"
         )
     return sharding
 

@@ -371,7 +371,7 @@ def test_auto_k_searches_a_bounded_number_of_ratios(tmp_path, splits):
     assert sum("ken_auto_k_ratio" in entry for entry in trainer.state.log_history) == 3
 
 
-def test_fsdp_version_1_and_auto_k_with_sharding_are_refused_clearly(tmp_path):
+def test_fsdp_version_1_and_auto_k_or_checkpoint_with_sharding_are_refused_clearly(tmp_path):
     class FSDP1Trainer:
         is_fsdp_enabled = True  # but no DTensor parameter: flattened FSDP1 shards
 
@@ -392,6 +392,9 @@ def test_fsdp_version_1_and_auto_k_with_sharding_are_refused_clearly(tmp_path):
         assert _check_sharding(object(), model, None) == "fsdp2"
         with pytest.raises(NotImplementedError, match=r"auto_k .*sharded training \(fsdp2\)"):
             _check_sharding(object(), model, AutoK())
+        with pytest.raises(NotImplementedError, match=r"'checkpoint' .*sharded training"):
+            _check_sharding(object(), model, None, "checkpoint")
+        assert _check_sharding(object(), model, None, "auto") == "fsdp2"  # a snapshot
     finally:
         dist.destroy_process_group()
 

@@ -1,0 +1,185 @@
+"""Host memory of ``KENCallback`` on SmolLM2-135M: a snapshot of the pre-trained values
+(``pretrained_source="snapshot"``, what the callback did before) against reading them from
+the checkpoint the model was loaded from when training ends (``"checkpoint"``).
+
+Each mode runs in a fresh process: ``from_pretrained`` of the float32 SmolLM2-135M-Instruct
+folder converted from the packaged GGUF (``ken_hf.experiments.assets.smollm2_path``), a few
+AdamW steps of causal-LM training on movie snippets (CPU), then KEN at keep 50 % over every
+tensor. The process reports its own peak RSS (VmHWM) for training (from start, model load
+included, to the end of the last step) and, after resetting the peak
+(``/proc/self/clear_refs``), for the end of training (KEN); its RSS at the last step; and the
+seconds the callback took when training began (snapshot, or reading and checking the whole
+checkpoint) and when it ended (selection, reset, save). A run without the callback gives
+the training's own figures. The subnetwork files of the two modes must be byte-identical.
+
+    python benchmarks/bench_callback_memory.py [--steps 3]
+
+Prints a table and writes benchmarks/results/bench_callback_memory.json.
+"""
+
+from __future__ import annotations
+
+import argparse
+import hashlib
+import json
+import platform
+import subprocess
+import sys
+import tempfile
+import time
+from pathlib import Path
+
+RESULTS = Path(__file__).resolve().parent / "results"
+MODES = ("no callback", "snapshot", "checkpoint")
+
+
+def _status(field: str) -> int:
+    """A size field of /proc/self/status (``VmHWM``, ``VmRSS``) in bytes."""
+    with open("/proc/self/status") as status:
+        line = next(line for line in status if line.startswith(field + ":"))
+    return int(line.split()[1]) * 1024
+
+
+def child(mode: str, steps: int, out: Path) -> dict:
+    """One run in this (fresh) process; returns its figures."""
+    import torch
+    from transformers import (
+        AutoModelForCausalLM,
+        AutoTokenizer,
+        DataCollatorForLanguageModeling,
+        Trainer,
+        TrainerCallback,
+        TrainingArguments,
+    )
+
+    from ken_hf import KENCallback
+    from ken_hf.experiments.assets import movie_reviews, smollm2_path
+
+    figures: dict = {}
+
+    class Clock(TrainerCallback):
+        """Placed before and after the KENCallback: times its begin and end events, and
+        reads the peaks around them."""
+
+        def __init__(self, before: bool) -> None:
+            self.before = before
+
+        def on_train_begin(self, args, state, control, **kwargs):
+            key = "begin_start" if self.before else "begin_end"
+            figures[key] = time.perf_counter()
+
+        def on_step_end(self, args, state, control, **kwargs):
+            if not self.before:
+                figures["rss_last_step"] = _status("VmRSS")
+
+        def on_train_end(self, args, state, control, **kwargs):
+            if self.before:  # training is over: its peak, then a fresh peak for KEN
+                figures["peak_training"] = _status("VmHWM")
+                Path("/proc/self/clear_refs").write_text("5")
+                figures["end_start"] = time.perf_counter()
+
+    path = smollm2_path()
+    tokenizer = AutoTokenizer.from_pretrained(path)
+    texts = movie_reviews()[0][: 4 * steps]
+    data = [tokenizer(text, truncation=True, max_length=64) for text in texts]
+    torch.manual_seed(0)
+    model = AutoModelForCausalLM.from_pretrained(path)
+    figures["parameter_bytes"] = sum(p.numel() * p.element_size() for p in model.parameters())
+    callbacks = [Clock(before=True)]
+    ken = None
+    if mode != "no callback":
+        ken = KENCallback(
+            keep_ratio=0.5, evaluate=False, pretrained_source=mode, save_dir=str(out / "ken")
+        )
+        callbacks.append(ken)
+    callbacks.append(Clock(before=False))
+    trainer = Trainer(
+        model=model,
+        args=TrainingArguments(
+            output_dir=str(out / "run"),
+            max_steps=steps,
+            per_device_train_batch_size=4,
+            report_to=[],
+            save_strategy="no",
+            use_cpu=True,
+            disable_tqdm=True,
+            seed=0,
+        ),
+        train_dataset=data,
+        data_collator=DataCollatorForLanguageModeling(tokenizer, mlm=False),
+        callbacks=callbacks,
+    )
+    trainer.train()
+    figures["peak_end"] = _status("VmHWM")
+    figures["begin_seconds"] = figures.pop("begin_end") - figures.pop("begin_start")
+    figures["end_seconds"] = time.perf_counter() - figures.pop("end_start")
+    if ken is not None:
+        digest = hashlib.sha256()
+        with open(out / "ken" / "ken_subnetwork.safetensors", "rb") as subnetwork:
+            for block in iter(lambda: subnetwork.read(2**20), b""):
+                digest.update(block)
+        figures["subnetwork_sha256"] = digest.hexdigest()
+        figures["selection_seconds"] = ken.report["ken_selection_seconds"]
+    figures["torch_threads"] = torch.get_num_threads()
+    return figures
+
+
+def measure(mode: str, steps: int) -> dict:
+    with tempfile.TemporaryDirectory() as scratch:
+        command = [sys.executable, __file__, "--child", mode, "--steps", str(steps)]
+        out = subprocess.run(
+            [*command, "--out", scratch], capture_output=True, text=True, check=False
+        )
+    if out.returncode:
+        raise RuntimeError(out.stderr[-3000:])
+    return json.loads(out.stdout.strip().splitlines()[-1])
+
+
+def main() -> None:
+    parser = argparse.ArgumentParser(description=__doc__.split("\n")[0])
+    parser.add_argument("--steps", type=int, default=3, help="training steps (default 3)")
+    parser.add_argument("--child", choices=MODES, help=argparse.SUPPRESS)
+    parser.add_argument("--out", type=Path, help=argparse.SUPPRESS)
+    args = parser.parse_args()
+    if args.child:
+        print(json.dumps(child(args.child, args.steps, args.out)))
+        return
+    from ken_hf.experiments.assets import smollm2_path
+
+    smollm2_path()  # converted once, outside the measured runs
+    runs = {}
+    for mode in MODES:
+        start = time.perf_counter()
+        runs[mode] = measure(mode, args.steps)
+        print(f"{mode}: {time.perf_counter() - start:.0f} s", file=sys.stderr)
+    digests = {runs[mode]["subnetwork_sha256"] for mode in ("snapshot", "checkpoint")}
+    results = {
+        "machine": {
+            "cpus": runs["snapshot"]["torch_threads"],
+            "processor": platform.processor() or platform.machine(),
+            "platform": platform.platform(),
+        },
+        "model": "SmolLM2-135M-Instruct, float32",
+        "steps": args.steps,
+        "keep_ratio": 0.5,
+        "subnetworks_identical": len(digests) == 1,
+        "runs": runs,
+    }
+    RESULTS.mkdir(exist_ok=True)
+    (RESULTS / "bench_callback_memory.json").write_text(json.dumps(results, indent=2) + "\n")
+    gib = 2**30
+    weights = runs["snapshot"]["parameter_bytes"]
+    print(f"\nSmolLM2-135M float32 ({weights / 2**20:.0f} MiB of parameters), {args.steps} "
+          f"AdamW steps on the CPU, KEN keep 50 %; subnetworks byte-identical: "
+          f"{results['subnetworks_identical']}")  # fmt: skip
+    print("| pre-trained values | peak RSS, training | peak RSS, KEN at the end | RSS at the "
+          "last step | train begin | train end |")  # fmt: skip
+    print("|---|---|---|---|---|---|")
+    for mode, run in runs.items():
+        print(f"| {mode} | {run['peak_training'] / gib:.2f} GiB | {run['peak_end'] / gib:.2f} "
+              f"GiB | {run['rss_last_step'] / gib:.2f} GiB | {run['begin_seconds']:.2f} s "
+              f"| {run['end_seconds']:.1f} s |")  # fmt: skip
+
+
+if __name__ == "__main__":
+    main()
