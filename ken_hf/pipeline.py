@@ -223,8 +223,11 @@ def delta_statistics(
     for start in range(0, finetuned.numel(), block):
         piece = slice(start, start + block)
         change = (finetuned[piece].double() - base[piece].to(finetuned.device).double()).abs()
-        total += float(change.sum())
-        kept += float(torch.masked_select(change, mask[piece].to(change.device)).sum())
+        # numpy's pairwise sums: torch's threaded float64 sum rounds differently with the
+        # thread count, and these statistics are written into the file
+        total += float(change.cpu().numpy().sum())
+        kept_changes = torch.masked_select(change, mask[piece].to(change.device))
+        kept += float(kept_changes.cpu().numpy().sum())
     # count_nonzero: a bool sum() would widen the whole mask to int64 first
     count, numel = int(torch.count_nonzero(mask)), finetuned.numel()
     return [
