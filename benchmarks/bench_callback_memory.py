@@ -22,6 +22,7 @@ from __future__ import annotations
 import argparse
 import hashlib
 import json
+import os
 import platform
 import subprocess
 import sys
@@ -38,6 +39,12 @@ def _status(field: str) -> int:
     with open("/proc/self/status") as status:
         line = next(line for line in status if line.startswith(field + ":"))
     return int(line.split()[1]) * 1024
+
+
+def _cpu_model() -> str:
+    with open("/proc/cpuinfo") as cpuinfo:
+        names = [line.split(":", 1)[1].strip() for line in cpuinfo if line.startswith("model name")]
+    return names[0] if names else platform.machine()
 
 
 def child(mode: str, steps: int, out: Path) -> dict:
@@ -156,7 +163,8 @@ def main() -> None:
     results = {
         "machine": {
             "cpus": runs["snapshot"]["torch_threads"],
-            "processor": platform.processor() or platform.machine(),
+            "processor": _cpu_model(),
+            "memory_bytes": os.sysconf("SC_PAGE_SIZE") * os.sysconf("SC_PHYS_PAGES"),
             "platform": platform.platform(),
         },
         "model": "SmolLM2-135M-Instruct, float32",
@@ -165,13 +173,15 @@ def main() -> None:
         "subnetworks_identical": len(digests) == 1,
         "runs": runs,
     }
+    gib = 2**30
     RESULTS.mkdir(exist_ok=True)
     (RESULTS / "bench_callback_memory.json").write_text(json.dumps(results, indent=2) + "\n")
-    gib = 2**30
     weights = runs["snapshot"]["parameter_bytes"]
+    machine = results["machine"]
     print(f"\nSmolLM2-135M float32 ({weights / 2**20:.0f} MiB of parameters), {args.steps} "
           f"AdamW steps on the CPU, KEN keep 50 %; subnetworks byte-identical: "
-          f"{results['subnetworks_identical']}")  # fmt: skip
+          f"{results['subnetworks_identical']}; {machine['processor']}, {machine['cpus']} "
+          f"threads, {machine['memory_bytes'] / gib:.0f} GiB")  # fmt: skip
     print("| pre-trained values | peak RSS, training | peak RSS, KEN at the end | RSS at the "
           "last step | train begin | train end |")  # fmt: skip
     print("|---|---|---|---|---|---|")
