@@ -164,7 +164,12 @@ def test_callback_prune_model_and_ken_prune_write_the_same_file(tmp_path, splits
     assert files[0] == files[1] == files[2]
 
 
-def test_resumed_run_resets_to_the_base_checkpoint_not_the_resumed_weights(tmp_path, splits):
+@pytest.mark.parametrize("source", ["auto", "snapshot"])
+def test_resumed_run_resets_to_the_base_checkpoint_not_the_resumed_weights(
+    tmp_path, splits, source
+):
+    """Read from the base checkpoint when training ends, or (``snapshot``) held from the
+    start of the resumed run: the same pre-trained values either way."""
     first = _train(
         tmp_path,
         splits,
@@ -175,8 +180,13 @@ def test_resumed_run_resets_to_the_base_checkpoint_not_the_resumed_weights(tmp_p
     )
     assert first.state.global_step == 2
     checkpoint = tmp_path / "run" / "checkpoint-2"
-    callback = KENCallback(keep_ratio=0.5, target_modules=LAYERS_0_1, evaluate=False)
-    _train(tmp_path, splits, callback, resume=str(checkpoint), max_steps=4)
+    callback = KENCallback(
+        keep_ratio=0.5, target_modules=LAYERS_0_1, evaluate=False, pretrained_source=source
+    )
+    holdings = _Holdings(callback)
+    _train(tmp_path, splits, [callback, holdings], resume=str(checkpoint), max_steps=4)
+    held = [(count > 0, to_read) for count, _, to_read in holdings.steps]
+    assert held == ([(False, True)] * 2 if source == "auto" else [(True, False)] * 2)
     pretrained = _pretrained()
     resumed = AutoModelForSequenceClassification.from_pretrained(checkpoint)
     name = "bert.encoder.layer.0.intermediate.dense.weight"
