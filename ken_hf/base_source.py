@@ -122,10 +122,11 @@ class CheckpointValues:
         recorded) raises ``CheckpointError`` naming it."""
         where = self.source.name_or_path
         with Checkpoint(where, revision=self.source.revision) as checkpoint:
+            holds = set(checkpoint.names)
 
             def read(name: str) -> torch.Tensor:
                 stored = self.stored[name]
-                if stored not in checkpoint.names:
+                if stored not in holds:
                     raise CheckpointError(
                         f"tensor {name!r} ({stored!r}) is no longer in checkpoint {where!r}"
                     )

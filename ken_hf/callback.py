@@ -65,7 +65,7 @@ from .base_source import (
     locate_base,
     record_checkpoint,
 )
-from .checkpoints import Checkpoint, CheckpointError, new_tensor_names, tensors_of
+from .checkpoints import CheckpointError, new_parameters, tensors_of
 from .config import KENConfig
 from .hub import push_folder
 from .pipeline import PRUNED, select_masks
@@ -222,10 +222,7 @@ class KENCallback(TrainerCallback):
                 "checkpoint; the model names none: set KENConfig.base_model_name_or_path"
             )
         revision = self.config.base_model_revision or getattr(model.config, "_commit_hash", None)
-        floating = [n for n, t in tensors_of(model).items() if t.is_floating_point()]
-        with Checkpoint(name, revision=revision) as checkpoint:
-            prefix = getattr(model, "base_model_prefix", None) or None
-            missing = new_tensor_names(floating, checkpoint, prefix)
+        missing = new_parameters(model, name, revision=revision)
         self.source = BaseSource(name, revision, frozenset(missing))
 
     def _hold_pretrained(self, model: torch.nn.Module, *, resumed: bool) -> None:
