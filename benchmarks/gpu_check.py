@@ -36,7 +36,9 @@ from ken_hf import ken_select_many
 from ken_hf.experiments.assets import minilm_path
 
 sys.path.insert(0, str(Path(__file__).resolve().parent))
+sys.path.insert(0, str(Path(__file__).resolve().parents[1] / "tests"))
 from bench_select import FRACTIONS, WIDTHS, real_rows  # noqa: E402
+from device_checks import KeepFineTuned, masks_differing_from_cpu  # noqa: E402
 
 ROOT = Path(__file__).resolve().parents[1]
 RESULTS = ROOT / "benchmarks" / "results"
@@ -122,22 +124,11 @@ def callback_run(device: str, quick: bool) -> dict:
         AutoTokenizer,
         DataCollatorForLanguageModeling,
         Trainer,
-        TrainerCallback,
         TrainingArguments,
     )
 
     from ken_hf import AutoKENModelForCausalLM, KENCallback
-    from ken_hf.checkpoints import tensors_of
     from ken_hf.experiments.assets import movie_reviews, smollm2_path
-
-    class KeepFineTuned(TrainerCallback):
-        """The fine-tuned weights on the CPU, copied before KENCallback (added after it)."""
-
-        def __init__(self) -> None:
-            self.weights: dict[str, torch.Tensor] = {}
-
-        def on_train_end(self, args, state, control, model=None, **kwargs):
-            self.weights = {n: t.detach().cpu().clone() for n, t in tensors_of(model).items()}
 
     path = smollm2_path(2 if quick else None)
     tokenizer = AutoTokenizer.from_pretrained(path)
@@ -174,13 +165,7 @@ def callback_run(device: str, quick: bool) -> dict:
         trainer.train()
         seconds = time.perf_counter() - start
         subnetwork = callback.subnetwork
-        mismatched = []
-        for name, pruned in subnetwork.pruned.items():
-            rows = pruned.shape[0] if len(pruned.shape) >= 2 else 1
-            k = pruned.positions.numel() // rows
-            expected = ken_select_many({name: keep.weights[name]}, k)[name]
-            if not torch.equal(subnetwork.mask(name).cpu(), expected):
-                mismatched.append(name)
+        mismatched = masks_differing_from_cpu(subnetwork, keep.weights)
         batch = tokenizer(texts[:4], return_tensors="pt", padding=True).to(device)
         loaded = AutoKENModelForCausalLM.from_pretrained(f"{folder}/ken", device_map=device)
         with torch.no_grad():

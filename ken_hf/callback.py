@@ -8,11 +8,9 @@ Memory: where the pre-trained values come from is ``pretrained_source``.
   ends, the values are read again from the memory-mapped checkpoint a tensor at a time,
   each checked against its fingerprint (a file changed meanwhile raises an error naming the
   tensor) and moved to the model tensor's device. The ranks of one machine share the page
-  cache. Each tensor is read and checked five times at the end (locating, plan, step, base
-  dtype, rebuild; once more for ``ken_delta`` and ``largest_delta``), from the page cache.
-  Pre-trained tensors are held one at a time, except for a moment in
-  ``prune_model`` (``ken_hf.subnetwork``), which today gathers them all at once to find the
-  base's dtype: a transient full copy at the end of training, not during it.
+  cache. Each tensor is read and checked four times at the end (locating, plan, step,
+  rebuild; once more for ``ken_delta`` and ``largest_delta``), from the page cache, and
+  pre-trained tensors are held one at a time.
 - ``"snapshot"``: a copy of every parameter is taken when training begins, on the CPU by
   default (``snapshot_device``): as much host memory as the weights take (90 MB for
   MiniLM, 540 MB for SmolLM2-135M in fp32, 28 GB for a 7B model in fp32), on every rank.
@@ -67,6 +65,7 @@ from .base_source import (
 )
 from .checkpoints import CheckpointError, new_parameters, tensors_of
 from .config import KENConfig
+from .distributed import share_by_size
 from .hub import push_folder
 from .pipeline import PRUNED, select_masks
 from .sharding import full_numel, prune_sharded, sharding_of, snapshot_sharded
@@ -518,12 +517,10 @@ def _shared_selector():
 
     def selector(plans, finetuned, base, config, progress):
         rank, world = distributed.get_rank(), distributed.get_world_size()
-        owner: dict[str, int] = {}
-        load = [0] * world
         pruned = [p for p in plans if p.fate == PRUNED]
-        for plan in sorted(pruned, key=lambda p: (-finetuned[p.name].numel(), p.name)):
-            owner[plan.name] = min(range(world), key=load.__getitem__)
-            load[owner[plan.name]] += finetuned[plan.name].numel()
+        largest_first = sorted(pruned, key=lambda p: (-finetuned[p.name].numel(), p.name))
+        shares = share_by_size([finetuned[p.name].numel() for p in largest_first], world)
+        owner = {p.name: rank for p, rank in zip(largest_first, shares, strict=True)}
         mine = [p for p in pruned if owner[p.name] == rank]
         masks = select_masks(mine, finetuned, base, config, progress=progress)
         for plan in pruned:

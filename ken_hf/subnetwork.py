@@ -358,9 +358,10 @@ def _select(base, finetuned, config, new_tensors, progress, selector):
             "KENConfig.base_model_name_or_path",
             stacklevel=3,
         )
+    base_specs = specs_of(base_tensors)  # a lazy base (read from a checkpoint): one pass
     plans = plan_tensors(
         specs_of(tuned),
-        specs_of(base_tensors),
+        base_specs,
         config,
         new_tensors=new_tensors,
         prefix=getattr(finetuned, "base_model_prefix", None) or None,
@@ -376,11 +377,7 @@ def _select(base, finetuned, config, new_tensors, progress, selector):
         )
         for plan in plans
     ]
-    base_dtype = dominant_dtype(
-        specs_of(
-            {p.base_name: base_tensors[p.base_name] for p in plans if p.fate != WHOLE}
-        ).values()
-    )
+    base_dtype = dominant_dtype(base_specs[p.base_name] for p in plans if p.fate != WHOLE)
     subnetwork = KENSubnetwork.from_records(
         records, config, model=finetuned, source=source, base_dtype=base_dtype
     )

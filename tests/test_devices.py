@@ -12,11 +12,11 @@ import copy
 import pytest
 import torch
 from conftest import DEVICES, NEEDS_CUDA
+from device_checks import KeepFineTuned, masks_differing_from_cpu
 from transformers import (
     AutoModelForSequenceClassification,
     DataCollatorWithPadding,
     Trainer,
-    TrainerCallback,
     TrainingArguments,
 )
 
@@ -24,7 +24,6 @@ from ken_hf import (
     AutoKENModelForSequenceClassification,
     KENCallback,
     KENConfig,
-    ken_select_many,
     prune_model,
 )
 from ken_hf.checkpoints import tensors_of
@@ -38,17 +37,6 @@ def _load(path: str, device: str, dtype: torch.dtype = torch.float32) -> torch.n
     torch.manual_seed(1)
     model = AutoModelForSequenceClassification.from_pretrained(path, num_labels=2, dtype=dtype)
     return model.to(device).eval()
-
-
-def _cpu_masks(subnetwork, weights: dict[str, torch.Tensor]) -> dict[str, torch.Tensor]:
-    """KEN's masks of the subnetwork's pruned tensors, selected again on the CPU from
-    ``weights`` (the fine-tuned values), with the k that the subnetwork used per tensor."""
-    masks = {}
-    for name, pruned in subnetwork.pruned.items():
-        rows = pruned.shape[0] if len(pruned.shape) >= 2 else 1
-        k = pruned.positions.numel() // rows
-        masks.update(ken_select_many({name: weights[name].cpu()}, k))
-    return masks
 
 
 @pytest.fixture
@@ -79,11 +67,10 @@ def test_prune_and_reload_in_bf16_on_device(minilm_finetune, device, tf32_everyw
     base = _load(minilm_finetune["base"], device, torch.bfloat16)
     subnetwork = prune_model(tuned, base, KENConfig(keep_ratio=0.5, target_modules=TARGETS))
     assert len(subnetwork.pruned) == 2 * len(TARGETS)  # a weight and a bias each
-    for name, expected in _cpu_masks(subnetwork, finetuned).items():
-        mask = subnetwork.mask(name)
-        assert torch.equal(mask.cpu(), expected), name
-        pretrained = base.state_dict()[name]
-        pruned = torch.where(mask.to(device), finetuned[name], pretrained)
+    assert masks_differing_from_cpu(subnetwork, finetuned) == []
+    for name in subnetwork.pruned:
+        mask = subnetwork.mask(name).to(device)
+        pruned = torch.where(mask, finetuned[name], base.state_dict()[name])
         assert torch.equal(tuned.state_dict()[name], pruned), name
 
     subnetwork.save_pretrained(tmp_path / "ken")
@@ -95,17 +82,6 @@ def test_prune_and_reload_in_bf16_on_device(minilm_finetune, device, tf32_everyw
         assert torch.equal(loaded.base_model.state_dict()[name], tensor), name
 
 
-class _KeepFineTuned(TrainerCallback):
-    """Copies the fine-tuned weights to the CPU when training ends, before KENCallback
-    (callbacks run in the order they were added) changes them."""
-
-    def __init__(self) -> None:
-        self.weights: dict[str, torch.Tensor] = {}
-
-    def on_train_end(self, args, state, control, model=None, **kwargs):
-        self.weights = {name: t.detach().cpu().clone() for name, t in tensors_of(model).items()}
-
-
 @pytest.mark.parametrize("device", DEVICES)
 def test_callback_in_bf16_on_device(minilm_finetune, device, tf32_everywhere, tmp_path):
     """A short Trainer run of a bf16 model on ``device`` with KENCallback: the callback's
@@ -113,7 +89,7 @@ def test_callback_in_bf16_on_device(minilm_finetune, device, tf32_everywhere, tm
     reloads onto ``device`` to the pruned model's logits, and before/after metrics exist."""
     tokenizer = minilm_finetune["tokenizer"]
     model = _load(minilm_finetune["base"], device, torch.bfloat16).train()
-    keep = _KeepFineTuned()
+    keep = KeepFineTuned()
     callback = KENCallback(keep_ratio=0.5, target_modules=TARGETS, save_dir=str(tmp_path / "ken"))
     args = TrainingArguments(
         output_dir=str(tmp_path / "run"),
@@ -140,8 +116,7 @@ def test_callback_in_bf16_on_device(minilm_finetune, device, tf32_everywhere, tm
     assert {"ken_before_loss", "ken_after_loss"} <= set(callback.report["metrics_before"]) | set(
         callback.report["metrics_after"]
     )
-    for name, expected in _cpu_masks(callback.subnetwork, keep.weights).items():
-        assert torch.equal(callback.subnetwork.mask(name).cpu(), expected), name
+    assert masks_differing_from_cpu(callback.subnetwork, keep.weights) == []
 
     batch = tokenizer(["a gripping, funny film", "dull"], return_tensors="pt", padding=True)
     batch = {key: value.to(device) for key, value in batch.items()}

@@ -80,6 +80,8 @@ def ken_select_many(
     Returns ``{name: bool mask of that tensor's shape}``.
     """
     k = check_k(k)
+    # detached: the torch path writes into out= buffers, which autograd refuses
+    weights = {name: weight.detach() for name, weight in weights.items()}
     for name, weight in weights.items():
         check_finite(weight, name)
     masks = {  # every row of every tensor is written below
@@ -94,7 +96,7 @@ def ken_select_many(
     with tqdm(total=total_rows, desc="KEN selection", unit="row", disable=not progress) as bar:
         for width, names in by_width.items():
             rows_of = {name: as_rows(weights[name]) for name in names}
-            for pieces in _chunks_across(rows_of, width, max_memory):
+            for pieces in chunks_across(rows_of, width, max_memory):
                 if len(pieces) == 1:  # rows of one tensor: no copy, results written in place
                     p = pieces[0]
                     chunk = rows_of[p.name][p.rows].to(torch.float32)
@@ -213,23 +215,26 @@ def _keep_equal_values(rows: torch.Tensor, matched: torch.Tensor) -> torch.Tenso
 
 
 @dataclass(frozen=True)
-class _Piece:
+class RowPiece:
+    """Rows ``rows`` of tensor ``name`` (as ``as_rows`` shapes it)."""
+
     name: str
     rows: slice
 
 
-def _chunks_across(
+def chunks_across(
     rows_of: Mapping[str, torch.Tensor], width: int, max_memory: int
-) -> Iterator[list[_Piece]]:
-    """Chunks of rows, each at most ``rows_per_chunk``, spanning tensor boundaries."""
+) -> Iterator[list[RowPiece]]:
+    """Chunks of rows, each at most ``rows_per_chunk``, spanning tensor boundaries: the
+    chunks every KEN rule selects on (``rows_of``: ``{name: [R, width] rows}``)."""
     limit = rows_per_chunk(width, max_memory)
-    pieces: list[_Piece] = []
+    pieces: list[RowPiece] = []
     filled = 0
     for name, rows in rows_of.items():
         start = 0
         while start < rows.shape[0]:
             stop = min(rows.shape[0], start + limit - filled)
-            pieces.append(_Piece(name, slice(start, stop)))
+            pieces.append(RowPiece(name, slice(start, stop)))
             filled += stop - start
             start = stop
             if filled == limit:

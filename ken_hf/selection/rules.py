@@ -25,7 +25,7 @@ import torch
 from tqdm.auto import tqdm
 
 from .baselines import largest_delta_select, random_select
-from .ken import _chunks_across, ken_select_many
+from .ken import chunks_across, ken_select_many
 from .rows import DEFAULT_MAX_MEMORY, as_rows, check_same_shape
 
 RULES = ("ken", "ken_delta", "largest_delta", "random")
@@ -108,7 +108,7 @@ def _ken_delta_select(
     with tqdm(total=total_rows, desc="KEN selection", unit="row", disable=not progress) as bar:
         for width, names in by_width.items():
             rows_of = {name: as_rows(finetuned[name]) for name in names}
-            for pieces in _chunks_across(rows_of, width, max_memory):
+            for pieces in chunks_across(rows_of, width, max_memory):
                 changes = {}
                 for piece in pieces:
                     if piece.name not in held:
