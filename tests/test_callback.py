@@ -466,6 +466,7 @@ else:
     result["subnetwork_is_none"] = subnetwork is None
 with open(os.path.join(out, f"rank{rank}.json"), "w") as f:
     json.dump(result, f)
+dist.barrier()  # rank 0 checks more: tearing gloo down on one rank alone can abort it
 dist.destroy_process_group()
 """
 
