@@ -73,9 +73,16 @@ def ken_select_many(
     compat: bool = False,
     max_memory: int = DEFAULT_MAX_MEMORY,
     progress: bool = False,
+    minus: Mapping[str, torch.Tensor] | None = None,
 ) -> dict[str, torch.Tensor]:
     """``ken_select`` over many tensors at once: rows of equal width from different tensors
     share chunks, so small tensors (biases, LayerNorm vectors) cost no more than their rows.
+
+    ``minus``: tensors of the same names and shapes (a mapping that may read each on access,
+    such as ``ken_hf.checkpoints.LazyTensors``). KEN then selects on ``weights - minus`` in
+    float32, formed a chunk of rows at a time, so that no copy of the whole differences is
+    held; each tensor of ``minus`` is fetched once (a tensor's rows run over consecutive
+    chunks).
 
     Returns ``{name: bool mask of that tensor's shape}``.
     """
@@ -92,27 +99,41 @@ def ken_select_many(
     for name, weight in weights.items():
         by_width.setdefault(as_rows(weight).shape[1], []).append(name)
 
+    subtracted: dict[str, torch.Tensor] = {}  # rows of ``minus``: the latest tensor's
+
+    def float_rows(rows_of: Mapping[str, torch.Tensor], piece: _Piece) -> torch.Tensor:
+        """The float32 rows KEN selects on for ``piece``."""
+        rows = rows_of[piece.name][piece.rows].to(torch.float32)
+        if minus is None:
+            return rows
+        if piece.name not in subtracted:
+            other = minus[piece.name].detach()
+            check_same_shape(other, weights[piece.name], piece.name)
+            subtracted.clear()  # the pieces before this one are formed already
+            subtracted[piece.name] = as_rows(other)
+        change = rows - subtracted[piece.name][piece.rows].to(rows.device, torch.float32)
+        check_finite(change, piece.name)
+        return change
+
     total_rows = sum(as_rows(w).shape[0] for w in weights.values())
     with tqdm(total=total_rows, desc="KEN selection", unit="row", disable=not progress) as bar:
         for width, names in by_width.items():
             rows_of = {name: as_rows(weights[name]) for name in names}
-            for pieces in chunks_across(rows_of, width, max_memory):
+            for pieces in _chunks_across(rows_of, width, max_memory):
                 if len(pieces) == 1:  # rows of one tensor: no copy, results written in place
                     p = pieces[0]
-                    chunk = rows_of[p.name][p.rows].to(torch.float32)
+                    chunk = float_rows(rows_of, p)
                     target = as_rows(masks[p.name])[p.rows]
                     kept = _select_rows(chunk, k, compat=compat, out=target)
                     if kept is not target:
                         target.copy_(kept)
                     bar.update(chunk.shape[0])
                     continue
-                parts = [rows_of[p.name][p.rows] for p in pieces]
+                parts = [float_rows(rows_of, p) for p in pieces]
                 if all(part.device.type == "cpu" for part in parts):  # numpy: one thread
-                    chunk = torch.from_numpy(
-                        np.concatenate([part.detach().to(torch.float32).numpy() for part in parts])
-                    )
+                    chunk = torch.from_numpy(np.concatenate([part.numpy() for part in parts]))
                 else:
-                    chunk = torch.cat(parts).to(torch.float32)
+                    chunk = torch.cat(parts)
                 kept = _select_rows(chunk, k, compat=compat)
                 offset = 0
                 for p in pieces:
@@ -215,26 +236,26 @@ def _keep_equal_values(rows: torch.Tensor, matched: torch.Tensor) -> torch.Tenso
 
 
 @dataclass(frozen=True)
-class RowPiece:
+class _Piece:
     """Rows ``rows`` of tensor ``name`` (as ``as_rows`` shapes it)."""
 
     name: str
     rows: slice
 
 
-def chunks_across(
+def _chunks_across(
     rows_of: Mapping[str, torch.Tensor], width: int, max_memory: int
-) -> Iterator[list[RowPiece]]:
+) -> Iterator[list[_Piece]]:
     """Chunks of rows, each at most ``rows_per_chunk``, spanning tensor boundaries: the
     chunks every KEN rule selects on (``rows_of``: ``{name: [R, width] rows}``)."""
     limit = rows_per_chunk(width, max_memory)
-    pieces: list[RowPiece] = []
+    pieces: list[_Piece] = []
     filled = 0
     for name, rows in rows_of.items():
         start = 0
         while start < rows.shape[0]:
             stop = min(rows.shape[0], start + limit - filled)
-            pieces.append(RowPiece(name, slice(start, stop)))
+            pieces.append(_Piece(name, slice(start, stop)))
             filled += stop - start
             start = stop
             if filled == limit:

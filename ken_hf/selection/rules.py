@@ -22,11 +22,10 @@ import zlib
 from collections.abc import Mapping
 
 import torch
-from tqdm.auto import tqdm
 
 from .baselines import largest_delta_select, random_select
-from .ken import chunks_across, ken_select_many
-from .rows import DEFAULT_MAX_MEMORY, as_rows, check_same_shape
+from .ken import ken_select_many
+from .rows import DEFAULT_MAX_MEMORY
 
 RULES = ("ken", "ken_delta", "largest_delta", "random")
 # Rules that look at the pre-trained values as well as the fine-tuned ones.
@@ -73,7 +72,9 @@ def select_by_rule(
             finetuned, k, compat=compat, progress=progress, max_memory=max_memory
         )
     if rule == "ken_delta":
-        return _ken_delta_select(finetuned, pretrained, k, progress, max_memory)
+        return ken_select_many(
+            finetuned, k, minus=pretrained, progress=progress, max_memory=max_memory
+        )
     if rule == "largest_delta":
         return {
             name: largest_delta_select(tensor, k, pretrained=pretrained[name].detach(), name=name)
@@ -83,44 +84,3 @@ def select_by_rule(
         name: random_select(tensor, k, seed=seed ^ zlib.crc32(name.encode()), name=name)
         for name, tensor in finetuned.items()
     }
-
-
-def _ken_delta_select(
-    finetuned: Mapping[str, torch.Tensor],
-    pretrained: Mapping[str, torch.Tensor],
-    k: int,
-    progress: bool,
-    max_memory: int,
-) -> dict[str, torch.Tensor]:
-    """KEN on ``finetuned - pretrained`` (float32), formed a chunk of rows at a time: the
-    chunks ``ken_select_many`` would form over the whole changes, so the masks are the same
-    (rows are selected independently) without a model-sized copy of the changes. Each
-    pre-trained tensor is fetched once: a tensor's rows run over consecutive chunks."""
-    masks = {  # every row of every tensor is written below
-        name: torch.empty(tensor.shape, dtype=torch.bool, device=tensor.device)
-        for name, tensor in finetuned.items()
-    }
-    by_width: dict[int, list[str]] = {}
-    for name, tensor in finetuned.items():
-        by_width.setdefault(as_rows(tensor).shape[1], []).append(name)
-    held: dict[str, torch.Tensor] = {}  # pre-trained rows of the tensors of the chunk
-    total_rows = sum(as_rows(t).shape[0] for t in finetuned.values())
-    with tqdm(total=total_rows, desc="KEN selection", unit="row", disable=not progress) as bar:
-        for width, names in by_width.items():
-            rows_of = {name: as_rows(finetuned[name]) for name in names}
-            for pieces in chunks_across(rows_of, width, max_memory):
-                changes = {}
-                for piece in pieces:
-                    if piece.name not in held:
-                        base = pretrained[piece.name].detach()
-                        check_same_shape(base, finetuned[piece.name], piece.name)
-                        held[piece.name] = as_rows(base)
-                    rows = rows_of[piece.name][piece.rows]
-                    base_rows = held[piece.name][piece.rows].to(rows.device)
-                    changes[piece.name] = rows.float() - base_rows.float()
-                selected = ken_select_many(changes, k, max_memory=max_memory)
-                for piece in pieces:
-                    as_rows(masks[piece.name])[piece.rows].copy_(selected[piece.name])
-                held = {pieces[-1].name: held[pieces[-1].name]}  # may go on in the next chunk
-                bar.update(sum(change.shape[0] for change in changes.values()))
-    return masks
