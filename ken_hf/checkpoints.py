@@ -17,6 +17,7 @@ from pathlib import Path
 
 import torch
 
+from .errors import KENError
 from .hub import resolve_folder
 from .safetensors_io import SafetensorsError, SafetensorsFile
 
@@ -38,7 +39,7 @@ TOKENIZER_FILES = (
 _DOWNLOAD_PATTERNS = ["*.safetensors", "*.json", "*.txt", "*.model", "*.jinja"]
 
 
-class CheckpointError(ValueError):
+class CheckpointError(KENError):
     """A checkpoint that cannot be read, or two that do not belong together."""
 
 

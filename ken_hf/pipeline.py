@@ -26,6 +26,7 @@ import torch
 from .checkpoints import LazyTensors, match_names
 from .config import KENConfig
 from .delta_codec import bit_difference
+from .errors import KENError
 from .fingerprint import tensor_fingerprint
 from .safetensors_io import FLOAT_DTYPES
 from .selection import select_by_rule
@@ -37,7 +38,7 @@ PRUNED, WHOLE, RESET = "pruned", "whole", "reset"
 TensorSpec = tuple[tuple[int, ...], torch.dtype | None]
 
 
-class PlanError(ValueError):
+class PlanError(KENError):
     """A base and a fine-tune that do not belong together (shapes, dtypes, no tensor in
     common), found before any selection."""
 

@@ -26,6 +26,7 @@ import numpy as np
 import torch
 
 from .atomic_files import FolderWriter, staging_file
+from .errors import KENError
 
 # torch dtype <-> safetensors dtype name: the one table of the package.
 SAFETENSORS_DTYPES = {
@@ -51,7 +52,7 @@ _READ_PIECE = 16 * 2**20  # bytes of a mapped file copied at a time
 _MAX_HEADER = 100 * 2**20
 
 
-class SafetensorsError(ValueError):
+class SafetensorsError(KENError):
     """A file that is not a readable safetensors file, or a tensor that cannot be read."""
 
 

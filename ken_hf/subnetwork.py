@@ -24,6 +24,7 @@ from .base_source import BaseSource, Weights, cannot_tell, locate_base
 from .checkpoints import tensors_of
 from .config import KENConfig
 from .delta_codec import DEFAULT_LEVEL, DEFAULT_THREADS, bits_of
+from .errors import KENError
 from .fingerprint import tensor_fingerprint
 from .hub import push_folder, resolve_folder
 from .pipeline import (
@@ -58,7 +59,7 @@ def select_in_process(plans, finetuned, base, config, progress) -> dict[str, tor
     return select_masks(plans, finetuned, base, config, progress=progress)
 
 
-class BaseMismatchError(ValueError):
+class BaseMismatchError(KENError):
     """A subnetwork applied to a base model it was not made from."""
 
 

@@ -11,6 +11,7 @@ import torch
 import xxhash
 
 from .delta_codec import add_bit_difference, bit_difference
+from .errors import KENError
 from .safetensors_io import FLOAT_DTYPES
 
 FORMAT = "ken-hf-subnetwork"
@@ -19,7 +20,7 @@ _INDEX_DTYPES = (torch.uint8, torch.uint16, torch.uint32, torch.int64)
 VALUE_DTYPES = {str(dtype).removeprefix("torch."): dtype for dtype in FLOAT_DTYPES}
 
 
-class KENFormatError(ValueError):
+class KENFormatError(KENError):
     """A subnetwork file that is truncated, corrupted, foreign or inconsistent."""
 
 

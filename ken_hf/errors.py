@@ -1,0 +1,23 @@
+"""The error family of ken-hf: every refusal of an input (a setting, a file, a folder, a Hub
+repository) is a ``KENError``.
+
+``KENError`` subclasses ``ValueError``, so code written for earlier versions that catches
+``ValueError`` keeps working. Each message names the file and the tensor or field at fault
+and says what is wrong with it. Anything else that escapes ken-hf is a bug in ken-hf.
+"""
+
+from __future__ import annotations
+
+
+class KENError(ValueError):
+    """Base of every error ken-hf raises for an input it refuses."""
+
+
+class KENConfigError(KENError):
+    """A setting that cannot be used: a ``KENConfig`` field, a ``ken_config.json`` entry, a
+    model ``config.json`` entry or an argument."""
+
+
+class UnsafePathError(KENError):
+    """A name that would lead out of its folder: a path instead of a plain file name, a
+    symbolic link whose target lies outside, or a base location a file may not choose."""
