@@ -145,7 +145,7 @@ class FolderWriter:
             if name == self.commit:
                 continue
             final = self.folder / name
-            if final.is_file():
+            if final.is_file() and not final.is_symlink():
                 aside = previous_version(final)
                 aside.unlink(missing_ok=True)
                 os.link(final, aside)
@@ -157,7 +157,9 @@ class FolderWriter:
         for aside in kept_aside:
             aside.unlink(missing_ok=True)
         for name in self._stale - written:
-            (self.folder / name).unlink(missing_ok=True)
+            stale = self.folder / name
+            if stale.is_file() and not stale.is_symlink():  # only files a save wrote
+                stale.unlink()
 
     def _discard(self) -> None:
         for path in self._staged.values():

@@ -10,15 +10,16 @@ a Llama as ``LlamaModel``) against a fine-tune that has it, and the other way ro
 
 from __future__ import annotations
 
-import json
 import os
 from collections.abc import Callable, Iterable, Iterator, Mapping
 from pathlib import Path
 
 import torch
 
+from .confined import confined_file, confined_path
 from .errors import KENError
 from .hub import resolve_folder
+from .json_input import read_json_object
 from .safetensors_io import SafetensorsError, SafetensorsFile
 
 INDEX_NAME = "model.safetensors.index.json"
@@ -55,17 +56,17 @@ class Checkpoint:
     def __init__(self, name_or_path: str | os.PathLike, *, revision: str | None = None) -> None:
         self.source = str(name_or_path)
         self.folder = _resolve(name_or_path, revision)
-        self.config = (
-            read_json(self.folder / "config.json")
-            if (self.folder / "config.json").is_file()
-            else {}
-        )
-        if (self.folder / INDEX_NAME).is_file():
-            weight_map = read_json(self.folder / INDEX_NAME).get("weight_map")
-            if not isinstance(weight_map, dict):
-                raise CheckpointError(f"{self.folder / INDEX_NAME}: no weight_map")
+        config_file = confined_file(self.folder, "config.json")
+        self.config = read_json(config_file) if config_file is not None else {}
+        index_file = confined_file(self.folder, INDEX_NAME)
+        if index_file is not None:
+            weight_map = read_json(index_file).get("weight_map")
+            if not isinstance(weight_map, dict) or not all(
+                isinstance(file, str) for file in weight_map.values()
+            ):
+                raise CheckpointError(f"{index_file}: no weight_map of tensor names to files")
             files = sorted(set(weight_map.values()))
-        elif (self.folder / WEIGHTS_NAME).is_file():
+        elif confined_file(self.folder, WEIGHTS_NAME) is not None:
             files = [WEIGHTS_NAME]
         else:
             raise CheckpointError(
@@ -76,8 +77,9 @@ class Checkpoint:
         self._file_of: dict[str, SafetensorsFile] = {}
         try:
             for file in files:
-                self._files[file] = SafetensorsFile(self.folder / file)
+                self._files[file] = SafetensorsFile(confined_path(self.folder, file))
         except SafetensorsError as error:
+            self.close()
             raise CheckpointError(str(error)) from None
         for file in self._files.values():
             for name in file.names:
@@ -158,13 +160,7 @@ def _resolve(name_or_path: str | os.PathLike, revision: str | None) -> Path:
 
 def read_json(path: Path) -> dict:
     """A JSON object from ``path``, or ``CheckpointError`` naming the file."""
-    try:
-        value = json.loads(path.read_text(encoding="utf-8"))
-    except (OSError, UnicodeDecodeError, json.JSONDecodeError) as error:
-        raise CheckpointError(f"{path}: not valid JSON ({error})") from None
-    if not isinstance(value, dict):
-        raise CheckpointError(f"{path}: expected a JSON object")
-    return value
+    return read_json_object(path, error=CheckpointError, finite=False)
 
 
 class LazyTensors(Mapping[str, torch.Tensor]):

@@ -14,7 +14,9 @@ from dataclasses import asdict, dataclass, field, fields
 from pathlib import Path
 
 from .atomic_files import write_text_atomic
+from .errors import KENConfigError
 from .hub import resolve_file
+from .json_input import read_json_object
 from .selection.rules import check_rule
 
 CONFIG_NAME = "ken_config.json"
@@ -53,7 +55,7 @@ class KENConfig:
         default=None,
         metadata={"help": "Modules not pruned: they go back to their pre-trained values."},
     )
-    modules_to_save: list[str] | None = field(
+    modules_to_save: list[str] | str | None = field(
         default=None,
         metadata={
             "help": "Modules stored whole (fine-tuned values, not pruned). Tensors absent from "
@@ -100,36 +102,56 @@ class KENConfig:
     )
 
     def __post_init__(self) -> None:
+        # Every field is checked, as given or as read from a ken_config.json someone else wrote.
+        if isinstance(self.base_model_name_or_path, os.PathLike):
+            self.base_model_name_or_path = os.fspath(self.base_model_name_or_path)
+        for name in ("target_modules", "exclude_modules", "modules_to_save"):
+            if isinstance(getattr(self, name), tuple):  # as PEFT takes them
+                setattr(self, name, list(getattr(self, name)))
         if (self.k is None) == (self.keep_ratio is None):
-            raise ValueError(
-                f"KENConfig needs exactly one of k and keep_ratio (got k={self.k!r}, "
-                f"keep_ratio={self.keep_ratio!r})"
+            raise KENConfigError(
+                f"KENConfig needs exactly one of k and keep_ratio (got k={_shown(self.k)}, "
+                f"keep_ratio={_shown(self.keep_ratio)})"
             )
-        if self.k is not None and (
-            isinstance(self.k, bool) or not isinstance(self.k, int) or self.k < 1
-        ):
-            raise ValueError(f"KENConfig.k must be a positive integer, got {self.k!r}")
+        if self.k is not None and not (_is_int(self.k) and 1 <= self.k <= 2**31):
+            raise KENConfigError(f"KENConfig.k must be a positive integer, got {_shown(self.k)}")
         if self.keep_ratio is not None and not (
             isinstance(self.keep_ratio, int | float)
             and not isinstance(self.keep_ratio, bool)
             and 0 < self.keep_ratio <= 1
         ):
-            raise ValueError(f"KENConfig.keep_ratio must be in (0, 1], got {self.keep_ratio!r}")
+            raise KENConfigError(
+                f"KENConfig.keep_ratio must be in (0, 1], got {_shown(self.keep_ratio)}"
+            )
+        for name in ("target_modules", "exclude_modules", "modules_to_save"):
+            _check_patterns(name, getattr(self, name))
+        if not isinstance(self.compat, bool):
+            raise KENConfigError(
+                f"KENConfig.compat must be true or false, got {_shown(self.compat)}"
+            )
+        if not isinstance(self.rule, str):
+            raise KENConfigError(f"KENConfig.rule must be a string, got {_shown(self.rule)}")
         check_rule(self.rule)
+        if not (_is_int(self.seed) and 0 <= self.seed < 2**63):
+            raise KENConfigError(f"KENConfig.seed must be an integer >= 0, got {_shown(self.seed)}")
+        for name, limit in _TEXT_FIELDS.items():
+            _check_text(name, getattr(self, name), limit)
         if self.base_model_dtype not in (None, "float32", "float16", "bfloat16", "float64"):
-            raise ValueError(
+            raise KENConfigError(
                 f"KENConfig.base_model_dtype must be a floating-point dtype name such as "
-                f"'float32', got {self.base_model_dtype!r}"
+                f"'float32', got {_shown(self.base_model_dtype)}"
+            )
+        if self.model_class is not None and not self.model_class.isidentifier():
+            raise KENConfigError(
+                f"KENConfig.model_class must be a class name, got {_shown(self.model_class)}"
+            )
+        if self.subnetwork_digest is not None and not _HEX16.fullmatch(self.subnetwork_digest):
+            raise KENConfigError(
+                "KENConfig.subnetwork_digest must be 16 hex digits, got "
+                f"{_shown(self.subnetwork_digest)}"
             )
         if self.compat and self.rule != "ken":
-            raise ValueError(f"KENConfig.compat applies to rule 'ken' only, not {self.rule!r}")
-        for name in ("target_modules", "exclude_modules"):
-            value = getattr(self, name)
-            if isinstance(value, str):
-                try:
-                    re.compile(value)
-                except re.error as error:
-                    raise ValueError(f"KENConfig.{name} is not a valid regex: {error}") from None
+            raise KENConfigError(f"KENConfig.compat applies to rule 'ken' only, not {self.rule!r}")
         if self.library_version is None:
             from . import __version__
 
@@ -169,7 +191,7 @@ class KENConfig:
         """Build from a dict: unknown keys warn, missing required keys are an error."""
         missing = [key for key in REQUIRED_KEYS if key not in values]
         if missing:
-            raise ValueError(f"{source} lacks required key(s) {missing}")
+            raise KENConfigError(f"{source} lacks required key(s) {missing}")
         known = {f.name for f in fields(cls)}
         unknown = sorted(set(values) - known)
         if unknown:
@@ -190,13 +212,68 @@ class KENConfig:
         path = resolve_file(
             name_or_path, CONFIG_NAME, subfolder=subfolder, revision=revision, **hub_kwargs
         )
+        values = read_json_object(path, error=KENConfigError)
         try:
-            values = json.loads(Path(path).read_text(encoding="utf-8"))
-        except (UnicodeDecodeError, json.JSONDecodeError) as error:
-            raise ValueError(f"{path} is not valid JSON: {error}") from None
-        if not isinstance(values, dict):
-            raise ValueError(f"{path} must hold a JSON object")
-        return cls.from_dict(values, source=str(path))
+            return cls.from_dict(values, source=str(path))
+        except KENConfigError as error:
+            if str(path) in str(error):
+                raise
+            raise KENConfigError(f"{path}: {error}") from None
+
+
+_HEX16 = re.compile(r"[0-9a-f]{16}")
+# Text fields and their longest accepted length.
+_TEXT_FIELDS = {
+    "base_model_name_or_path": 4096,
+    "base_model_revision": 256,
+    "model_class": 256,
+    "library_version": 64,
+}
+_MAX_PATTERNS = 100_000
+_MAX_PATTERN = 4096
+
+
+def _shown(value: object, limit: int = 60) -> str:
+    text = repr(value)
+    return text if len(text) <= limit else text[: limit - 3] + "..."
+
+
+def _is_int(value: object) -> bool:
+    return isinstance(value, int) and not isinstance(value, bool)
+
+
+def _check_text(name: str, value: object, limit: int) -> None:
+    """None or a non-empty printable string of at most ``limit`` characters."""
+    if value is not None and not (
+        isinstance(value, str) and 0 < len(value) <= limit and value.isprintable()
+    ):
+        raise KENConfigError(
+            f"KENConfig.{name} must be a printable string of at most {limit} characters, "
+            f"got {_shown(value)}"
+        )
+
+
+def _check_patterns(name: str, value: object) -> None:
+    """None, a list of module names, or a regular expression (a string)."""
+    if value is None:
+        return
+    if isinstance(value, str):
+        if len(value) > _MAX_PATTERN:
+            raise KENConfigError(f"KENConfig.{name}: a pattern longer than {_MAX_PATTERN}")
+        try:
+            re.compile(value)
+        except re.error as error:
+            raise KENConfigError(f"KENConfig.{name} is not a valid regex: {error}") from None
+        return
+    if not (
+        isinstance(value, list)
+        and len(value) <= _MAX_PATTERNS
+        and all(isinstance(v, str) and 0 < len(v) <= _MAX_PATTERN for v in value)
+    ):
+        raise KENConfigError(
+            f"KENConfig.{name} must be a list of module names or a regex string, "
+            f"got {_shown(value)}"
+        )
 
 
 def module_name(parameter_name: str) -> str:

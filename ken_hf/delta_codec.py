@@ -126,7 +126,16 @@ def compress(data: bytes, *, level: int = DEFAULT_LEVEL, threads: int = DEFAULT_
 def decompress(frame: bytes | np.ndarray, size: int) -> np.ndarray:
     """The ``size`` bytes a zstd ``frame`` holds (uint8 ``[size]``); ``ValueError`` if it
     holds anything else. Decompressed into memory numpy allocates (see ``host_empty``):
-    about 2.5x faster than into a ``bytes`` object of that size."""
+    about 2.5x faster than into a ``bytes`` object of that size. The frame's header must
+    declare ``size`` before anything is allocated: nothing is expanded past what the caller
+    expects."""
+    try:
+        declared = zstandard.frame_content_size(frame)
+    except zstandard.ZstdError as error:
+        raise ValueError(f"not a valid zstd frame ({error})") from None
+    if declared != size:
+        shown = "no size" if declared < 0 else f"{declared} bytes"
+        raise ValueError(f"zstd frame declares {shown}, expected {size}")
     data = np.empty(size, dtype=np.uint8)
     filled, view = 0, memoryview(data)
     try:

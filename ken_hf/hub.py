@@ -12,6 +12,8 @@ from pathlib import Path, PurePosixPath
 
 from huggingface_hub import HfApi, hf_hub_download, snapshot_download
 
+from .confined import confined_file, confined_folder
+
 
 def is_hub_id(name_or_path: str | os.PathLike) -> bool:
     """Whether ``name_or_path`` can only be meant as a Hub id: ``name`` or ``owner/name``,
@@ -50,9 +52,10 @@ def resolve_folder(
     inside = _checked_subfolder(subfolder)
     path = Path(name_or_path)
     if path.is_dir():
-        if not (path / inside).is_dir():
+        folder = confined_folder(path, inside)
+        if not folder.is_dir():
             raise FileNotFoundError(f"{name_or_path} has no subfolder {inside!r} (subfolder=)")
-        return path / inside
+        return folder
     if not is_hub_id(name_or_path):
         raise FileNotFoundError(f"{name_or_path}: no such folder")
     if inside and allow_patterns is not None:
@@ -70,11 +73,11 @@ def resolve_folder(
         raise FileNotFoundError(
             f"{name_or_path}: not a local folder, and the Hub could not provide it{where} ({error})"
         ) from error
-    if not (folder / inside).is_dir():
+    if not confined_folder(folder, inside).is_dir():
         raise FileNotFoundError(
             f"{name_or_path}{where}: the repository has no subfolder {inside!r} (subfolder=)"
         )
-    return folder / inside
+    return confined_folder(folder, inside)
 
 
 def resolve_file(
@@ -90,8 +93,8 @@ def resolve_file(
     inside = _checked_subfolder(subfolder)
     shown = f"{inside}/{filename}" if inside else filename
     if Path(name_or_path).is_dir():
-        path = Path(name_or_path) / inside / filename
-        if not path.is_file():
+        path = confined_file(confined_folder(name_or_path, inside), filename)
+        if path is None:
             raise FileNotFoundError(f"{name_or_path} has no {shown}")
         return path
     if not is_hub_id(name_or_path):

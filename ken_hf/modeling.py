@@ -7,17 +7,21 @@ import bisect
 import dataclasses
 import functools
 import os
+import re
 from collections.abc import Iterator
 from contextlib import contextmanager
 from pathlib import Path
 
 import torch
 import transformers
-from transformers import PreTrainedModel
+from transformers import PretrainedConfig, PreTrainedModel
 
 from .checkpoints import tensors_of
 from .delta_codec import host_copies
+from .errors import KENConfigError, UnsafePathError
 from .fingerprint import tensor_fingerprint
+from .hub import resolve_file
+from .json_input import read_json_object
 from .subnetwork import KENSubnetwork, fingerprints_of
 
 
@@ -129,8 +133,10 @@ class KENModel(PreTrainedModel):
         self.add_subnetwork(name, subnetwork)
 
     def add_subnetwork(self, name: str, subnetwork: KENSubnetwork) -> None:
-        """Keep ``subnetwork`` under ``name``; it must have been made from this base."""
+        """Keep ``subnetwork`` under ``name``; it must have been made from this base, and
+        every tensor it writes must be one of the model's, of the same shape and dtype."""
         subnetwork.check_base(self._live_base())
+        subnetwork.check_fits(tensors_of(self.model))
         self.subnetworks[name] = subnetwork
 
     def delete_subnetwork(self, name: str) -> None:
@@ -339,7 +345,13 @@ _DTYPE_ARGUMENT = "dtype" if int(transformers.__version__.split(".")[0]) >= 5 el
 class AutoKENModel:
     """Loads the base model named in a subnetwork's config, through the transformers class
     recorded there (or the Auto class of the subclass), in the dtype recorded there, and
-    applies the subnetwork."""
+    applies the subnetwork.
+
+    What a subnetwork's files may choose is bounded (see SECURITY.md): a subnetwork from the
+    Hub names its base by Hub id only (a local base needs ``base_model_name_or_path=``), its
+    ``config.json`` must describe a model of the base's sizes, no code from the base or the
+    subnetwork runs (``trust_remote_code=False`` unless you pass it), and each tensor's
+    declared shape is checked against the loaded base before it is decoded."""
 
     auto_class: str | None = None
 
@@ -351,41 +363,140 @@ class AutoKENModel:
         subfolder: str | None = None,
         revision: str | None = None,
         subnetwork_name: str = "default",
+        base_model_name_or_path: str | os.PathLike | None = None,
+        base_model_revision: str | None = None,
         hub_kwargs: dict | None = None,
         **model_kwargs,
     ) -> KENModel:
         """``name_or_path``: a subnetwork folder or Hub id; ``subfolder``: the folder inside
         it that holds the subnetwork; ``revision``: the subnetwork's branch, tag or commit
-        on the Hub (the base's revision is the one the subnetwork recorded).
-        ``model_kwargs`` go to the base model's ``from_pretrained`` (e.g. ``device_map``);
-        the base dtype is the one the subnetwork recorded unless given."""
+        on the Hub. ``base_model_name_or_path`` / ``base_model_revision``: the base to load
+        instead of the one the subnetwork recorded (a local folder, or a Hub id at a
+        revision); its fingerprints must still match. ``model_kwargs`` go to the base
+        model's ``from_pretrained`` (e.g. ``device_map``); the base dtype is the one the
+        subnetwork recorded unless given."""
         subnetwork = KENSubnetwork.from_pretrained(
             name_or_path, subfolder=subfolder, revision=revision, **(hub_kwargs or {})
         )
-        config = subnetwork.config
-        if config.base_model_name_or_path is None:
-            raise ValueError(
-                f"{name_or_path}: ken_config.json names no base model; load the base yourself "
-                "and call KENModel.from_pretrained(base_model, folder)"
-            )
-        model_class = getattr(transformers, cls.auto_class or config.model_class or "", None)
-        if model_class is None:
-            raise ValueError(
-                f"{name_or_path}: unknown transformers model class {config.model_class!r}"
-            )
-        if subnetwork.model_config is not None and "config" not in model_kwargs:
-            model_config = dict(subnetwork.model_config)
-            config_class = transformers.CONFIG_MAPPING[model_config.pop("model_type")]
-            model_kwargs["config"] = config_class.from_dict(model_config)
-        if config.base_model_dtype and not {"dtype", "torch_dtype"} & set(model_kwargs):
-            model_kwargs[_DTYPE_ARGUMENT] = getattr(torch, config.base_model_dtype)
-        base = model_class.from_pretrained(
-            config.base_model_name_or_path, revision=config.base_model_revision, **model_kwargs
+        base, base_revision = _base_location(
+            name_or_path, subnetwork.config, base_model_name_or_path, base_model_revision
         )
-        model = KENModel(base)
+        model_class = _model_class(cls.auto_class or subnetwork.config.model_class, name_or_path)
+        model_kwargs.setdefault("trust_remote_code", False)  # nothing prompts, nothing runs
+        if subnetwork.model_config is not None and "config" not in model_kwargs:
+            base_config = _base_model_config(base, base_revision, hub_kwargs or {})
+            model_kwargs["config"] = model_config_of(
+                subnetwork.model_config, base_config, f"{name_or_path}: config.json"
+            )
+        dtype_name = subnetwork.config.base_model_dtype
+        if dtype_name and not {"dtype", "torch_dtype"} & set(model_kwargs):
+            model_kwargs[_DTYPE_ARGUMENT] = getattr(torch, dtype_name)
+        model = KENModel(model_class.from_pretrained(base, revision=base_revision, **model_kwargs))
         model.add_subnetwork(subnetwork_name, subnetwork)
         model.set_subnetwork(subnetwork_name)
         return model
+
+
+# A Hub repository id: ``name`` or ``owner/name`` (what huggingface_hub accepts).
+_HUB_ID = re.compile(r"[A-Za-z0-9][\w.-]{0,95}(/[A-Za-z0-9][\w.-]{0,95})?")
+
+
+def _base_location(
+    source: str | os.PathLike,
+    config,
+    base: str | os.PathLike | None,
+    revision: str | None,
+) -> tuple[str, str | None]:
+    """The base to load: the caller's, else the one the subnetwork recorded. A subnetwork
+    from the Hub may only name a Hub id that is not also a local path (transformers would
+    read the local folder): a file from a stranger does not choose a folder on this
+    machine."""
+    if base is not None:
+        return os.fspath(base), revision
+    recorded = config.base_model_name_or_path
+    if recorded is None:
+        raise KENConfigError(
+            f"{source}: ken_config.json names no base model; pass base_model_name_or_path=, "
+            "or load the base yourself and call KENModel.from_pretrained(base_model, folder)"
+        )
+    from_hub = not Path(source).is_dir()  # as hub.resolve_folder decides
+    if from_hub and (
+        not _HUB_ID.fullmatch(recorded) or ".." in recorded or os.path.lexists(recorded)
+    ):
+        raise UnsafePathError(
+            f"{source}: ken_config.json field 'base_model_name_or_path' is {recorded!r}, "
+            "which is not a Hub id: a subnetwork from the Hub may name only a Hub id as its "
+            "base. To use a base you trust, pass base_model_name_or_path="
+        )
+    return recorded, config.base_model_revision
+
+
+def _model_class(name: str | None, source: str | os.PathLike) -> type:
+    """The transformers model class (or Auto class) called ``name``; a name that is not
+    one (any other attribute of transformers) is refused."""
+    found = getattr(transformers, name or "", None)
+    if not (
+        isinstance(found, type)
+        and (issubclass(found, PreTrainedModel) or name.startswith("AutoModel"))
+        and hasattr(found, "from_pretrained")
+    ):
+        raise KENConfigError(
+            f"{source}: ken_config.json field 'model_class' is {name!r}, not a transformers "
+            "model class"
+        )
+    return found
+
+
+def _base_model_config(base: str, revision: str | None, hub_kwargs: dict) -> dict:
+    """The base's ``config.json`` as a dict, read as data (no code of the base runs)."""
+    try:
+        path = resolve_file(base, "config.json", revision=revision, **hub_kwargs)
+    except FileNotFoundError as error:
+        raise OSError(f"the base {base}: {error}") from error
+    return read_json_object(path, error=KENConfigError, finite=False)
+
+
+def model_config_of(values: dict, base_values: dict, source: str) -> PretrainedConfig:
+    """The transformers config a subnetwork's ``config.json`` (``values``) describes,
+    checked against the base's (``base_values``): the same ``model_type``, and the same
+    value for every integer both hold (so the model built from it has the base's sizes),
+    except token ids and a vocabulary that grew by at most its own size."""
+    model_type = values.get("model_type")
+    if not isinstance(model_type, str) or model_type not in transformers.CONFIG_MAPPING:
+        raise KENConfigError(f"{source}: field 'model_type' is {model_type!r}, not a known model")
+    if base_values.get("model_type") != model_type:
+        raise KENConfigError(
+            f"{source}: field 'model_type' is {model_type!r}, the base's is "
+            f"{base_values.get('model_type')!r}"
+        )
+    _check_sizes(values, base_values, source, "")
+    fields = {key: value for key, value in values.items() if key != "model_type"}
+    try:
+        return transformers.CONFIG_MAPPING[model_type].from_dict(fields)
+    except Exception as error:  # transformers validates fields its own way: name the file
+        raise KENConfigError(f"{source}: not a valid {model_type} config ({error})") from None
+
+
+def _check_sizes(values: dict, base_values: dict, source: str, prefix: str) -> None:
+    for key, value in values.items():
+        base_value = base_values.get(key)
+        if isinstance(value, dict) and isinstance(base_value, dict):
+            _check_sizes(value, base_value, source, f"{prefix}{key}.")
+            continue
+        if not (_is_int(value) and _is_int(base_value)) or value == base_value:
+            continue
+        if key.endswith("_token_id"):
+            continue
+        if key == "vocab_size" and base_value <= value <= 2 * base_value:
+            continue
+        raise KENConfigError(
+            f"{source}: field {prefix + key!r} is {value}, the base's is {base_value}: a "
+            "subnetwork describes a model of its base's sizes"
+        )
+
+
+def _is_int(value: object) -> bool:
+    return isinstance(value, int) and not isinstance(value, bool)
 
 
 class AutoKENModelForSequenceClassification(AutoKENModel):

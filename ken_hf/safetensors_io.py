@@ -27,6 +27,7 @@ import torch
 
 from .atomic_files import FolderWriter, staging_file
 from .errors import KENError
+from .json_input import parse_json
 
 # torch dtype <-> safetensors dtype name: the one table of the package.
 SAFETENSORS_DTYPES = {
@@ -47,9 +48,18 @@ SAFETENSORS_DTYPES = {
 TORCH_DTYPES = {name: dtype for dtype, name in SAFETENSORS_DTYPES.items()}
 # The floating-point dtypes KEN works on (selection, storage, fingerprints).
 FLOAT_DTYPES = (torch.float64, torch.float32, torch.float16, torch.bfloat16)
+# Bits per element of every dtype the safetensors format names (torch holds only some).
+FORMAT_DTYPE_BITS = {
+    "BOOL": 8, "U8": 8, "I8": 8, "F8_E5M2": 8, "F8_E4M3": 8, "F8_E8M0": 8,
+    "I16": 16, "U16": 16, "F16": 16, "BF16": 16,
+    "I32": 32, "U32": 32, "F32": 32,
+    "I64": 64, "U64": 64, "F64": 64, "C64": 64,
+    "F4": 4, "F6_E2M3": 6, "F6_E3M2": 6,
+}  # fmt: skip
 _COPY_BUFFER = 64 * 2**20
 _READ_PIECE = 16 * 2**20  # bytes of a mapped file copied at a time
-_MAX_HEADER = 100 * 2**20
+MAX_HEADER = 100 * 2**20  # the safetensors library's own limit
+MAX_RANK = 8
 
 
 class SafetensorsError(KENError):
@@ -65,20 +75,37 @@ class SafetensorsFile:
         names: tensor names in header order.
     """
 
-    def __init__(self, path: str | os.PathLike) -> None:
+    def __init__(self, path: str | os.PathLike, *, max_header: int = MAX_HEADER) -> None:
         self.path = Path(path)
-        self._header, self._data_start = _read_header(self.path)
+        # Header and data are read through this one handle: a file replaced on disk after
+        # opening (a save into the same folder) is not mixed with the one opened.
+        try:
+            self._handle = open(self.path, "rb")  # closed by close()
+        except OSError as error:
+            raise SafetensorsError(f"{self.path}: cannot be opened ({error.strerror})") from None
+        try:
+            self._open(max_header)
+        except BaseException:
+            self._handle.close()
+            raise
+        self._map: mmap.mmap | None = None
+
+    def _open(self, max_header: int) -> None:
+        self._header, self._data_start = _read_header(self.path, self._handle, max_header)
         metadata = self._header.pop("__metadata__", None) or {}
         if not isinstance(metadata, dict) or not all(
             isinstance(k, str) and isinstance(v, str) for k, v in metadata.items()
         ):
             raise SafetensorsError(f"{self.path}: malformed __metadata__")
         self.metadata: dict[str, str] = metadata
-        data_size = os.path.getsize(self.path) - self._data_start
-        for name, record in self._header.items():
-            _check_record(self.path, name, record, data_size)
+        self.size = os.fstat(self._handle.fileno()).st_size
+        data_size = self.size - self._data_start
+        ranges = [
+            (*_check_record(self.path, name, record, data_size), name)
+            for name, record in self._header.items()
+        ]
+        _check_contiguous(self.path, ranges, data_size)
         self.names = list(self._header)
-        self._map: mmap.mmap | None = None
 
     def dtype(self, name: str) -> torch.dtype | None:
         """Tensor ``name``'s torch dtype (None for a dtype torch cannot hold here)."""
@@ -100,11 +127,9 @@ class SafetensorsFile:
             raise SafetensorsError(
                 f"{self.path}: tensor {name!r} has unsupported dtype {self._header[name]['dtype']}"
             )
-        if self._map is None:
-            with open(self.path, "rb") as handle:
-                size = os.fstat(handle.fileno()).st_size
-                # An empty mapping is not allowed; a file of header only has no data to read.
-                self._map = mmap.mmap(handle.fileno(), 0, access=mmap.ACCESS_READ) if size else None
+        if self._map is None and self.size:
+            # An empty mapping is not allowed; a file of header only has no data to read.
+            self._map = mmap.mmap(self._handle.fileno(), 0, access=mmap.ACCESS_READ)
         begin, end = (self._data_start + o for o in self._header[name]["data_offsets"])
         data = np.empty(end - begin, dtype=np.uint8)
         if end > begin and (self._map is None or end > len(self._map)):
@@ -124,6 +149,7 @@ class SafetensorsFile:
         if self._map is not None:
             self._map.close()
             self._map = None
+        self._handle.close()
 
     def __enter__(self) -> SafetensorsFile:
         return self
@@ -132,25 +158,28 @@ class SafetensorsFile:
         self.close()
 
 
-def _read_header(path: Path) -> tuple[dict, int]:
-    """The JSON header of a safetensors file and the byte where its tensor data starts."""
+def _read_header(path: Path, handle, max_header: int) -> tuple[dict, int]:
+    """The JSON header of the safetensors file open as ``handle`` and the byte where its
+    tensor data starts."""
     try:
-        size = os.path.getsize(path)
-        with open(path, "rb") as handle:
-            (length,) = struct.unpack("<Q", handle.read(8))
-            if length > min(size - 8, _MAX_HEADER):
-                raise ValueError("header length past the end of the file")
-            header = json.loads(handle.read(length))
+        size = os.fstat(handle.fileno()).st_size
+        (length,) = struct.unpack("<Q", handle.read(8))
+        if length > size - 8:
+            raise ValueError("header length past the end of the file")
+        if length > max_header:
+            raise ValueError(f"header of {length} bytes, more than {max_header} allowed")
+        text = handle.read(length)
     except (OSError, ValueError, struct.error) as error:
         raise SafetensorsError(f"{path}: not a readable safetensors file ({error})") from None
+    header = parse_json(text, f"{path}: header", error=SafetensorsError)
     if not isinstance(header, dict):
         raise SafetensorsError(f"{path}: not a readable safetensors file (header is not a map)")
     return header, 8 + length
 
 
-def _check_record(path: Path, name: str, record, data_size: int) -> None:
+def _check_record(path: Path, name: str, record, data_size: int) -> tuple[int, int]:
     """One header entry: a known dtype name, a shape, and a byte range inside the data that
-    is exactly as long as the shape and dtype say."""
+    is exactly as long as the shape and dtype say. Returns the byte range."""
 
     def fail(problem: str) -> SafetensorsError:
         return SafetensorsError(f"{path}: tensor {name!r}: {problem}")
@@ -162,24 +191,46 @@ def _check_record(path: Path, name: str, record, data_size: int) -> None:
         record.get("data_offsets"),
         record.get("dtype"),
     )
-    if not isinstance(shape, list) or not all(
-        isinstance(d, int) and not isinstance(d, bool) and d >= 0 for d in shape
+    if not (
+        isinstance(shape, list)
+        and len(shape) <= MAX_RANK
+        and all(isinstance(d, int) and not isinstance(d, bool) and d >= 0 for d in shape)
     ):
-        raise fail(f"bad shape {shape!r}")
+        raise fail(f"bad shape {_shown(shape)}")
     if not (
         isinstance(offsets, list)
         and len(offsets) == 2
         and all(isinstance(o, int) and not isinstance(o, bool) for o in offsets)
         and 0 <= offsets[0] <= offsets[1] <= data_size
     ):
-        raise fail(f"bad byte range {offsets!r}")
-    if not isinstance(dtype_name, str):
-        raise fail(f"bad dtype {dtype_name!r}")
-    dtype = TORCH_DTYPES.get(dtype_name)
-    if dtype is not None:
-        expected = math.prod(shape) * torch.empty((), dtype=dtype).element_size()
-        if offsets[1] - offsets[0] != expected:
-            raise fail(f"byte range of {offsets[1] - offsets[0]} bytes, shape needs {expected}")
+        raise fail(f"bad byte range {_shown(offsets)}")
+    if dtype_name not in FORMAT_DTYPE_BITS:
+        raise fail(f"unknown dtype {_shown(dtype_name)}")
+    bits = math.prod(shape) * FORMAT_DTYPE_BITS[dtype_name]  # Python ints: no wrapping
+    if bits % 8 or offsets[1] - offsets[0] != bits // 8:
+        raise fail(f"byte range of {offsets[1] - offsets[0]} bytes, shape needs {bits / 8:g}")
+    return offsets[0], offsets[1]
+
+
+def _check_contiguous(path: Path, ranges: list[tuple[int, int, str]], data_size: int) -> None:
+    """The tensors' byte ranges follow one another with no gap and no overlap and end where
+    the file does, as the safetensors format requires."""
+    end = 0
+    for begin, stop, name in sorted(ranges):
+        if begin != end:
+            problem = "overlaps the tensor before it" if begin < end else "leaves a gap before it"
+            raise SafetensorsError(f"{path}: tensor {name!r}: byte range {[begin, stop]} {problem}")
+        end = stop
+    if end != data_size:
+        raise SafetensorsError(
+            f"{path}: the tensors' bytes end at {end}, the file's data at {data_size}"
+        )
+
+
+def _shown(value: object, limit: int = 80) -> str:
+    """``repr(value)``, cut short: a hostile header can hold anything."""
+    text = repr(value)
+    return text if len(text) <= limit else text[: limit - 3] + "..."
 
 
 class SafetensorsWriter:

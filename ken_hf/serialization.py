@@ -29,6 +29,7 @@ from __future__ import annotations
 import json
 import math
 import os
+from collections.abc import Iterator, Mapping
 from pathlib import Path
 from typing import TYPE_CHECKING
 
@@ -48,10 +49,12 @@ from .delta_codec import (
     to_planes,
     unpack_bits,
 )
+from .json_input import parse_json
 from .safetensors_io import SafetensorsError, SafetensorsFile, SafetensorsWriter
 from .subnetwork_format import (
     FORMAT,
     SUBNETWORK_NAME,
+    VALUE_DTYPES,
     EntryCheck,
     KENFormatError,
     PrunedTensor,
@@ -61,6 +64,7 @@ from .subnetwork_format import (
     positions_of,
     smaller_encoding,
 )
+from .subnetwork_schema import MAX_SUBNETWORK_HEADER, check_document
 
 if TYPE_CHECKING:
     from .pipeline import TensorRecord
@@ -76,6 +80,7 @@ __all__ = [
     "StoredSubnetwork",
     "SubnetworkReader",
     "SubnetworkWriter",
+    "open_subnetwork",
     "read_subnetwork",
     "write_subnetwork",
 ]
@@ -242,23 +247,18 @@ class SubnetworkReader:
         if not self.path.is_file():
             raise KENFormatError(f"{self.path}: no such subnetwork file")
         try:
-            self._file = SafetensorsFile(self.path)
+            self._file = SafetensorsFile(self.path, max_header=MAX_SUBNETWORK_HEADER)
         except SafetensorsError as error:
             raise KENFormatError(str(error)) from None
-        self.version, self._document = _read_document(self.path, self._file.metadata)
+        try:
+            self.version, self._document = _read_document(self.path, self._file.metadata)
+            check_document(self.path, self.version, self._document, self._file)
+        except BaseException:
+            self._file.close()
+            raise
         self.digest: str = self._file.metadata["digest"]
         self._keys = set(self._file.names)
-        described = set()
-        for name, entry in self._document["tensors"].items():
-            if isinstance(entry, dict):
-                described |= _described_keys(self.version, name, entry)
-        extra = sorted(self._keys - described)
-        if extra:
-            raise KENFormatError(f"{self.path}: arrays not described by the header: {extra[:5]}")
-        fingerprints = self._document["fingerprints"]
-        if not all(isinstance(k, str) and isinstance(v, str) for k, v in fingerprints.items()):
-            raise KENFormatError(f"{self.path}: malformed base fingerprints")
-        self.fingerprints: dict[str, str] = dict(fingerprints)
+        self.fingerprints: dict[str, str] = dict(self._document["fingerprints"])
         self.names: list[str] = list(self._document["tensors"])
 
     def entry(self, name: str) -> dict:
@@ -304,6 +304,50 @@ class SubnetworkReader:
         self.close()
 
 
+class DecodedOnAccess(Mapping[str, "PrunedTensor | torch.Tensor"]):
+    """Tensors of a subnetwork file open in ``reader``, each read, validated and decoded the
+    first time it is asked for, then kept. ``spec(name)`` gives a tensor's declared shape
+    and dtype without decoding it, so that they can be checked against a base first."""
+
+    def __init__(self, reader: SubnetworkReader, names: list[str]) -> None:
+        self._reader = reader
+        self._names = list(names)
+        self._known = set(self._names)
+        self._decoded: dict[str, PrunedTensor | torch.Tensor] = {}
+
+    def __getitem__(self, name: str) -> PrunedTensor | torch.Tensor:
+        if name not in self._known:
+            raise KeyError(name)
+        if name not in self._decoded:
+            self._decoded[name] = self._reader.read(name)
+        return self._decoded[name]
+
+    def __contains__(self, name: object) -> bool:
+        return name in self._known
+
+    def __iter__(self) -> Iterator[str]:
+        return iter(self._names)
+
+    def __len__(self) -> int:
+        return len(self._names)
+
+    def spec(self, name: str) -> tuple[torch.Size, torch.dtype]:
+        entry = self._reader.entry(name)
+        return torch.Size(entry["shape"]), VALUE_DTYPES[entry["dtype"]]
+
+
+def open_subnetwork(path: str | os.PathLike) -> StoredSubnetwork:
+    """A subnetwork file with its header validated in full and its tensors decoded on access
+    (``DecodedOnAccess``); ``KENFormatError`` on any problem, when it is found."""
+    reader = SubnetworkReader(path)
+    kinds = {name: reader.entry(name)["kind"] for name in reader.names}
+    return StoredSubnetwork(
+        DecodedOnAccess(reader, [n for n in reader.names if kinds[n] == "pruned"]),
+        DecodedOnAccess(reader, [n for n in reader.names if kinds[n] == "whole"]),
+        reader.fingerprints,
+    )
+
+
 def read_subnetwork(path: str | os.PathLike) -> StoredSubnetwork:
     """Read and fully validate a subnetwork file; raise ``KENFormatError`` on any problem."""
     pruned: dict[str, PrunedTensor] = {}
@@ -318,15 +362,6 @@ def read_subnetwork(path: str | os.PathLike) -> StoredSubnetwork:
         return StoredSubnetwork(pruned, whole, reader.fingerprints)
 
 
-def _described_keys(version: str, name: str, entry: dict) -> set[str]:
-    """The array names an entry calls for (malformed entries fail on reading)."""
-    if version == "1":
-        return format_v1.described_keys(name, entry)
-    if entry.get("kind") == "whole":
-        return {f"whole.{name}"}
-    return {f"pruned.{name}.{part}" for part in ("kept", "changed", "difference")}
-
-
 def _read_document(path: Path, metadata: dict[str, str]) -> tuple[str, dict]:
     if metadata.get("format") != FORMAT:
         raise KENFormatError(f"{path}: not a ken-hf subnetwork (format={metadata.get('format')!r})")
@@ -339,15 +374,7 @@ def _read_document(path: Path, metadata: dict[str, str]) -> tuple[str, dict]:
     text = metadata.get("ken", "")
     if xxhash.xxh3_64_hexdigest(text.encode()) != metadata.get("digest"):
         raise KENFormatError(f"{path}: metadata digest mismatch (corrupted header)")
-    try:
-        document = json.loads(text)
-    except json.JSONDecodeError as error:
-        raise KENFormatError(f"{path}: metadata is not valid JSON ({error})") from None
-    if not isinstance(document, dict) or not isinstance(document.get("tensors"), dict):
-        raise KENFormatError(f"{path}: metadata lacks the tensor table")
-    if not isinstance(document.get("fingerprints"), dict):
-        raise KENFormatError(f"{path}: metadata lacks the base fingerprints")
-    return version, document
+    return version, parse_json(text, f"{path}: the KEN document", error=KENFormatError)
 
 
 def _read_entry(check: EntryCheck, entry) -> PrunedTensor | torch.Tensor:
@@ -357,31 +384,15 @@ def _read_entry(check: EntryCheck, entry) -> PrunedTensor | torch.Tensor:
     if entry["kind"] == "whole":
         stored = check.array(f"whole.{name}")
         check.sums(checksums, [stored], shape)
-        if entry.get("codec") == "none":
-            if stored.dtype != dtype or list(stored.shape) != shape:
-                raise check.fail(f"stored {stored.dtype} {list(stored.shape)}, header says {shape}")
+        if entry["codec"] == "none":
             return stored
-        if entry.get("codec") != "zstd" or stored.dtype != torch.uint8 or stored.dim() != 1:
-            raise check.fail(f"bad whole-tensor codec {entry.get('codec')!r}")
         itemsize = torch.empty((), dtype=dtype).element_size()
         planes = _decompressed(check, stored, numel * itemsize)
         return from_planes(planes, dtype, numel).reshape(shape)
-    count = check.count(entry, "count", numel)
-    changed_count = check.count(entry, "changed", count)
-    encoding, sizes = entry.get("encoding"), entry.get("sizes")
-    itemsize = torch.empty((), dtype=dtype).element_size()
-    index_size = torch.empty((), dtype=index_dtype(numel)).element_size()
-    expected = {
-        "mask": [-(-numel // 8), -(-count // 8), changed_count * itemsize],
-        "indices": [count * index_size, -(-count // 8), changed_count * itemsize],
-    }.get(encoding)
-    if expected is None:
-        raise check.fail(f"unknown encoding {encoding!r}")
-    if sizes != expected:
-        raise check.fail(f"array sizes {sizes!r} do not fit the header's counts")
+    # The header passed check_document: counts, encoding and sizes agree with each other.
+    count, changed_count = entry["count"], entry["changed"]
+    encoding, sizes = entry["encoding"], entry["sizes"]
     stored = [check.array(f"pruned.{name}.{part}") for part in ("kept", "changed", "difference")]
-    if any(t.dtype != torch.uint8 or t.dim() != 1 for t in stored):
-        raise check.fail("compressed arrays must be uint8 vectors")
     check.sums(checksums, stored, shape)
     kept, changed, difference = (
         _decompressed(check, t, n) for t, n in zip(stored, sizes, strict=True)
@@ -400,8 +411,9 @@ def _read_entry(check: EntryCheck, entry) -> PrunedTensor | torch.Tensor:
     if int(torch.count_nonzero(changed_bits)) != changed_count:
         raise check.fail(f"the changed bits do not number the header's {changed_count}")
     bits = from_planes(difference, BITS_DTYPES[dtype], changed_count)
-    statistics = check.statistics(entry.get("delta", [None, None]))
-    return PrunedTensor(torch.Size(shape), dtype, positions, None, changed_bits, bits, *statistics)
+    return PrunedTensor(
+        torch.Size(shape), dtype, positions, None, changed_bits, bits, *entry["delta"]
+    )
 
 
 def _decompressed(check: EntryCheck, stored: torch.Tensor, size: int) -> np.ndarray:

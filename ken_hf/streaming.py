@@ -19,6 +19,7 @@ import dataclasses
 import json
 import math
 import os
+import re
 import struct
 from pathlib import Path
 
@@ -39,6 +40,7 @@ from .checkpoints import (
     read_json,
 )
 from .config import CONFIG_NAME, KENConfig
+from .confined import confined_file
 from .delta_codec import BITS_DTYPES, DEFAULT_LEVEL, DEFAULT_THREADS, pack_bits, unpack_bits
 from .distributed import Inbox, Outbox, Team, share_by_size
 from .fingerprint import tensor_fingerprint
@@ -62,6 +64,7 @@ from .serialization import (
 )
 from .subnetwork import BaseMismatchError
 from .subnetwork_folder import CARD_NAME, MODEL_CONFIG_NAME, SUBNETWORK_FILES, saved_files
+from .subnetwork_format import VALUE_DTYPES
 
 # Working memory of the selection, per tensor: half the library default, so that the whole
 # run stays within two copies of the largest tensor plus 1 GiB, start-up included.
@@ -174,8 +177,9 @@ def prune_checkpoints(
             if tuned.config:
                 folder.write_text(MODEL_CONFIG_NAME, json.dumps(tuned.config, indent=2))
             for name in TOKENIZER_FILES:
-                if (tuned.folder / name).is_file():
-                    folder.copy(tuned.folder / name, name)
+                path = confined_file(tuned.folder, name)
+                if path is not None:
+                    folder.copy(path, name)
             folder.write_text(CARD_NAME, model_card(config, subnetwork_file))
             folder.remove_stale(["ken_report.json"])
             saved = dataclasses.replace(config, subnetwork_digest=writer.digest)
@@ -290,7 +294,7 @@ def apply_checkpoint(
         SubnetworkReader(subnetwork_file) as reader,
         Checkpoint(base, revision=config.base_model_revision) as base_ckpt,
     ):
-        model_config = read_json(model_config_file) if model_config_file.is_file() else {}
+        model_config = read_json(model_config_file) if model_config_file is not None else {}
         names = list(reader.fingerprints) + [
             n for n in reader.names if n not in reader.fingerprints
         ]
@@ -302,27 +306,72 @@ def apply_checkpoint(
                 f"tensor {missing[0]!r} of the subnetwork's base is not in {base_ckpt.source} "
                 f"({len(missing)} missing)"
             )
-        old_index = Path(out) / INDEX_NAME
-        stale = [WEIGHTS_NAME, INDEX_NAME]
-        if old_index.is_file():  # shards of an earlier checkpoint there, named by its index
-            stale += sorted(set(read_json(old_index).get("weight_map", {}).values()))
+        _check_fits_checkpoint(reader, base_ckpt, pairs)
+        stale = [WEIGHTS_NAME, INDEX_NAME, *_own_shards(Path(out))]
         with FolderWriter(out, commit=WEIGHTS_NAME) as target:
             with ShardedWriter(target, max_shard_size) as writer:
                 for name in tqdm(names, desc="KEN apply", unit="tensor", disable=not progress):
                     writer.add(name, _merged(name, reader, base_ckpt, pairs))
             if model_config:
                 target.write_text(MODEL_CONFIG_NAME, json.dumps(model_config, indent=2))
-            has_tokenizer = (folder / "tokenizer_config.json").is_file()
+            has_tokenizer = confined_file(folder, "tokenizer_config.json") is not None
             side_files = [
                 (folder if has_tokenizer else base_ckpt.folder, TOKENIZER_FILES),
                 (base_ckpt.folder, ("generation_config.json",)),
             ]
             for source, side_names in side_files:
                 for name in side_names:
-                    if (source / name).is_file():
-                        target.copy(source / name, name)
+                    path = confined_file(source, name)
+                    if path is not None:
+                        target.copy(path, name)
             target.remove_stale(stale)
         return {"tensors": len(names), "bytes": writer.total_bytes}
+
+
+# Shards as transformers and ShardedWriter name them.
+_SHARD = re.compile(r"model-\d{5}-of-\d{5}\.safetensors")
+
+
+def _own_shards(out: Path) -> list[str]:
+    """The shards of an earlier checkpoint in ``out`` that a new one replaces: the files its
+    index names that carry a shard's name and are regular files of ``out`` itself. Anything
+    else an index names (a path, a link, another file) is left alone."""
+    index = out / INDEX_NAME
+    if not index.is_file() or index.is_symlink():
+        return []
+    weight_map = read_json(index).get("weight_map")
+    if not isinstance(weight_map, dict):
+        return []
+    return sorted(
+        name
+        for name in set(weight_map.values())
+        if isinstance(name, str)
+        and _SHARD.fullmatch(name)
+        and (out / name).is_file()
+        and not (out / name).is_symlink()
+    )
+
+
+def _check_fits_checkpoint(reader: SubnetworkReader, base: Checkpoint, pairs: dict) -> None:
+    """Every tensor the subnetwork declares lands on a base tensor of the same shape and
+    dtype, or, when the base lacks it, is no larger than the base's largest tensor: checked
+    from the headers, before anything is decoded."""
+    largest = max((math.prod(base.shape(n)) for n in base.names), default=0)
+    for name in reader.names:
+        entry = reader.entry(name)
+        shape, dtype = tuple(entry["shape"]), VALUE_DTYPES[entry["dtype"]]
+        if name in pairs:
+            stored = pairs[name]
+            if base.shape(stored) != shape or base.dtype(stored) != dtype:
+                raise BaseMismatchError(
+                    f"tensor {name!r}: {base.source} holds {base.dtype(stored)} "
+                    f"{list(base.shape(stored))}, the subnetwork declares {dtype} {list(shape)}"
+                )
+        elif math.prod(shape) > largest:
+            raise BaseMismatchError(
+                f"tensor {name!r}: the subnetwork declares {list(shape)}, larger than any "
+                f"tensor of the base {base.source}"
+            )
 
 
 def inspect_subnetwork(

@@ -9,7 +9,6 @@ it again, leaving the base exactly as it was.
 from __future__ import annotations
 
 import dataclasses
-import json
 import os
 import tempfile
 import warnings
@@ -24,9 +23,10 @@ from .base_source import BaseSource, Weights, cannot_tell, locate_base
 from .checkpoints import tensors_of
 from .config import KENConfig
 from .delta_codec import DEFAULT_LEVEL, DEFAULT_THREADS, bits_of
-from .errors import KENError
+from .errors import KENConfigError, KENError
 from .fingerprint import tensor_fingerprint
 from .hub import push_folder, resolve_folder
+from .json_input import read_json_object
 from .pipeline import (
     PRUNED,
     WHOLE,
@@ -40,9 +40,10 @@ from .pipeline import (
     specs_of,
 )
 from .serialization import (
+    DecodedOnAccess,
     PrunedTensor,
     StoredSubnetwork,
-    read_subnetwork,
+    open_subnetwork,
 )
 from .subnetwork_folder import SUBNETWORK_FILES, saved_files, write_folder
 from .subnetwork_format import positions_of
@@ -106,7 +107,8 @@ class KENSubnetwork:
 
     Attributes:
         config: the ``KENConfig`` it was made with (base, dtype and model class recorded).
-        pruned: ``{name: PrunedTensor}`` kept positions and values of each pruned tensor.
+        pruned: ``{name: PrunedTensor}`` kept positions and values of each pruned tensor
+            (read from a file: decoded when first used, see ``DecodedOnAccess``).
         whole: ``{name: tensor}`` tensors stored whole (``modules_to_save``, new heads).
         fingerprints: ``{name: hex}`` of every base tensor the result depends on.
         model_config: the fine-tuned model's ``config.json`` as a dict, when known.
@@ -114,8 +116,8 @@ class KENSubnetwork:
     """
 
     config: KENConfig
-    pruned: dict[str, PrunedTensor]
-    whole: dict[str, torch.Tensor]
+    pruned: Mapping[str, PrunedTensor]
+    whole: Mapping[str, torch.Tensor]
     fingerprints: dict[str, str]
     model_config: dict | None = None
     metrics: dict[str, float] = field(default_factory=dict)
@@ -227,6 +229,33 @@ class KENSubnetwork:
                     f"(another model, revision, dtype or a changed value)"
                 )
 
+    def declared(self) -> dict[str, tuple[torch.Size, torch.dtype]]:
+        """``{name: (shape, dtype)}`` of every tensor the subnetwork writes, as declared:
+        for one read from a file, without decoding anything."""
+        specs = {}
+        for table in (self.pruned, self.whole):
+            for name in table:
+                if isinstance(table, DecodedOnAccess):
+                    specs[name] = table.spec(name)
+                else:
+                    specs[name] = (torch.Size(table[name].shape), table[name].dtype)
+        return specs
+
+    def check_fits(self, parameters: Mapping[str, torch.Tensor]) -> None:
+        """Raise ``BaseMismatchError`` naming the first tensor the subnetwork writes that
+        ``parameters`` (a model's tensors) lacks, or holds with another shape or dtype.
+        Made before anything is decoded, so a file's declared sizes are bounded by the
+        model's."""
+        for name, (shape, dtype) in self.declared().items():
+            if name not in parameters:
+                raise BaseMismatchError(f"tensor {name!r} is not a parameter of the model")
+            parameter = parameters[name]
+            if parameter.shape != shape or parameter.dtype != dtype:
+                raise BaseMismatchError(
+                    f"tensor {name!r}: model has {parameter.dtype} {tuple(parameter.shape)}, "
+                    f"subnetwork {dtype} {tuple(shape)}"
+                )
+
     def apply_to(
         self, model: torch.nn.Module, *, base_fingerprints: Mapping[str, str] | None = None
     ) -> dict[str, torch.Tensor]:
@@ -239,22 +268,16 @@ class KENSubnetwork:
         """
         parameters = tensors_of(model)
         self.check_base(base_fingerprints or fingerprints_of(model))
-        for name in list(self.pruned) + list(self.whole):
-            if name not in parameters:
-                raise BaseMismatchError(f"tensor {name!r} is not a parameter of the model")
-            expected = self.pruned[name].shape if name in self.pruned else self.whole[name].shape
-            if parameters[name].shape != expected:
-                raise BaseMismatchError(
-                    f"tensor {name!r}: model shape {tuple(parameters[name].shape)}, "
-                    f"subnetwork shape {tuple(expected)}"
-                )
+        self.check_fits(parameters)
+        # Decoded (and so validated) in full before the first weight is written.
+        pruned_tensors, whole_tensors = dict(self.pruned.items()), dict(self.whole.items())
         saved: dict[str, torch.Tensor] = {}
         with torch.no_grad():
-            for name, pruned in self.pruned.items():
+            for name, pruned in pruned_tensors.items():
                 where = pruned.written_positions()
                 saved[name] = _read_at(parameters[name], where)
                 _write_at(parameters[name], where, pruned.written_values(saved[name]))
-            for name, tensor in self.whole.items():
+            for name, tensor in whole_tensors.items():
                 saved[name] = parameters[name].detach().clone()
                 parameters[name].copy_(tensor)
         return saved
@@ -315,7 +338,9 @@ class KENSubnetwork:
         **hub_kwargs,
     ) -> KENSubnetwork:
         """Read a subnetwork folder, local or on the Hub, or its ``subfolder`` (at
-        ``revision``: a branch, tag or commit, for a Hub id); everything is validated. From
+        ``revision``: a branch, tag or commit, for a Hub id). Every header is validated
+        now; each tensor is decoded (and its arrays checked) when first used, after its
+        declared shape has been checked against a model (``check_fits``). From
         the Hub, the subnetwork's files and the tokenizer saved with it are downloaded (into
         the Hub cache, so that they load offline afterwards)."""
         folder = resolve_folder(
@@ -327,10 +352,10 @@ class KENSubnetwork:
         )
         config = KENConfig.from_pretrained(folder)
         subnetwork_file, model_config_file = saved_files(folder, config)
-        stored = read_subnetwork(subnetwork_file)
+        stored = open_subnetwork(subnetwork_file)
         model_config = None
-        if model_config_file.is_file():
-            model_config = json.loads(model_config_file.read_text(encoding="utf-8"))
+        if model_config_file is not None:
+            model_config = read_json_object(model_config_file, error=KENConfigError, finite=False)
         return cls(config, stored.pruned, stored.whole, stored.fingerprints, model_config)
 
     def push_to_hub(self, repo_id: str, **push_kwargs) -> str:

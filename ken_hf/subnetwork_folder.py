@@ -21,6 +21,7 @@ from .atomic_files import FolderWriter, previous_version
 from .card import model_card
 from .checkpoints import TOKENIZER_FILES
 from .config import CONFIG_NAME, KENConfig
+from .confined import confined_file, confined_path
 from .delta_codec import DEFAULT_LEVEL, DEFAULT_THREADS
 from .serialization import (
     SUBNETWORK_NAME,
@@ -119,17 +120,20 @@ def _save_processor(processor: object, out: FolderWriter) -> None:
             out.copy(path, path.name)
 
 
-def saved_files(folder: Path, config: KENConfig) -> tuple[Path, Path]:
-    """The subnetwork file and the model's ``config.json`` saved with ``config`` (read from
-    ``folder``'s ``ken_config.json``): the current files, or the previous versions that an
-    interrupted save left beside them. Raises ``KENFormatError`` for files of another save."""
-    subnetwork_file, model_config_file = folder / SUBNETWORK_NAME, folder / MODEL_CONFIG_NAME
+def saved_files(folder: Path, config: KENConfig) -> tuple[Path, Path | None]:
+    """The subnetwork file and the model's ``config.json`` (None if it has none) saved with
+    ``config`` (read from ``folder``'s ``ken_config.json``): the current files, or the
+    previous versions that an interrupted save left beside them. Raises
+    ``KENFormatError`` for files of another save, ``UnsafePathError`` for a file that links
+    out of the folder."""
+    subnetwork_file = confined_path(folder, SUBNETWORK_NAME)
+    model_config_file = confined_file(folder, MODEL_CONFIG_NAME)
     if config.subnetwork_digest is None or _digest(subnetwork_file) == config.subnetwork_digest:
         return subnetwork_file, model_config_file
-    previous = previous_version(subnetwork_file)
-    if previous.is_file() and _digest(previous) == config.subnetwork_digest:
-        previous_config = previous_version(model_config_file)
-        return previous, previous_config if previous_config.is_file() else model_config_file
+    previous = confined_file(folder, previous_version(subnetwork_file).name)
+    if previous is not None and _digest(previous) == config.subnetwork_digest:
+        previous_config = confined_file(folder, previous_version(MODEL_CONFIG_NAME).name)
+        return previous, previous_config or model_config_file
     raise KENFormatError(
         f"{subnetwork_file} is not the subnetwork that {folder / CONFIG_NAME} was saved with "
         "(another save changed one of them); save the subnetwork again"

@@ -4,6 +4,8 @@ pruned tensor record, the header checks and the position encodings."""
 from __future__ import annotations
 
 import dataclasses
+import math
+from collections.abc import Mapping
 from dataclasses import dataclass, field
 
 import numpy as np
@@ -94,8 +96,8 @@ class PrunedTensor:
 class StoredSubnetwork:
     """What the file holds: pruned tensors, whole tensors, base fingerprints ``{name: hex}``."""
 
-    pruned: dict[str, PrunedTensor]
-    whole: dict[str, torch.Tensor]
+    pruned: Mapping[str, PrunedTensor]
+    whole: Mapping[str, torch.Tensor]
     fingerprints: dict[str, str]
 
 
@@ -156,24 +158,10 @@ class EntryCheck:
             raise self.fail(f"array {key!r} is missing")
         return tensor
 
-    def basics(self, entry) -> tuple[list[int], torch.dtype, int]:
-        """A well-formed entry's ``(shape, dtype, numel)``."""
-        if not isinstance(entry, dict):
-            raise self.fail("malformed entry")
-        shape, dtype_name = entry.get("shape"), entry.get("dtype")
-        if not isinstance(shape, list) or not all(isinstance(d, int) and d >= 0 for d in shape):
-            raise self.fail(f"bad shape {shape!r}")
-        if dtype_name not in VALUE_DTYPES:
-            raise self.fail(f"unsupported dtype {dtype_name!r}")
-        if entry.get("kind") not in ("pruned", "whole"):
-            raise self.fail(f"unknown kind {entry.get('kind')!r}")
-        return shape, VALUE_DTYPES[dtype_name], int(torch.Size(shape).numel())
-
-    def count(self, entry, key: str, limit: int) -> int:
-        value = entry.get(key)
-        if not isinstance(value, int) or isinstance(value, bool) or not 0 <= value <= limit:
-            raise self.fail(f"bad {key} {value!r}")
-        return value
+    def basics(self, entry: dict) -> tuple[list[int], torch.dtype, int]:
+        """The ``(shape, dtype, numel)`` of an entry that passed ``check_document``."""
+        shape = entry["shape"]
+        return shape, VALUE_DTYPES[entry["dtype"]], math.prod(shape)
 
     def indices(self, positions: torch.Tensor, count: int, numel: int) -> torch.Tensor:
         """An index list's int64 positions, checked: ``count`` of them, increasing, inside
@@ -193,12 +181,3 @@ class EntryCheck:
         for expected, tensor in zip(checksums, tensors, strict=True):
             if checksum(tensor, shape) != expected:
                 raise self.fail("checksum mismatch (corrupted data)")
-
-    def statistics(self, value) -> list:
-        if not (
-            isinstance(value, list)
-            and len(value) == 2
-            and all(d is None or isinstance(d, int | float) for d in value)
-        ):
-            raise self.fail(f"bad delta statistics {value!r}")
-        return value

@@ -12,9 +12,11 @@ Views (as in the paper, plus a summary), each a matplotlib figure:
 
 Large matrices are reduced to at most ``max_pixels`` per side by block averages (kept
 fraction, or mean neighbour count of kept positions, per block), so a 30522 x 384
-embedding renders in well under a second and still shows its structure. Colour maps are
-cividis (sequential) and a colour-blind-safe qualitative palette. Everything works from
-the saved subnetwork alone.
+embedding renders in well under a second and still shows its structure. The images are
+counted from the kept positions alone, in memory O(kept positions + pixels): never a
+dense mask of the shape a subnetwork declares (a hostile file may declare 10**6 x 10**6).
+Colour maps are cividis (sequential) and a colour-blind-safe qualitative palette.
+Everything works from the saved subnetwork alone.
 """
 
 from __future__ import annotations
@@ -64,45 +66,62 @@ def matrix_shape(subnetwork: KENSubnetwork, name: str) -> tuple[int, int]:
     return (1, shape.numel()) if len(shape) <= 1 else (shape[0], shape.numel() // max(1, shape[0]))
 
 
-def kept_matrix(subnetwork: KENSubnetwork, name: str) -> np.ndarray:
-    """Bool ``[rows, columns]`` of kept positions (rank-1 tensors: one row)."""
-    return subnetwork.mask(name).numpy().reshape(matrix_shape(subnetwork, name))
+def kept_positions(subnetwork: KENSubnetwork, name: str) -> np.ndarray:
+    """int64 ``[K]``: the kept flat (row-major) positions of ``name``, checked increasing
+    and inside its declared shape, since every picture is computed from them alone."""
+    positions = subnetwork.pruned[name].positions.cpu().numpy().astype(np.int64, copy=False)
+    rows, columns = matrix_shape(subnetwork, name)
+    if rows * columns > np.iinfo(np.int64).max // 2:  # p + columns must not overflow
+        raise ValueError(f"tensor {name!r} declares {rows} x {columns} values: too many to draw")
+    if positions.size and (positions[0] < 0 or positions[-1] >= rows * columns):
+        raise ValueError(f"tensor {name!r}: a kept position lies outside its shape")
+    if positions.size > 1 and not (positions[1:] > positions[:-1]).all():
+        raise ValueError(f"tensor {name!r}: kept positions are not strictly increasing")
+    return positions
 
 
-def neighbour_counts(kept: np.ndarray) -> np.ndarray:
-    """For each position of a bool ``[rows, columns]``: kept neighbours among its 4
-    horizontal and vertical ones (int8, same shape); meaningful where ``kept``."""
-    k = kept.astype(np.int8)
-    counts = np.zeros_like(k)
-    counts[1:, :] += k[:-1, :]
-    counts[:-1, :] += k[1:, :]
-    counts[:, 1:] += k[:, :-1]
-    counts[:, :-1] += k[:, 1:]
+def kept_neighbours(positions: np.ndarray, shape: tuple[int, int]) -> np.ndarray:
+    """For each of the increasing flat ``positions`` ``[K]`` kept in a ``shape`` =
+    ``(rows, columns)`` matrix: how many of its 4 horizontal and vertical neighbours are
+    kept too (int8 ``[K]``). Memory O(K), whatever the shape declares."""
+    _, columns = shape
+    counts = np.zeros(positions.size, dtype=np.int8)
+    if positions.size < 2:
+        return counts
+    column = positions % columns
+    # Increasing positions: p - 1 is kept iff it comes just before p (same row: column > 0).
+    beside = (positions[1:] - positions[:-1] == 1) & (column[1:] != 0)
+    counts[1:] += beside  # the left one of each kept position
+    counts[:-1] += beside  # and, seen from that one, its right one
+    # The one a row below p: p + columns, found by a search (no dense array of the shape).
+    below = positions + columns
+    at = np.searchsorted(positions, below)
+    found = at < positions.size
+    found[found] = positions[at[found]] == below[found]
+    counts += found  # the one below each kept position
+    counts[at[found]] += 1  # and, seen from that one, its one above (all distinct)
     return counts
 
 
-def reduce_blocks(values: np.ndarray, weights: np.ndarray | None, max_pixels: int) -> np.ndarray:
-    """Block means of ``values`` ``[R, C]`` (weighted by ``weights``; NaN where a block's
-    weight is 0) so that neither side exceeds ``max_pixels``. Blocks of ``ceil(R / max)``
-    rows by ``ceil(C / max)`` columns; the last ones may be partial."""
-    rows, columns = values.shape
-    block_r, block_c = -(-rows // max_pixels), -(-columns // max_pixels)
-    if block_r == block_c == 1:
-        out = values.astype(float)
-        if weights is not None:
-            out[~weights.astype(bool)] = np.nan
-        return out
-    w = np.ones_like(values, dtype=float) if weights is None else weights.astype(float)
-    padded_r, padded_c = -(-rows // block_r) * block_r, -(-columns // block_c) * block_c
-    v = np.zeros((padded_r, padded_c))
-    ww = np.zeros((padded_r, padded_c))
-    v[:rows, :columns] = values * w
-    ww[:rows, :columns] = w
-    shape = (padded_r // block_r, block_r, padded_c // block_c, block_c)
-    total = v.reshape(shape).sum(axis=(1, 3))
-    weight = ww.reshape(shape).sum(axis=(1, 3))
-    with np.errstate(invalid="ignore", divide="ignore"):
-        return np.where(weight > 0, total / weight, np.nan)
+def _blocks(
+    positions: np.ndarray, shape: tuple[int, int], max_pixels: int
+) -> tuple[np.ndarray, np.ndarray, np.ndarray]:
+    """How images of at most ``max_pixels`` per side split a ``shape`` = ``(rows,
+    columns)`` matrix: blocks of ``ceil(rows / max)`` rows by ``ceil(columns / max)``
+    columns, the last ones possibly partial.
+
+    Returns the flat (row-major) block of each of the ``positions`` (int64 ``[K]``), and
+    the rows of each block row (int64 ``[n_r]``) and columns of each block column (int64
+    ``[n_c]``), so partial blocks are counted exactly.
+    """
+    rows, columns = shape
+    block_r, block_c = max(1, -(-rows // max_pixels)), max(1, -(-columns // max_pixels))
+    n_r, n_c = -(-rows // block_r), -(-columns // block_c)
+    high_r = np.minimum(block_r, rows - np.arange(n_r, dtype=np.int64) * block_r)
+    high_c = np.minimum(block_c, columns - np.arange(n_c, dtype=np.int64) * block_c)
+    columns = max(1, columns)  # an empty matrix keeps nothing
+    block = (positions // columns // block_r) * n_c + (positions % columns) // block_c
+    return block, high_r, high_c
 
 
 def _draw_matrix(axis, image, shape, title, colour_map, vmax):
@@ -124,18 +143,33 @@ def _draw_matrix(axis, image, shape, title, colour_map, vmax):
 
 
 def matrix_image(subnetwork: KENSubnetwork, name: str, max_pixels: int = MAX_PIXELS) -> np.ndarray:
-    """What ``matrix_figure`` draws: kept fraction per block (1/0/NaN-free at full size)."""
-    kept = kept_matrix(subnetwork, name)
-    return reduce_blocks(kept, None, max_pixels)
+    """What ``matrix_figure`` draws: kept fraction per block, float ``[n_r, n_c]`` of at
+    most ``max_pixels`` per side (at full size, 1 at kept positions and 0 elsewhere).
+    Counted from the kept positions: memory O(K + pixels), not O(rows x columns)."""
+    positions = kept_positions(subnetwork, name)
+    block, high_r, high_c = _blocks(positions, matrix_shape(subnetwork, name), max_pixels)
+    cells = np.outer(high_r.astype(float), high_c.astype(float))  # exact: < 2**53 each
+    kept = np.bincount(block, minlength=cells.size).reshape(cells.shape)
+    return np.divide(kept, cells, out=cells)  # in place: a few images of memory at most
 
 
 def neighbour_image(
     subnetwork: KENSubnetwork, name: str, max_pixels: int = MAX_PIXELS
 ) -> np.ndarray:
-    """What ``neighbour_figure`` draws: mean neighbour count of kept positions per block
-    (NaN where a block keeps nothing)."""
-    kept = kept_matrix(subnetwork, name)
-    return reduce_blocks(neighbour_counts(kept), kept, max_pixels)
+    """What ``neighbour_figure`` draws: mean neighbour count of kept positions per block,
+    float ``[n_r, n_c]`` of at most ``max_pixels`` per side (NaN where a block keeps
+    nothing). Memory O(K + pixels), not O(rows x columns)."""
+    positions = kept_positions(subnetwork, name)
+    shape = matrix_shape(subnetwork, name)
+    block, high_r, high_c = _blocks(positions, shape, max_pixels)
+    pixels = high_r.size * high_c.size
+    total = np.bincount(block, weights=kept_neighbours(positions, shape), minlength=pixels)
+    total = total.astype(float, copy=False)  # bincount of no positions gives integers
+    kept = np.bincount(block, minlength=pixels)
+    with np.errstate(invalid="ignore", divide="ignore"):
+        np.divide(total, kept, out=total)  # in place: a few images of memory at most
+    total[kept == 0] = np.nan
+    return total.reshape(high_r.size, high_c.size)
 
 
 def matrix_figure(subnetwork: Source, name: str, max_pixels: int = MAX_PIXELS) -> Figure:
@@ -145,7 +179,8 @@ def matrix_figure(subnetwork: Source, name: str, max_pixels: int = MAX_PIXELS) -
     image = matrix_image(subnetwork, name, max_pixels)
     image = np.where(image > 0, image, np.nan)  # reset (or all-reset blocks) stay blank
     figure, axis = plt.subplots(figsize=(6, 5))
-    fraction = subnetwork.pruned[name].positions.numel() / subnetwork.pruned[name].shape.numel()
+    pruned = subnetwork.pruned[name]
+    fraction = pruned.positions.numel() / max(1, pruned.shape.numel())
     shape = matrix_shape(subnetwork, name)
     shown = _draw_matrix(axis, image, shape, f"{name}\nkept {fraction:.1%}", "cividis", 1)
     figure.colorbar(shown, ax=axis, label="kept fraction (per pixel)")

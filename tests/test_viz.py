@@ -4,19 +4,24 @@ from __future__ import annotations
 
 import io
 import re
+import time
+import tracemalloc
 
 import matplotlib.image
 import numpy as np
 import pytest
+import torch
 from transformers import AutoModelForSequenceClassification
 
 from ken_hf import KENConfig, KENSubnetwork
 from ken_hf.cli import main as ken
+from ken_hf.subnetwork_format import PrunedTensor
 from ken_hf.viz import (
+    kept_neighbours,
     layer_figure,
     matrix_figure,
     matrix_image,
-    neighbour_counts,
+    matrix_shape,
     neighbour_figure,
     neighbour_image,
     resolve_tensor,
@@ -47,10 +52,107 @@ def _pixels(figure) -> np.ndarray:
     return matplotlib.image.imread(buffer)
 
 
-def test_neighbour_counts_by_hand():
-    kept = np.array([[1, 1, 0], [0, 1, 0], [1, 0, 0]], dtype=bool)
-    counts = neighbour_counts(kept)
-    assert counts[0, 0] == 1 and counts[0, 1] == 2 and counts[1, 1] == 1 and counts[2, 0] == 0
+def _dense_neighbour_counts(kept: np.ndarray) -> np.ndarray:
+    """The former dense reference: kept neighbours (of 4) at each position of a bool
+    ``[rows, columns]`` (int8, same shape)."""
+    k = kept.astype(np.int8)
+    counts = np.zeros_like(k)
+    counts[1:, :] += k[:-1, :]
+    counts[:-1, :] += k[1:, :]
+    counts[:, 1:] += k[:, :-1]
+    counts[:, :-1] += k[:, 1:]
+    return counts
+
+
+def _dense_blocks(values: np.ndarray, weights: np.ndarray | None, max_pixels: int) -> np.ndarray:
+    """The former dense reference: weighted block means of ``values`` ``[R, C]`` (NaN where a
+    block's weight is 0), blocks of ``ceil(R / max)`` by ``ceil(C / max)``."""
+    rows, columns = values.shape
+    block_r, block_c = -(-rows // max_pixels), -(-columns // max_pixels)
+    if block_r == block_c == 1:
+        out = values.astype(float)
+        if weights is not None:
+            out[~weights.astype(bool)] = np.nan
+        return out
+    w = np.ones_like(values, dtype=float) if weights is None else weights.astype(float)
+    padded_r, padded_c = -(-rows // block_r) * block_r, -(-columns // block_c) * block_c
+    v = np.zeros((padded_r, padded_c))
+    ww = np.zeros((padded_r, padded_c))
+    v[:rows, :columns] = values * w
+    ww[:rows, :columns] = w
+    shape = (padded_r // block_r, block_r, padded_c // block_c, block_c)
+    total = v.reshape(shape).sum(axis=(1, 3))
+    weight = ww.reshape(shape).sum(axis=(1, 3))
+    with np.errstate(invalid="ignore", divide="ignore"):
+        return np.where(weight > 0, total / weight, np.nan)
+
+
+def test_kept_neighbours_by_hand():
+    # 1 1 0
+    # 0 1 0
+    # 1 0 0   (flat 0, 1, 4, 6); 2 and 3 are not neighbours: 2 ends row 0, 3 starts row 1
+    counts = kept_neighbours(np.array([0, 1, 4, 6]), (3, 3))
+    assert counts.dtype == np.int8 and counts.tolist() == [1, 2, 1, 0]
+    assert kept_neighbours(np.array([2, 3]), (3, 3)).tolist() == [0, 0]
+    assert kept_neighbours(np.array([2, 5, 8]), (3, 3)).tolist() == [1, 2, 1]  # a column
+    assert kept_neighbours(np.array([0, 1, 2, 3, 4, 5]), (2, 3)).tolist() == [2, 3, 2, 2, 3, 2]
+
+
+@pytest.mark.parametrize(
+    ("name", "max_pixels"),
+    [
+        (QUERY, 768),  # full size
+        (QUERY, 7),  # blocks of 55 x 55, the last ones partial
+        (EMBEDDING, 768),  # 30522 rows in blocks of 40, the last partial
+        ("bert.encoder.layer.1.intermediate.dense.weight", 256),  # as layer_figure draws it
+        ("bert.encoder.layer.1.intermediate.dense.bias", 100),  # rank 1: one row
+    ],
+)
+def test_images_equal_the_dense_reference(minilm_subnetwork, name, max_pixels):
+    subnetwork, _ = minilm_subnetwork
+    kept = subnetwork.mask(name).numpy().reshape(matrix_shape(subnetwork, name))
+    expected = _dense_blocks(kept, None, max_pixels)
+    assert np.array_equal(matrix_image(subnetwork, name, max_pixels), expected)
+    expected = _dense_blocks(_dense_neighbour_counts(kept), kept, max_pixels)
+    assert np.array_equal(neighbour_image(subnetwork, name, max_pixels), expected, equal_nan=True)
+
+
+def test_a_huge_declared_shape_is_drawn_from_its_kept_positions_alone(monkeypatch, tmp_path):
+    # A hostile file may declare 10**6 x 10**6 (a dense mask: 1 TB) and keep a handful.
+    name = "encoder.layer.0.dense.weight"
+    side = 10**6
+    positions = torch.tensor([0, 1, side, side + 1, 5 * side**2 // 10 + 7, side**2 - 1])
+    pruned = PrunedTensor(torch.Size([side, side]), torch.float32, positions)
+    pruned.values = torch.ones(len(positions))
+    config = KENConfig(keep_ratio=0.25, base_model_name_or_path="hostile")
+    subnetwork = KENSubnetwork(config, {name: pruned}, {}, {})
+
+    def no_dense_mask(self):
+        raise AssertionError("a dense mask of the declared shape was built")
+
+    monkeypatch.setattr(PrunedTensor, "mask", no_dense_mask)
+    # Memory: both images and the working of one, a few float64 images of pixels.
+    for max_pixels, most in [(768, 4 * 768**2 * 8), (64, 2**20)]:
+        tracemalloc.start()
+        try:
+            start = time.perf_counter()
+            kept = matrix_image(subnetwork, name, max_pixels)
+            neighbours = neighbour_image(subnetwork, name, max_pixels)
+            seconds = time.perf_counter() - start
+            peak = tracemalloc.get_traced_memory()[1]
+        finally:
+            tracemalloc.stop()
+        assert seconds < 1 and peak < most, (max_pixels, seconds, peak)
+    kept, neighbours = matrix_image(subnetwork, name), neighbour_image(subnetwork, name)
+    block = -(-side // 768)  # 1303 rows and columns; the last block is partial
+    assert kept.shape == neighbours.shape == (768, 768)
+    assert kept[0, 0] == pytest.approx(4 / block**2)
+    assert neighbours[0, 0] == 2 and np.isnan(neighbours[0, 1])
+    last = side - 767 * block
+    assert kept[-1, -1] == pytest.approx(1 / last**2) and neighbours[-1, -1] == 0
+    assert np.count_nonzero(kept) == 3 and np.count_nonzero(np.isfinite(neighbours)) == 3
+    report = write_report(subnetwork, tmp_path, tensors=[name])  # what `ken viz` draws
+    assert len(list(tmp_path.glob("*.png"))) == 4 and name in report.read_text()
 
 
 def test_small_matrix_is_drawn_exactly(minilm_subnetwork):

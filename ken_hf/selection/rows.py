@@ -7,6 +7,8 @@ import numbers
 import numpy as np
 import torch
 
+from ..errors import KENConfigError, KENError
+
 _NUMPY_FLOATS = (torch.float16, torch.float32, torch.float64)
 
 # Extra bytes held per row element while a chunk is selected: the sorted copy, group
@@ -16,18 +18,18 @@ DEFAULT_MAX_MEMORY = 256 * 2**20
 
 
 def check_k(k: object, name: str = "k") -> int:
-    """Return ``k`` as an int, or raise ``ValueError`` unless it is a positive integer."""
+    """Return ``k`` as an int, or raise ``KENError`` unless it is a positive integer."""
     if isinstance(k, bool) or not isinstance(k, numbers.Integral):
-        raise ValueError(f"{name} must be a positive integer, got {k!r} ({type(k).__name__})")
+        raise KENConfigError(f"{name} must be a positive integer, got {k!r} ({type(k).__name__})")
     if k < 1:
-        raise ValueError(f"{name} must be a positive integer, got {k}")
+        raise KENConfigError(f"{name} must be a positive integer, got {k}")
     return int(k)
 
 
 def check_finite(weight: torch.Tensor, name: str) -> None:
-    """Raise ``ValueError`` naming ``name`` unless ``weight`` is floating point and finite."""
+    """Raise ``KENError`` naming ``name`` unless ``weight`` is floating point and finite."""
     if not weight.is_floating_point():
-        raise ValueError(
+        raise KENError(
             f"tensor {name!r} has dtype {weight.dtype}; KEN selects on floating-point tensors"
         )
     if weight.device.type == "cpu" and weight.dtype in _NUMPY_FLOATS:
@@ -38,13 +40,13 @@ def check_finite(weight: torch.Tensor, name: str) -> None:
         finite = bool(torch.isfinite(weight).all())
     if not finite:
         bad = int((~torch.isfinite(weight)).sum())
-        raise ValueError(f"tensor {name!r} holds {bad} NaN/Inf value(s); KEN cannot select on it")
+        raise KENError(f"tensor {name!r} holds {bad} NaN/Inf value(s); KEN cannot select on it")
 
 
 def check_same_shape(pretrained: torch.Tensor, finetuned: torch.Tensor, name: str) -> None:
-    """Raise ``ValueError`` naming ``name`` if the two tensors differ in shape."""
+    """Raise ``KENError`` naming ``name`` if the two tensors differ in shape."""
     if pretrained.shape != finetuned.shape:
-        raise ValueError(
+        raise KENError(
             f"tensor {name!r}: pre-trained shape {tuple(pretrained.shape)} differs from "
             f"fine-tuned shape {tuple(finetuned.shape)}"
         )

@@ -23,6 +23,7 @@ from collections.abc import Mapping
 
 import torch
 
+from ..errors import KENConfigError, KENError
 from .baselines import largest_delta_select, random_select
 from .ken import ken_select_many
 from .rows import DEFAULT_MAX_MEMORY
@@ -34,7 +35,7 @@ NEEDS_PRETRAINED = frozenset({"ken_delta", "largest_delta"})
 
 def check_rule(rule: str) -> str:
     if rule not in RULES:
-        raise ValueError(f"unknown selection rule {rule!r}; choose one of {', '.join(RULES)}")
+        raise KENConfigError(f"unknown selection rule {rule!r}; choose one of {', '.join(RULES)}")
     return rule
 
 
@@ -60,13 +61,13 @@ def select_by_rule(
     # detached: the torch path (CUDA) writes into out= buffers, which autograd refuses
     finetuned = {name: tensor.detach() for name, tensor in finetuned.items()}
     if compat and rule != "ken":
-        raise ValueError(f"compat reproduces the published KEN code; it has no {rule!r} mode")
+        raise KENError(f"compat reproduces the published KEN code; it has no {rule!r} mode")
     if rule in NEEDS_PRETRAINED:
         if pretrained is None:
-            raise ValueError(f"rule {rule!r} needs the pre-trained tensors")
+            raise KENError(f"rule {rule!r} needs the pre-trained tensors")
         missing = [name for name in finetuned if name not in pretrained]
         if missing:
-            raise ValueError(f"rule {rule!r}: no pre-trained tensor {missing[0]!r}")
+            raise KENError(f"rule {rule!r}: no pre-trained tensor {missing[0]!r}")
     if rule == "ken":
         return ken_select_many(
             finetuned, k, compat=compat, progress=progress, max_memory=max_memory
