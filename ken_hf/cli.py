@@ -1,8 +1,10 @@
 """The ``ken`` command line: thin wrappers over the library's functions.
 
 Every input the user can get wrong (an argument, a file, a folder, a Hub id) ends with one
-line ``ken <command>: error: ...`` on stderr and exit code 2, never a traceback. Arguments
-are checked while they are parsed, before anything is read or written.
+line ``ken <command>: error: ...`` on stderr and exit code 2, never a traceback: ken-hf
+refuses such inputs with a ``KENError``, and the file system and the Hub fail with an
+``OSError``. Any other exception is a bug in ken-hf and keeps its traceback. Arguments are
+checked while they are parsed, before anything is read or written.
 """
 
 from __future__ import annotations
@@ -12,12 +14,11 @@ import json
 import sys
 from typing import NoReturn
 
-from safetensors import SafetensorError
+from .errors import KENError
 
-# What the library raises for inputs it cannot use: ValueError (CheckpointError,
-# KENFormatError, BaseMismatchError and bad settings), OSError (missing files, Hub ids that
-# do not resolve: huggingface_hub's errors are OSErrors), and unreadable safetensors files.
-USER_ERRORS = (ValueError, OSError, SafetensorError)
+# What the library raises for inputs it cannot use: KENError (files, folders, settings),
+# OSError (missing files, Hub ids that do not resolve: huggingface_hub's errors are OSErrors).
+USER_ERRORS = (KENError, OSError)
 MAX_MESSAGE = 400  # characters of an error line; third-party messages can run long
 
 

@@ -32,7 +32,9 @@ from typing import TYPE_CHECKING, Literal
 
 import numpy as np
 
+from .errors import KENConfigError
 from .subnetwork import KENSubnetwork
+from .subnetwork_format import KENFormatError
 
 if TYPE_CHECKING:
     from matplotlib.figure import Figure
@@ -72,11 +74,13 @@ def kept_positions(subnetwork: KENSubnetwork, name: str) -> np.ndarray:
     positions = subnetwork.pruned[name].positions.cpu().numpy().astype(np.int64, copy=False)
     rows, columns = matrix_shape(subnetwork, name)
     if rows * columns > np.iinfo(np.int64).max // 2:  # p + columns must not overflow
-        raise ValueError(f"tensor {name!r} declares {rows} x {columns} values: too many to draw")
+        raise KENFormatError(
+            f"tensor {name!r} declares {rows} x {columns} values: too many to draw"
+        )
     if positions.size and (positions[0] < 0 or positions[-1] >= rows * columns):
-        raise ValueError(f"tensor {name!r}: a kept position lies outside its shape")
+        raise KENFormatError(f"tensor {name!r}: a kept position lies outside its shape")
     if positions.size > 1 and not (positions[1:] > positions[:-1]).all():
-        raise ValueError(f"tensor {name!r}: kept positions are not strictly increasing")
+        raise KENFormatError(f"tensor {name!r}: kept positions are not strictly increasing")
     return positions
 
 
@@ -222,7 +226,7 @@ def layer_figure(subnetwork: Source, suffix: str, max_pixels: int = 256) -> Figu
     subnetwork = load(subnetwork)
     layers = layers_of(subnetwork, suffix)
     if not layers:
-        raise ValueError(f"no pruned tensor with a layer number ends with {suffix!r}")
+        raise KENConfigError(f"no pruned tensor with a layer number ends with {suffix!r}")
     figure, axes = plt.subplots(2, len(layers), figsize=(2.6 * len(layers), 5.4), squeeze=False)
     for column, (layer, name) in enumerate(layers):
         kept = matrix_image(subnetwork, name, max_pixels)
@@ -348,12 +352,12 @@ def resolve_tensor(subnetwork: KENSubnetwork, text: str) -> tuple[Literal["matri
       that (``query``).
 
     Parts are whole dot-separated words; where a part fits both a matrix and a rank-1
-    tensor (``query``: weight and bias), the matrix is meant. Raises ``ValueError`` listing
+    tensor (``query``: weight and bias), the matrix is meant. Raises ``KENConfigError`` listing
     the candidates when ``text`` is ambiguous, or the closest names when nothing fits.
     """
     names = list(subnetwork.pruned)
     if not names:
-        raise ValueError("this subnetwork holds no pruned tensor")
+        raise KENConfigError("this subnetwork holds no pruned tensor")
     if text in subnetwork.pruned:
         return "matrix", text
     ends = [name for name in names if name.endswith("." + text)]
@@ -384,10 +388,10 @@ def resolve_tensor(subnetwork: KENSubnetwork, text: str) -> tuple[Literal["matri
     candidates = families or alone or ends
     if candidates:
         shown = ", ".join(candidates[:5]) + (", ..." if len(candidates) > 5 else "")
-        raise ValueError(f"tensor {text!r} is ambiguous: it fits {shown}")
+        raise KENConfigError(f"tensor {text!r} is ambiguous: it fits {shown}")
     close = difflib.get_close_matches(text, names + list(layered), n=3)
     hint = f"closest: {', '.join(close)}" if close else f"names look like {names[0]!r}"
-    raise ValueError(f"tensor {text!r} is not pruned in this subnetwork ({hint})")
+    raise KENConfigError(f"tensor {text!r} is not pruned in this subnetwork ({hint})")
 
 
 def _has_part(name: str, text: str) -> bool:

@@ -210,6 +210,15 @@ def huggingface_hub_at(url: str, cache) -> Iterator[pytest.MonkeyPatch]:
 def run_against_hub(script: str, endpoint: str, home, *, offline: bool = False) -> str:
     """Run ``script`` in a fresh interpreter whose huggingface_hub talks to ``endpoint``
     (offline when ``offline``), with ``HF_HOME`` at ``home``; returns what it printed."""
+    done = hub_process(script, endpoint, home, offline=offline)
+    assert done.returncode == 0, done.stderr[-3000:]
+    return done.stdout
+
+
+def hub_process(
+    script: str, endpoint: str, home, *, offline: bool = False
+) -> subprocess.CompletedProcess:
+    """``run_against_hub``'s process, finished, whatever its exit code."""
     env = dict(
         os.environ,
         HF_ENDPOINT=endpoint,
@@ -218,12 +227,10 @@ def run_against_hub(script: str, endpoint: str, home, *, offline: bool = False) 
         HF_TOKEN="hf_fake",
         OMP_NUM_THREADS="1",
     )
-    done = subprocess.run(
+    return subprocess.run(
         [sys.executable, "-c", textwrap.dedent(script)],
         env=env,
         capture_output=True,
         text=True,
         timeout=600,
     )
-    assert done.returncode == 0, done.stderr[-3000:]
-    return done.stdout

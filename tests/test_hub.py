@@ -8,7 +8,7 @@ import json
 import torch
 from transformers import AutoModelForSequenceClassification
 
-from fake_hub import FakeHub, run_against_hub
+from fake_hub import FakeHub, hub_process, run_against_hub
 from ken_hf import KENConfig, KENSubnetwork
 from ken_hf.config import CONFIG_NAME
 from ken_hf.serialization import SUBNETWORK_NAME, read_subnetwork
@@ -42,16 +42,24 @@ def test_push_publishes_only_the_subnetwork_and_loads_back_by_repo_id(minilm_fin
             assert torch.equal(pushed.pruned[name].difference, pruned.difference)
             assert torch.equal(pushed.pruned[name].positions, pruned.positions)
         seen = len(hub.requests)
-        remote = run_against_hub(_logits_script("me/minilm-ken"), hub.url, cache)
+        # The subnetwork names a local folder as its base: from the Hub, that is refused
+        # unless the user names the base.
+        refused = hub_process(_logits_script("me/minilm-ken"), hub.url, cache)
+        assert refused.returncode != 0 and "UnsafePathError" in refused.stderr
+        assert "base_model_name_or_path=" in refused.stderr
+        base = minilm_finetune["base"]
+        remote = run_against_hub(_logits_script("me/minilm-ken", base), hub.url, cache)
         assert _downloads(hub.requests[seen:]), "the first load downloaded nothing"
         # Loaded again, online: huggingface_hub may check the revision, but every file comes
         # from its cache, so the server is asked for no file content.
         seen = len(hub.requests)
-        again = run_against_hub(_logits_script("me/minilm-ken"), hub.url, cache)
+        again = run_against_hub(_logits_script("me/minilm-ken", base), hub.url, cache)
         assert _downloads(hub.requests[seen:]) == []
         # And with HF_HUB_OFFLINE=1, while the server still answers: not a single request.
         seen = len(hub.requests)
-        cached = run_against_hub(_logits_script("me/minilm-ken"), hub.url, cache, offline=True)
+        cached = run_against_hub(
+            _logits_script("me/minilm-ken", base), hub.url, cache, offline=True
+        )
         assert hub.requests[seen:] == []
     local = run_against_hub(_logits_script(str(folder)), hub.url, cache, offline=True)
     assert json.loads(remote) == json.loads(local) == json.loads(again) == json.loads(cached)
@@ -62,11 +70,13 @@ def _downloads(requests: list[str]) -> list[str]:
     return [r for r in requests if r.startswith("GET /me/minilm-ken/resolve/")]
 
 
-def _logits_script(source: str) -> str:
+def _logits_script(source: str, base: str | None = None) -> str:
     return f"""
     import json, torch
     from ken_hf import AutoKENModelForSequenceClassification
-    model = AutoKENModelForSequenceClassification.from_pretrained({source!r})
+    model = AutoKENModelForSequenceClassification.from_pretrained(
+        {source!r}, base_model_name_or_path={base!r}
+    )
     with torch.no_grad():
         logits = model(input_ids=torch.tensor([[101, 2023, 3185, 2001, 2307, 102]])).logits
     print(json.dumps(logits.tolist()))

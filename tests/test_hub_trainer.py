@@ -130,15 +130,20 @@ def _run(script: str, endpoint: str, home: Path, *, offline: bool = False) -> di
 
 def _load_script(loads: dict[str, dict]) -> str:
     """A script that loads, for each label, the model and tokenizer with those keyword
-    arguments, and prints the logits on ``SAMPLES`` and a pipeline's labels."""
+    arguments, and prints the logits on ``SAMPLES`` and a pipeline's labels. The base is
+    the packaged MiniLM folder, named by the caller: the subnetwork records a local folder,
+    which a subnetwork from the Hub may not choose itself."""
     return f"""
     import json, torch
     from transformers import AutoTokenizer, pipeline
     from ken_hf import AutoKENModelForSequenceClassification
+    from ken_hf.experiments.assets import minilm_path
     out = {{}}
     for label, kwargs in {loads!r}.items():
         source = kwargs.pop("source")
-        model = AutoKENModelForSequenceClassification.from_pretrained(source, **kwargs)
+        model = AutoKENModelForSequenceClassification.from_pretrained(
+            source, base_model_name_or_path=minilm_path(), **kwargs
+        )
         tokenizer = AutoTokenizer.from_pretrained(source, **kwargs)
         inputs = tokenizer({SAMPLES!r}, padding=True, return_tensors="pt")
         with torch.no_grad():
