@@ -18,6 +18,9 @@ from collections.abc import Iterable, Iterator
 from contextlib import contextmanager
 from pathlib import Path
 
+from .confined import check_name
+from .errors import UnsafePathError
+
 _PREVIOUS = ".{name}.previous"
 
 
@@ -45,12 +48,18 @@ def _fsync_folder(folder: Path) -> None:
 
 
 def write_text_atomic(path: str | os.PathLike, text: str) -> None:
-    """Write ``text`` to ``path`` through a temporary file in the same folder and a rename."""
+    """Write ``text`` (UTF-8) to ``path`` as ``write_bytes_atomic`` does."""
+    write_bytes_atomic(path, text.encode("utf-8"))
+
+
+def write_bytes_atomic(path: str | os.PathLike, data: bytes) -> None:
+    """Write ``data`` to ``path`` through a temporary file in the same folder and a rename
+    (a symbolic link at ``path`` is replaced, never written through)."""
     path = Path(path)
     temporary = staging_file(path)
     try:
-        with open(temporary, "w", encoding="utf-8") as stream:
-            stream.write(text)
+        with open(temporary, "wb") as stream:
+            stream.write(data)
             stream.flush()
             os.fsync(stream.fileno())
         os.replace(temporary, path)
@@ -98,8 +107,8 @@ class FolderWriter:
 
     def staged(self, name: str) -> Path:
         """A fresh staging path for file ``name`` (a plain name inside the folder)."""
-        if Path(name).name != name or name.startswith("."):
-            raise ValueError(f"{name!r} is not a plain file name")
+        if check_name(name).startswith("."):
+            raise UnsafePathError(f"{name!r}: ken-hf keeps hidden names for its own use")
         if name in self._staged:
             raise ValueError(f"file {name!r} is written twice")
         self._staged[name] = staging_file(self.folder / name)

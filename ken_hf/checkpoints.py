@@ -57,7 +57,7 @@ class Checkpoint:
         self.source = str(name_or_path)
         self.folder = _resolve(name_or_path, revision)
         config_file = confined_file(self.folder, "config.json")
-        self.config = read_json(config_file) if config_file is not None else {}
+        self.config = read_model_config(config_file) if config_file is not None else {}
         index_file = confined_file(self.folder, INDEX_NAME)
         if index_file is not None:
             weight_map = read_json(index_file).get("weight_map")
@@ -160,7 +160,22 @@ def _resolve(name_or_path: str | os.PathLike, revision: str | None) -> Path:
 
 def read_json(path: Path) -> dict:
     """A JSON object from ``path``, or ``CheckpointError`` naming the file."""
-    return read_json_object(path, error=CheckpointError, finite=False)
+    return read_json_object(path, error=CheckpointError)
+
+
+def read_model_config(path: Path) -> dict:
+    """A model's ``config.json`` as a dict, its fields ken-hf reads checked: ``model_type``
+    a string, ``architectures`` a list of class names (``CheckpointError`` naming them)."""
+    values = read_json(path)
+    model_type, architectures = values.get("model_type"), values.get("architectures")
+    if model_type is not None and not isinstance(model_type, str):
+        raise CheckpointError(f"{path}: field 'model_type' must be a string")
+    if architectures is not None and not (
+        isinstance(architectures, list)
+        and all(isinstance(a, str) and a.isidentifier() for a in architectures)
+    ):
+        raise CheckpointError(f"{path}: field 'architectures' must be a list of class names")
+    return values
 
 
 class LazyTensors(Mapping[str, torch.Tensor]):

@@ -141,6 +141,13 @@ class KENConfig:
                 f"KENConfig.base_model_dtype must be a floating-point dtype name such as "
                 f"'float32', got {_shown(self.base_model_dtype)}"
             )
+        if self.base_model_revision is not None and not _REVISION.fullmatch(
+            self.base_model_revision
+        ):
+            raise KENConfigError(
+                "KENConfig.base_model_revision must be a branch, tag or commit name, got "
+                f"{_shown(self.base_model_revision)}"
+            )
         if self.model_class is not None and not self.model_class.isidentifier():
             raise KENConfigError(
                 f"KENConfig.model_class must be a class name, got {_shown(self.model_class)}"
@@ -222,6 +229,8 @@ class KENConfig:
 
 
 _HEX16 = re.compile(r"[0-9a-f]{16}")
+# A git branch, tag or commit as the Hub names them: no '..' step, no leading '/'.
+_REVISION = re.compile(r"(?!.*\.\.)[\w.-]+(/[\w.-]+)*")
 # Text fields and their longest accepted length.
 _TEXT_FIELDS = {
     "base_model_name_or_path": 4096,

@@ -123,6 +123,17 @@ def compress(data: bytes, *, level: int = DEFAULT_LEVEL, threads: int = DEFAULT_
     return zstandard.ZstdCompressor(level=level, threads=threads).compress(data)
 
 
+# A zstd block holds at most 128 KiB and takes at least 4 bytes (3 of header, 1 of content,
+# an RLE block): no frame expands more than 32,768-fold.
+_BLOCK_MAX = 128 * 2**10
+_BLOCK_MIN_BYTES = 4
+
+
+def _most_held(frame_bytes: int) -> int:
+    """The most bytes a zstd frame of ``frame_bytes`` can decompress to."""
+    return (frame_bytes // _BLOCK_MIN_BYTES) * _BLOCK_MAX
+
+
 def decompress(frame: bytes | np.ndarray, size: int) -> np.ndarray:
     """The ``size`` bytes a zstd ``frame`` holds (uint8 ``[size]``); ``ValueError`` if it
     holds anything else. Decompressed into memory numpy allocates (see ``host_empty``):
@@ -136,6 +147,8 @@ def decompress(frame: bytes | np.ndarray, size: int) -> np.ndarray:
     if declared != size:
         shown = "no size" if declared < 0 else f"{declared} bytes"
         raise ValueError(f"zstd frame declares {shown}, expected {size}")
+    if size > _most_held(len(frame)):
+        raise ValueError(f"a zstd frame of {len(frame)} bytes cannot hold the {size} it declares")
     data = np.empty(size, dtype=np.uint8)
     filled, view = 0, memoryview(data)
     try:

@@ -8,6 +8,7 @@ and ``revision`` (a branch, tag or commit of a Hub repository; local folders hav
 from __future__ import annotations
 
 import os
+import re
 from pathlib import Path, PurePosixPath
 
 from huggingface_hub import HfApi, hf_hub_download, snapshot_download
@@ -22,6 +23,16 @@ def is_hub_id(name_or_path: str | os.PathLike) -> bool:
     return not (
         Path(text).exists() or text.startswith(("/", ".", "~")) or text.count("/") > 1 or not text
     )
+
+
+# A Hub repository id as huggingface_hub accepts it: ``name`` or ``owner/name``.
+_REPO_ID = re.compile(r"[A-Za-z0-9][\w.-]{0,95}(/[A-Za-z0-9][\w.-]{0,95})?")
+
+
+def is_remote_id(text: str) -> bool:
+    """Whether ``text`` can only mean a Hub repository: written as a repository id, with no
+    ``..``, and no file or folder of that name here (transformers would read a local one)."""
+    return bool(_REPO_ID.fullmatch(text)) and ".." not in text and not os.path.lexists(text)
 
 
 def _checked_subfolder(subfolder: str | os.PathLike | None) -> str:

@@ -15,8 +15,14 @@ MAX_DEPTH = 32
 MAX_FILE_BYTES = 64 * 2**20
 
 
-def _refuse_constant(name: str) -> float:
-    raise ValueError(f"{name} is not a number JSON allows")
+def _unique_keys(pairs: list[tuple[str, object]]) -> dict:
+    """A JSON object's dict; a key given twice is an error (a reader would see only one)."""
+    value = dict(pairs)
+    if len(value) != len(pairs):
+        seen: set[str] = set()
+        twice = next(key for key, _ in pairs if key in seen or seen.add(key))
+        raise ValueError(f"key {twice[:80]!r} appears twice in one object")
+    return value
 
 
 def parse_json(
@@ -25,12 +31,12 @@ def parse_json(
     *,
     error: type[KENError] = KENError,
     max_depth: int = MAX_DEPTH,
-    finite: bool = True,
 ) -> object:
-    """``text`` parsed as JSON, or ``error`` naming ``source``: not JSON, nested deeper than
-    ``max_depth``, or (with ``finite``) holding NaN or Infinity."""
+    """``text`` parsed as JSON, or ``error`` naming ``source``: not JSON, an object with a
+    key given twice, or nested deeper than ``max_depth``. NaN and Infinity are read as
+    Python reads them: the schema that checks a field says whether it may hold them."""
     try:
-        value = json.loads(text, parse_constant=_refuse_constant if finite else None)
+        value = json.loads(text, object_pairs_hook=_unique_keys)
     except RecursionError:
         raise error(f"{source}: JSON nested deeper than {max_depth} levels") from None
     except (UnicodeDecodeError, ValueError) as problem:
@@ -52,7 +58,6 @@ def read_json_object(
     path: str | os.PathLike,
     *,
     error: type[KENError] = KENError,
-    finite: bool = True,
 ) -> dict:
     """The JSON object in file ``path`` (at most ``MAX_FILE_BYTES``), or ``error`` naming it."""
     path = Path(path)
@@ -65,7 +70,7 @@ def read_json_object(
         raise error(
             f"{path}: larger than {MAX_FILE_BYTES // 2**20} MiB, not a JSON file ken-hf reads"
         )
-    value = parse_json(data, str(path), error=error, finite=finite)
+    value = parse_json(data, str(path), error=error)
     if not isinstance(value, dict):
         raise error(f"{path}: expected a JSON object, found {type(value).__name__}")
     return value

@@ -7,7 +7,6 @@ import bisect
 import dataclasses
 import functools
 import os
-import re
 from collections.abc import Iterator
 from contextlib import contextmanager
 from pathlib import Path
@@ -20,7 +19,7 @@ from .checkpoints import tensors_of
 from .delta_codec import host_copies
 from .errors import KENConfigError, UnsafePathError
 from .fingerprint import tensor_fingerprint
-from .hub import resolve_file
+from .hub import is_remote_id, resolve_file
 from .json_input import read_json_object
 from .subnetwork import KENSubnetwork, fingerprints_of
 
@@ -397,10 +396,6 @@ class AutoKENModel:
         return model
 
 
-# A Hub repository id: ``name`` or ``owner/name`` (what huggingface_hub accepts).
-_HUB_ID = re.compile(r"[A-Za-z0-9][\w.-]{0,95}(/[A-Za-z0-9][\w.-]{0,95})?")
-
-
 def _base_location(
     source: str | os.PathLike,
     config,
@@ -420,9 +415,7 @@ def _base_location(
             "or load the base yourself and call KENModel.from_pretrained(base_model, folder)"
         )
     from_hub = not Path(source).is_dir()  # as hub.resolve_folder decides
-    if from_hub and (
-        not _HUB_ID.fullmatch(recorded) or ".." in recorded or os.path.lexists(recorded)
-    ):
+    if from_hub and not is_remote_id(recorded):
         raise UnsafePathError(
             f"{source}: ken_config.json field 'base_model_name_or_path' is {recorded!r}, "
             "which is not a Hub id: a subnetwork from the Hub may name only a Hub id as its "
@@ -453,7 +446,7 @@ def _base_model_config(base: str, revision: str | None, hub_kwargs: dict) -> dic
         path = resolve_file(base, "config.json", revision=revision, **hub_kwargs)
     except FileNotFoundError as error:
         raise OSError(f"the base {base}: {error}") from error
-    return read_json_object(path, error=KENConfigError, finite=False)
+    return read_json_object(path, error=KENConfigError)
 
 
 def model_config_of(values: dict, base_values: dict, source: str) -> PretrainedConfig:

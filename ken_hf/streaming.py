@@ -38,6 +38,7 @@ from .checkpoints import (
     base_model_prefix_of,
     match_names,
     read_json,
+    read_model_config,
 )
 from .config import CONFIG_NAME, KENConfig
 from .confined import confined_file
@@ -294,7 +295,7 @@ def apply_checkpoint(
         SubnetworkReader(subnetwork_file) as reader,
         Checkpoint(base, revision=config.base_model_revision) as base_ckpt,
     ):
-        model_config = read_json(model_config_file) if model_config_file is not None else {}
+        model_config = read_model_config(model_config_file) if model_config_file else {}
         names = list(reader.fingerprints) + [
             n for n in reader.names if n not in reader.fingerprints
         ]

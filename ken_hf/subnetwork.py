@@ -20,13 +20,12 @@ import numpy as np
 import torch
 
 from .base_source import BaseSource, Weights, cannot_tell, locate_base
-from .checkpoints import tensors_of
+from .checkpoints import read_model_config, tensors_of
 from .config import KENConfig
 from .delta_codec import DEFAULT_LEVEL, DEFAULT_THREADS, bits_of
-from .errors import KENConfigError, KENError
+from .errors import KENError
 from .fingerprint import tensor_fingerprint
 from .hub import push_folder, resolve_folder
-from .json_input import read_json_object
 from .pipeline import (
     PRUNED,
     WHOLE,
@@ -355,7 +354,7 @@ class KENSubnetwork:
         stored = open_subnetwork(subnetwork_file)
         model_config = None
         if model_config_file is not None:
-            model_config = read_json_object(model_config_file, error=KENConfigError, finite=False)
+            model_config = read_model_config(model_config_file)
         return cls(config, stored.pruned, stored.whole, stored.fingerprints, model_config)
 
     def push_to_hub(self, repo_id: str, **push_kwargs) -> str:

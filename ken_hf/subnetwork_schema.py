@@ -41,6 +41,16 @@ def _shown(value: object, limit: int = 60) -> str:
     return text if len(text) <= limit else text[: limit - 3] + "..."
 
 
+def _is_mean(value: object) -> bool:
+    """A mean of absolute differences: a finite number of at least 0."""
+    return (
+        isinstance(value, int | float)
+        and not isinstance(value, bool)
+        and math.isfinite(value)
+        and value >= 0
+    )
+
+
 def _is_int(value: object) -> bool:
     return isinstance(value, int) and not isinstance(value, bool)
 
@@ -87,10 +97,9 @@ class _Entry:
         if not (
             isinstance(value, list)
             and len(value) == 2
-            and all(d is None or (isinstance(d, int | float) and not isinstance(d, bool) and d >= 0)
-                    for d in value)
-        ):  # fmt: skip
-            raise self.fail("delta", f"{_shown(value)} is not two means (numbers or null)")
+            and all(d is None or _is_mean(d) for d in value)
+        ):
+            raise self.fail("delta", f"{_shown(value)} is not two finite means (or null)")
 
     def array(self, key: str, dtype: torch.dtype, shape: tuple[int, ...] | None) -> None:
         """Array ``key`` is stored, with ``dtype`` and ``shape`` (None: any vector)."""

@@ -440,7 +440,7 @@ def _write_pages(
 ) -> Path:
     """Write each section's PNG and ``report.html`` into ``out``; on failure, remove the
     folders this call created (never one that existed before)."""
-    from .atomic_files import write_text_atomic
+    from .atomic_files import write_bytes_atomic, write_text_atomic
 
     created = next((p for p in reversed([out, *out.parents]) if not p.exists()), None)
     try:
@@ -448,7 +448,7 @@ def _write_pages(
         body, contents = [], []
         for anchor, (title, png) in sections.items():
             file_name = re.sub(r"[^A-Za-z0-9_.-]", "_", anchor) + ".png"
-            (out / file_name).write_bytes(png)
+            write_bytes_atomic(out / file_name, png)  # replaces a link there, never follows it
             encoded = base64.b64encode(png).decode()
             contents.append(f'<li><a href="#{html.escape(anchor)}">{html.escape(title)}</a></li>')
             body.append(

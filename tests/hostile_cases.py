@@ -56,12 +56,23 @@ def with_first_key(text: str, key: str, value_text: str) -> str:
     return "{" + json.dumps(key) + ": " + value_text + separator + rest
 
 
+def lying_frame(size: int, run: int = 1000) -> bytes:
+    """A zstd frame whose header declares ``size`` bytes of content but whose one block (a
+    last, run-length block) holds ``run`` zero bytes: a frame the size of a tweet that
+    claims gigabytes. Truthful when ``size == run``."""
+    header = struct.pack("<I", 0xFD2FB528) + bytes([0xC0, 0x38]) + struct.pack("<Q", size)
+    return header + (1 | 1 << 1 | run << 3).to_bytes(3, "little") + b"\x00"
+
+
 def read_json(path: Path) -> dict:
     return json.loads(path.read_text(encoding="utf-8"))
 
 
 def write_json(path: Path, value, **dump_options) -> None:
     path.write_text(json.dumps(value, indent=2, sort_keys=True, **dump_options) + "\n")
+
+
+DELETE = object()  # a value of edit_ken_config: remove the key
 
 
 def edit_ken_config(folder: Path, **changes) -> dict:
@@ -75,9 +86,6 @@ def edit_ken_config(folder: Path, **changes) -> dict:
             values[key] = value
     write_json(path, values)
     return values
-
-
-DELETE = object()
 
 
 # -- subnetwork files taken apart ---------------------------------------------------------
@@ -103,12 +111,11 @@ class KenFile:
         self.metadata: dict = header.pop("__metadata__")
         start = 8 + length
         records = sorted(header.items(), key=lambda item: item[1]["data_offsets"][0])
-        self.arrays: dict[str, Array] = {
-            key: Array(r["dtype"], list(r["shape"]), raw[start + r["data_offsets"][0] :][
-                : r["data_offsets"][1] - r["data_offsets"][0]
-            ])
-            for key, r in records
-        }  # fmt: skip
+        self.arrays: dict[str, Array] = {}
+        for key, record in records:
+            begin, end = record["data_offsets"]
+            data = raw[start + begin : start + end]
+            self.arrays[key] = Array(record["dtype"], list(record["shape"]), data)
         self.document: dict = json.loads(self.metadata["ken"])
         self.version: str = self.metadata["format_version"]
 
@@ -230,13 +237,6 @@ def array_checksum(data: bytes, shape) -> str:
     return checksum(torch.from_numpy(np.frombuffer(data, dtype=np.uint8).copy()), shape)
 
 
-def digest_of(path: Path) -> str:
-    """The ``digest`` recorded in a subnetwork file's header."""
-    raw = path.read_bytes()
-    (length,) = struct.unpack_from("<Q", raw)
-    return json.loads(raw[8 : 8 + length])["__metadata__"]["digest"]
-
-
 # -- what the child process runs ----------------------------------------------------------
 def _vm_size() -> int:
     """This process's address space in bytes (``VmSize``)."""
@@ -263,9 +263,19 @@ def _call(request: dict, bases: dict):
     if entry == "config":
         return (lambda: KENConfig.from_pretrained(folder, **kwargs)), False
     if entry == "subnetwork":
-        return (lambda: KENSubnetwork.from_pretrained(folder, **kwargs)), False
+
+        def read_and_use():
+            subnetwork = KENSubnetwork.from_pretrained(folder, **kwargs)
+            # Tensors are decoded on first use: a refusal may come then, as a user would meet it.
+            for table in (subnetwork.pruned, subnetwork.whole):
+                for name in table:
+                    table[name]
+            return subnetwork
+
+        return read_and_use, False
     if entry == "auto":
-        return (lambda: AutoKENModelForSequenceClassification.from_pretrained(folder, **kwargs)), False
+        auto = AutoKENModelForSequenceClassification
+        return (lambda: auto.from_pretrained(folder, **kwargs)), False
     if entry == "kenmodel":
         base = bases[request["base"]]
         return (lambda: KENModel.from_pretrained(base, folder, **kwargs)), False
@@ -395,6 +405,9 @@ def serve(bases_json: str) -> None:
         bases[name] = transformers.AutoModelForSequenceClassification.from_pretrained(
             path, num_labels=2
         ).eval()
+        with torch.no_grad():  # weights in memory of their own, as a model in use holds them
+            for parameter in bases[name].parameters():
+                parameter.data = parameter.data.clone()
     protocol.write(json.dumps({"ready": True}) + "\n")
     for line in sys.stdin:
         if not line.strip():
@@ -408,8 +421,11 @@ class Runner:
     ``bases``: ``{name: checkpoint folder}`` of the base models to preload."""
 
     def __init__(self, bases: dict[str, str], log: Path) -> None:
+        home = log.parent / "home"  # caches of huggingface_hub, transformers, matplotlib
         env = dict(
             os.environ,
+            HF_HOME=str(home / "hf"),
+            MPLCONFIGDIR=str(home / "matplotlib"),
             OMP_NUM_THREADS="1",
             MKL_NUM_THREADS="1",
             TOKENIZERS_PARALLELISM="false",
