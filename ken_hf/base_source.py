@@ -30,6 +30,7 @@ from .checkpoints import (
     tensors_of,
 )
 from .config import KENConfig
+from .errors import KENConfigError
 from .fingerprint import tensor_fingerprint
 
 Weights = torch.nn.Module | Mapping[str, torch.Tensor]
@@ -81,18 +82,18 @@ def locate_base(
                 return BaseSource(source, revision, frozenset(missing)), reasons
             reason = f"{source!r} does not hold the base given (tensor {differs!r} differs)"
         if config.base_model_name_or_path:
-            raise ValueError(f"KENConfig.base_model_name_or_path: {reason}")
+            raise KENConfigError(f"KENConfig.base_model_name_or_path: {reason}")
         reasons.append(reason)
     return None, reasons
 
 
-def cannot_tell(finetuned: Weights, names: Collection[str], reasons: list[str]) -> ValueError:
+def cannot_tell(finetuned: Weights, names: Collection[str], reasons: list[str]) -> KENConfigError:
     """The error for a base whose checkpoint, and so whose new tensors, are unknown: it names
     the likely new tensors (those outside the model's ``base_model_prefix``) and the fix."""
     prefix = getattr(finetuned, "base_model_prefix", "") or ""
     likely = sorted(n for n in names if prefix and not n.startswith(prefix + "."))
     why = "; ".join(reasons) or "the base is a state dict or a model not loaded from a checkpoint"
-    return ValueError(
+    return KENConfigError(
         "cannot tell which tensors of the base are newly initialised, nor which checkpoint "
         f"the base is ({why}). Pass new_tensors= naming them (likely: {likely or 'none'}; "
         "an empty set if none is), or the base model as from_pretrained loaded it, or "

@@ -66,6 +66,7 @@ from .base_source import (
 from .checkpoints import CheckpointError, new_parameters, tensors_of
 from .config import KENConfig
 from .distributed import share_by_size
+from .errors import KENConfigError
 from .hub import push_folder
 from .pipeline import PRUNED, select_masks
 from .sharding import full_numel, prune_sharded, sharding_of, snapshot_sharded
@@ -138,9 +139,9 @@ class KENCallback(TrainerCallback):
                 keep_ratio = 1.0  # replaced by the search
             config = KENConfig(k=k, keep_ratio=keep_ratio, **config_fields)
         elif k is not None or keep_ratio is not None or config_fields:
-            raise ValueError("give either a KENConfig or its fields, not both")
+            raise KENConfigError("give either a KENConfig or its fields, not both")
         if pretrained_source not in PRETRAINED_SOURCES:
-            raise ValueError(
+            raise KENConfigError(
                 f"pretrained_source={pretrained_source!r}: choose one of "
                 + ", ".join(PRETRAINED_SOURCES)
             )
@@ -216,7 +217,7 @@ class KENCallback(TrainerCallback):
         candidates = [self.config.base_model_name_or_path, getattr(model, "name_or_path", "")]
         name = next((c for c in candidates if c), None)
         if name is None:
-            raise ValueError(
+            raise KENConfigError(
                 "KENCallback: a resumed run reads the pre-trained values from the base "
                 "checkpoint; the model names none: set KENConfig.base_model_name_or_path"
             )
@@ -235,7 +236,7 @@ class KENCallback(TrainerCallback):
             recorded, why_not = self._checked_checkpoint(model, tensors, resumed=resumed)
         if recorded is None:
             if resumed or self.pretrained_source == "checkpoint":
-                raise ValueError(
+                raise KENConfigError(
                     f"KENCallback: the pre-trained values cannot be read from a checkpoint: "
                     f"{why_not}"
                     + ("" if resumed else "; pretrained_source='auto' or 'snapshot' holds a copy")
@@ -450,7 +451,7 @@ class KENCallback(TrainerCallback):
         search = self.auto_k
         key = f"ken_before_{search.metric}"
         if key not in before:
-            raise ValueError(f"auto_k: metric {search.metric!r} not in {sorted(before)}")
+            raise KENConfigError(f"auto_k: metric {search.metric!r} not in {sorted(before)}")
         reference = before[key]
         finetuned = {n: t.detach().clone() for n, t in tensors_of(model).items()}
         low, high = search.low, 1.0

@@ -27,6 +27,8 @@ from dataclasses import dataclass
 import torch
 import torch.distributed as dist
 
+from .errors import KENConfigError
+
 # Set by torchrun and accelerate launch (and by torch.distributed.run on every machine).
 LAUNCHER_VARIABLES = ("WORLD_SIZE", "RANK", "LOCAL_RANK", "MASTER_ADDR", "MASTER_PORT")
 _DATA, _ERROR = 0, 1  # kinds of message
@@ -169,14 +171,14 @@ class Team:
             raise RankFailedError(f"rank {rank} failed {what}: {error}")
 
     def same(self, value: str, what: str) -> None:
-        """Raise ``ValueError`` on every rank unless every rank holds the same ``value``
+        """Raise ``KENConfigError`` on every rank unless every rank holds the same ``value``
         (``what`` it is, for the message)."""
         if self.world == 1:
             return
         values = self._gather(value)
         if len(set(values)) > 1:
             differing = [r for r, v in enumerate(values) if v != values[0]]
-            raise ValueError(
+            raise KENConfigError(
                 f"ranks {differing} see different {what} from rank 0: every process must "
                 "read the same checkpoints with the same settings"
             )

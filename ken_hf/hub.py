@@ -14,6 +14,7 @@ from pathlib import Path, PurePosixPath
 from huggingface_hub import HfApi, hf_hub_download, snapshot_download
 
 from .confined import confined_file, confined_folder
+from .errors import UnsafePathError
 
 
 def is_hub_id(name_or_path: str | os.PathLike) -> bool:
@@ -42,7 +43,7 @@ def _checked_subfolder(subfolder: str | os.PathLike | None) -> str:
         return ""
     path = PurePosixPath(str(subfolder).replace(os.sep, "/"))
     if path.is_absolute() or ".." in path.parts:
-        raise ValueError(
+        raise UnsafePathError(
             f"subfolder={str(subfolder)!r} must be a relative path inside the folder or "
             "repository (no leading '/', no '..')"
         )

@@ -17,7 +17,7 @@ from transformers import PretrainedConfig, PreTrainedModel
 
 from .checkpoints import tensors_of
 from .delta_codec import host_copies
-from .errors import KENConfigError, UnsafePathError
+from .errors import KENConfigError, KENError, UnsafePathError
 from .fingerprint import tensor_fingerprint
 from .hub import is_remote_id, resolve_file
 from .json_input import read_json_object
@@ -174,7 +174,7 @@ class KENModel(PreTrainedModel):
 
     def _live_base(self) -> dict[str, str]:
         if self._base_fingerprints is None:
-            raise ValueError(
+            raise KENError(
                 "this KENModel was unloaded: use the model that unload() or "
                 "merge_and_unload() returned"
             )
@@ -207,7 +207,7 @@ class KENModel(PreTrainedModel):
     @property
     def subnetwork(self) -> KENSubnetwork:
         if self.active_subnetwork is None:
-            raise ValueError("no active subnetwork; call set_subnetwork(name)")
+            raise KENError("no active subnetwork; call set_subnetwork(name)")
         return self.subnetworks[self.active_subnetwork]
 
     # -- saving -------------------------------------------------------------------------
@@ -225,7 +225,7 @@ class KENModel(PreTrainedModel):
         ``save_pretrained`` of transformers writes it (``kwargs`` go there).
 
         The subnetwork is saved only while the weights are what it rebuilds: weights changed
-        since (trained further) raise ``ValueError`` naming the first changed tensor.
+        since (trained further) raise ``KENError`` naming the first changed tensor.
         ``state_dict`` (what Trainer passes) is the wrapper's view of the same weights."""
         if not is_main_process:
             return
@@ -262,7 +262,7 @@ class KENModel(PreTrainedModel):
                     rebuilt_base.view(-1).index_copy_(0, where.to(current.device), overwritten)
                 same = same and tensor_fingerprint(rebuilt_base) == base.get(name)
             if not same:
-                raise ValueError(
+                raise KENError(
                     f"tensor {name!r} changed since the subnetwork was applied (trained "
                     "further?), and the subnetwork would not rebuild it: save the merged "
                     "model with save_pretrained(folder, merged=True), or set "

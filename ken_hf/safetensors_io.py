@@ -26,7 +26,7 @@ import numpy as np
 import torch
 
 from .atomic_files import FolderWriter, staging_file
-from .errors import KENError, shown
+from .errors import KENConfigError, KENError, shown
 from .json_input import parse_json
 
 # torch dtype <-> safetensors dtype name: the one table of the package.
@@ -319,7 +319,7 @@ class ShardedWriter:
 
     def __init__(self, folder: FolderWriter, max_shard_bytes: int) -> None:
         if max_shard_bytes < 1:
-            raise ValueError(f"max_shard_bytes must be positive, got {max_shard_bytes}")
+            raise KENConfigError(f"max_shard_bytes must be positive, got {max_shard_bytes}")
         self.folder = folder
         self.max_shard_bytes = max_shard_bytes
         self._shards: list[list[str]] = []

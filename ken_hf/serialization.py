@@ -49,6 +49,7 @@ from .delta_codec import (
     to_planes,
     unpack_bits,
 )
+from .errors import KENError
 from .json_input import parse_json
 from .safetensors_io import SafetensorsError, SafetensorsFile, SafetensorsWriter
 from .subnetwork_format import (
@@ -126,7 +127,7 @@ class SubnetworkWriter:
     def add_pruned(self, name: str, pruned: PrunedTensor) -> None:
         """A pruned tensor held in memory (it must carry its delta: ``changed``, ``difference``)."""
         if pruned.changed is None:
-            raise ValueError(
+            raise KENError(
                 f"tensor {name!r} was read from a version 1 file and holds no delta against "
                 "the base: apply it to its base (KENModel) and save that to write version 2"
             )

@@ -138,7 +138,7 @@ class KENSubnetwork:
         ``ken_hf.pipeline`` plans it. The base checkpoint is recorded and the newly
         initialised tensors (stored whole) are found by locating the checkpoint ``base``
         came from (``locate_base``); ``new_tensors`` names them instead. When neither
-        works, a ``ValueError`` says what to pass. ``selector`` computes the masks (the
+        works, a ``KENConfigError`` says what to pass. ``selector`` computes the masks (the
         training layer passes one that shares the work among distributed ranks).
         """
         return _select(base, finetuned, config, new_tensors, progress, selector)[0]

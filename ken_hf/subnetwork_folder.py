@@ -23,6 +23,7 @@ from .checkpoints import TOKENIZER_FILES
 from .config import CONFIG_NAME, KENConfig
 from .confined import confined_file, confined_path
 from .delta_codec import DEFAULT_LEVEL, DEFAULT_THREADS
+from .errors import KENConfigError
 from .serialization import (
     SUBNETWORK_NAME,
     KENFormatError,
@@ -113,7 +114,7 @@ def _save_processor(processor: object, out: FolderWriter) -> None:
             if not path.is_file():
                 continue
             if path.name in own:
-                raise ValueError(
+                raise KENConfigError(
                     f"tokenizer={type(processor).__name__} saves {path.name}, a file of the "
                     "subnetwork itself: save it to another folder"
                 )
