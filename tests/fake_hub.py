@@ -55,6 +55,11 @@ class FakeHub:
         self.server.shutdown()
         self.server.server_close()
 
+    def add_repo(self, repo_id: str, files: dict[str, bytes]) -> None:
+        """Serve ``files`` as the repository ``repo_id``, at one commit, as if pushed before."""
+        self.repos[repo_id] = dict(files)
+        self.commits[repo_id] = hashlib.sha1(repo_id.encode()).hexdigest()
+
     # -- responses ----------------------------------------------------------------------
     @staticmethod
     def _send(handler, status: int, body: bytes = b"", headers: dict | None = None, head=False):

@@ -22,13 +22,19 @@ imported, into ``huggingface_hub.constants``; the endpoint (and the URL template
 it), the offline switch and the cache folder are therefore set there for that block only
 (``fake_hub.huggingface_hub_at``), and the checks confirm that the push and the download went to the
 fake Hub. Hub ids of base models never appear in the blocks: the packaged all-MiniLM-L6-v2
-folder (``minilm_path()``) is the base everywhere, so every subnetwork records that folder.
+folder (``minilm_path()``) is the base, so a subnetwork records that folder. A subnetwork
+loaded from the Hub may name only a Hub id as its base, as a user's subnetwork of a Hub
+model does: for the blocks that load one by repo id, the fake Hub also serves the packaged
+folder as ``BASE_HUB_ID``, and the subnetwork names it (the Trainer-to-Hub block loads its
+base from there; the loading block's copy of the Trainer block's subnetwork is rewritten to
+name it).
 """
 
 from __future__ import annotations
 
 import copy
 import dataclasses
+import json
 import re
 import shutil
 import sys
@@ -46,6 +52,7 @@ from ken_hf.serialization import SUBNETWORK_NAME
 README = Path(__file__).resolve().parents[1] / "README.md"
 MAX_LENGTH = 32
 HUB_REPO = "me/minilm-sentiment-ken"
+BASE_HUB_ID = "sentence-transformers/all-MiniLM-L6-v2"
 
 
 # -- the blocks ---------------------------------------------------------------------------
@@ -126,6 +133,20 @@ def fresh_base(shared: Shared):
     from transformers import AutoModelForSequenceClassification
 
     return AutoModelForSequenceClassification.from_pretrained(shared.base, num_labels=2)
+
+
+def serve_base(hub: FakeHub, shared: Shared) -> None:
+    """The packaged base folder, served by ``hub`` as the repository ``BASE_HUB_ID``."""
+    folder = Path(shared.base)
+    hub.add_repo(BASE_HUB_ID, {p.name: p.read_bytes() for p in folder.iterdir() if p.is_file()})
+
+
+def name_hub_base(folder: Path) -> None:
+    """Make the subnetwork in ``folder`` name ``BASE_HUB_ID`` (the same weights) as its base."""
+    path = folder / CONFIG_NAME
+    values = json.loads(path.read_text())
+    values["base_model_name_or_path"] = BASE_HUB_ID
+    path.write_text(json.dumps(values))
 
 
 def padded_splits(shared: Shared, train_size: int, eval_size: int):
@@ -219,6 +240,7 @@ def loading_block(block: Block, shared: Shared, workdir: Path, monkeypatch) -> N
     assert shared.trainer_ken is not None, "the Trainer block must run first"
     # "output_dir/ken" is what the Trainer block wrote: handed over into this directory.
     shutil.copytree(shared.trainer_ken, workdir / "output_dir" / "ken")
+    name_hub_base(workdir / "output_dir" / "ken")
     sst2 = shared.trainer_ken
     # "ken-imdb": another subnetwork of the same base, from another real fine-tune.
     imdb = workdir / "subnetwork-imdb"
@@ -239,6 +261,7 @@ def loading_block(block: Block, shared: Shared, workdir: Path, monkeypatch) -> N
         "base_model": base_model,
     }
     with FakeHub() as hub, huggingface_hub_at(hub.url, workdir / "hf-cache"):
+        serve_base(hub, shared)
         namespace = run_block(block, source, namespace)
     # the push published the subnetwork folder only, and the load downloaded it from there
     assert sorted(hub.repos[HUB_REPO]) == sorted(
@@ -268,18 +291,21 @@ def hub_trainer_block(block: Block, shared: Shared, workdir: Path, monkeypatch) 
     """``TrainingArguments(push_to_hub=True, hub_model_id=...)`` with ``KENCallback``: a real
     fine-tune (16 snippets, the block's own arguments), the push to the fake Hub into
     ``ken/`` of the Trainer's repository, and the loads back by repo id and subfolder."""
+    from transformers import AutoModelForSequenceClassification
+
     from ken_hf.experiments.metrics import classification_metrics
 
     train, dev = padded_splits(shared, train_size=16, eval_size=16)
-    torch.manual_seed(0)
-    namespace = {
-        "model": fresh_base(shared),
-        "train": train,
-        "dev": dev,
-        "tokenizer": shared.tokenizer,
-        "compute_metrics": classification_metrics("accuracy"),
-    }
     with FakeHub() as hub, huggingface_hub_at(hub.url, workdir / "hf-cache"):
+        serve_base(hub, shared)
+        torch.manual_seed(0)
+        namespace = {  # the base as a user loads it: by Hub id, so the subnetwork names it
+            "model": AutoModelForSequenceClassification.from_pretrained(BASE_HUB_ID, num_labels=2),
+            "train": train,
+            "dev": dev,
+            "tokenizer": shared.tokenizer,
+            "compute_metrics": classification_metrics("accuracy"),
+        }
         namespace = run_block(block, block.source, namespace)
     repo = "me/minilm-sentiment"
     pushed = hub.repos[repo]
