@@ -70,7 +70,7 @@ from .errors import KENConfigError
 from .hub import push_folder
 from .pipeline import PRUNED, select_masks
 from .sharding import full_numel, prune_sharded, sharding_of, snapshot_sharded
-from .subnetwork import KENSubnetwork, prune_model, select_in_process
+from .subnetwork import KENSubnetwork, check_full_model, prune_model, select_in_process
 from .viz import summary_png
 
 logger = logging.get_logger(__name__)
@@ -174,6 +174,7 @@ class KENCallback(TrainerCallback):
     def on_train_begin(self, args, state, control, **kwargs):
         trainer = self._find_trainer()
         model = _unwrap(trainer)
+        check_full_model(model, "KENCallback: the Trainer's model")
         self._sharding = _check_sharding(trainer, model, self.auto_k, self.pretrained_source)
         main = trainer.is_world_process_zero()
         self.pretrained, self.checkpoint_values = {}, None

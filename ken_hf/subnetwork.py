@@ -23,7 +23,7 @@ from .base_source import BaseSource, Weights, cannot_tell, locate_base
 from .checkpoints import read_model_config, tensors_of
 from .config import KENConfig
 from .delta_codec import DEFAULT_LEVEL, DEFAULT_THREADS, bits_of
-from .errors import KENError
+from .errors import KENConfigError, KENError
 from .fingerprint import tensor_fingerprint
 from .hub import push_folder, resolve_folder
 from .pipeline import (
@@ -181,7 +181,9 @@ class KENSubnetwork:
             config = dataclasses.replace(
                 config, model_class=config.model_class or model_class.__name__
             )
-            model_config = model.config.to_dict()
+            # As save_pretrained writes it: the class of this model, whatever class the
+            # config was loaded with (servers pick the class from this field).
+            model_config = model.config.to_dict() | {"architectures": [model_class.__name__]}
         if source is not None and not config.base_model_name_or_path:
             config = dataclasses.replace(
                 config,
@@ -365,9 +367,29 @@ class KENSubnetwork:
             return push_folder(folder, repo_id, **push_kwargs)
 
 
+def check_full_model(model: Weights, what: str = "the model") -> None:
+    """Raise ``KENConfigError`` when ``model`` carries PEFT adapters (a ``PeftModel``, or
+    adapter layers injected into a model): KEN selects among the values a full fine-tune
+    changed, and an adapter's base weights never changed."""
+    if not isinstance(model, torch.nn.Module):
+        return
+    adapted = next(
+        (type(m).__name__ for m in model.modules() if type(m).__module__.startswith("peft.")),
+        None,
+    )
+    if adapted is not None:
+        raise KENConfigError(
+            f"{what} is wrapped by PEFT ({adapted}): KEN needs a full fine-tune, whose "
+            "weights all trained. Merge the adapter into the model (model = "
+            "model.merge_and_unload()) and prune the merged model, or fine-tune without "
+            "PEFT and use KEN on that"
+        )
+
+
 def _select(base, finetuned, config, new_tensors, progress, selector):
     """The in-memory driver: plan, masks, one step per tensor. Returns the subnetwork, the
     records (in plan order) and the base's tensors by name."""
+    check_full_model(finetuned, "the fine-tuned model")
     base_tensors, tuned = tensors_of(base), tensors_of(finetuned)
     source, reasons = locate_base(base, finetuned, config, base_tensors)
     if new_tensors is None:
