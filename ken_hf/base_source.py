@@ -27,6 +27,7 @@ from .checkpoints import (
     first_difference,
     match_names,
     new_tensor_names,
+    rows_like,
     tensors_of,
 )
 from .config import KENConfig
@@ -143,6 +144,21 @@ class CheckpointValues:
             yield LazyTensors(read, self.stored)
 
 
+def base_rows_of(
+    source: BaseSource, tensors: Mapping[str, torch.Tensor], prefix: str | None = None
+) -> dict[str, torch.Tensor]:
+    """``tensors`` (a model's, by name) cut to the rows the checkpoint of ``source`` holds
+    where they grew since (a vocabulary that gained tokens); the others as they are. Reads
+    the checkpoint's headers only."""
+    with Checkpoint(source.name_or_path, revision=source.revision) as checkpoint:
+        stored = match_names(tensors, checkpoint.names, prefix or checkpoint.base_model_prefix)
+        cut = {}
+        for name, tensor in tensors.items():
+            rows = rows_like(tensor, checkpoint.shape(stored[name])) if name in stored else None
+            cut[name] = tensor if rows is None else rows
+    return cut
+
+
 def record_checkpoint(
     source: BaseSource,
     tensors: Mapping[str, torch.Tensor],
@@ -155,21 +171,21 @@ def record_checkpoint(
     ``match_names`` does; ``prefix``: the model's ``base_model_prefix``, default the
     checkpoint's) is read once, a tensor at a time, cast to the model tensor's dtype and
     fingerprinted. With ``compare``, each must also equal the model's tensor bit for bit
-    (the model holds its pre-trained values): else ``CheckpointError`` names the first that
-    differs. Costs one read of the checkpoint; holds one tensor at a time."""
+    (the model holds its pre-trained values; a tensor that grew since, its first rows):
+    else ``CheckpointError`` names the first that differs. Costs one read of the
+    checkpoint; holds one tensor at a time."""
     with Checkpoint(source.name_or_path, revision=source.revision) as checkpoint:
         floating = [name for name, tensor in tensors.items() if tensor.is_floating_point()]
         stored = match_names(floating, checkpoint.names, prefix or checkpoint.base_model_prefix)
         dtypes, fingerprints = {}, {}
         for name, stored_name in stored.items():
-            tensor = tensors[name].detach()
-            value = checkpoint.read(stored_name).to(tensor.dtype)
-            if compare and (
-                value.shape != tensor.shape or not torch.equal(value.to(tensor.device), tensor)
-            ):
+            value = checkpoint.read(stored_name).to(tensors[name].dtype)
+            # a grown tensor (a vocabulary that gained tokens) is compared on its base's rows
+            tensor = rows_like(tensors[name].detach(), value.shape)
+            if compare and (tensor is None or not torch.equal(value.to(tensor.device), tensor)):
                 raise CheckpointError(
                     f"tensor {name!r} of the model differs from {stored_name!r} of checkpoint "
                     f"{source.name_or_path!r}"
                 )
-            dtypes[name], fingerprints[name] = tensor.dtype, tensor_fingerprint(value)
+            dtypes[name], fingerprints[name] = value.dtype, tensor_fingerprint(value)
     return CheckpointValues(source, stored, dtypes, fingerprints)

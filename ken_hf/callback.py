@@ -59,6 +59,7 @@ from transformers.utils import logging
 from .base_source import (
     BaseSource,
     CheckpointValues,
+    base_rows_of,
     cannot_tell,
     locate_base,
     record_checkpoint,
@@ -71,7 +72,7 @@ from .hub import push_folder
 from .pipeline import PRUNED, select_masks
 from .sharding import full_numel, prune_sharded, sharding_of, snapshot_sharded
 from .subnetwork import KENSubnetwork, check_full_model, prune_model, select_in_process
-from .viz import summary_png
+from .viz import summary_png_if_available
 
 logger = logging.get_logger(__name__)
 
@@ -242,6 +243,9 @@ class KENCallback(TrainerCallback):
                     f"{why_not}"
                     + ("" if resumed else "; pretrained_source='auto' or 'snapshot' holds a copy")
                 )
+            if self.source is not None:  # grown tensors: the rows the base has
+                prefix = getattr(model, "base_model_prefix", None) or None
+                tensors = base_rows_of(self.source, tensors, prefix)
             self.pretrained = {
                 name: t.detach().to(self.snapshot_device, copy=True) for name, t in tensors.items()
             }
@@ -372,7 +376,7 @@ class KENCallback(TrainerCallback):
                 report=self.report,
                 tokenizer=trainer.processing_class,
                 dataset=self.dataset,
-                picture=summary_png(self.subnetwork),
+                picture=summary_png_if_available(self.subnetwork),  # needs [viz]
             )
             logger.info(f"KEN subnetwork saved to {folder}")
             if args.push_to_hub:

@@ -261,9 +261,25 @@ def first_difference(
         return "<none in common>"
     step = max(1, len(names) // samples)
     for name in names[::step][:samples] + names[-1:]:
-        stored, tensor = checkpoint.read(pairs[name]), tensors[name].detach()
-        if stored.shape != tensor.shape or not torch.equal(
-            stored.to(tensor.dtype), tensor.to("cpu")
-        ):
+        stored = checkpoint.read(pairs[name])
+        tensor = rows_like(tensors[name].detach(), stored.shape)
+        if tensor is None or not torch.equal(stored.to(tensor.dtype), tensor.to("cpu")):
             return name
+    return None
+
+
+def rows_like(tensor: torch.Tensor, stored_shape: tuple[int, ...]) -> torch.Tensor | None:
+    """``tensor`` as a checkpoint of ``stored_shape`` holds it: itself when the shapes are
+    equal, its first rows when it grew along its first dimension since (embeddings of a
+    vocabulary that gained tokens), None when it has another shape."""
+    shape, stored_shape = tuple(tensor.shape), tuple(stored_shape)
+    if shape == stored_shape:
+        return tensor
+    if (
+        len(shape) >= 1
+        and len(stored_shape) == len(shape)
+        and shape[1:] == stored_shape[1:]
+        and stored_shape[0] < shape[0]
+    ):
+        return tensor[: stored_shape[0]]
     return None

@@ -10,11 +10,12 @@ checked while they are parsed, before anything is read or written.
 from __future__ import annotations
 
 import argparse
+import contextlib
 import json
 import sys
 from typing import NoReturn
 
-from .errors import KENError
+from .errors import KENError, MissingExtraError
 
 # What the library raises for inputs it cannot use: KENError (files, folders, settings),
 # OSError (missing files, Hub ids that do not resolve: huggingface_hub's errors are OSErrors).
@@ -171,17 +172,33 @@ def _finetune_fields(args: argparse.Namespace) -> dict:
     }
 
 
+@contextlib.contextmanager
+def _needs_extra(extra: str):
+    """Imports inside: a third-party module they miss is ``MissingExtraError`` naming the
+    ken-hf extra that installs it."""
+    try:
+        yield
+    except ModuleNotFoundError as error:
+        if (error.name or "ken_hf").partition(".")[0] == "ken_hf":
+            raise
+        raise MissingExtraError(
+            f'{error.name} is not installed: pip install "ken-hf[{extra}]"'
+        ) from error
+
+
 def _demo(args: argparse.Namespace) -> int:
-    from .experiments.demo import run_demo
-    from .experiments.run_settings import DemoSettings
+    with _needs_extra("experiments"):
+        from .experiments.demo import run_demo
+        from .experiments.run_settings import DemoSettings
 
     run_demo(DemoSettings(**_finetune_fields(args), keep_ratio=args.keep_ratio, seed=args.seed))
     return 0
 
 
 def _compare(args: argparse.Namespace) -> int:
-    from .experiments.compare import markdown_table, run_comparison
-    from .experiments.run_settings import CompareSettings, FineTuneSettings
+    with _needs_extra("experiments"):
+        from .experiments.compare import markdown_table, run_comparison
+        from .experiments.run_settings import CompareSettings, FineTuneSettings
 
     settings = CompareSettings(
         task=FineTuneSettings(**_finetune_fields(args)),
@@ -282,8 +299,9 @@ def _inspect(args: argparse.Namespace) -> int:
 
 def _viz(args: argparse.Namespace) -> int:
     from .subnetwork import KENSubnetwork
-    from .viz import write_report
+    from .viz import require_matplotlib, write_report
 
+    require_matplotlib()  # without it, say so before reading anything
     subnetwork = KENSubnetwork.from_pretrained(
         args.path, subfolder=args.subfolder, revision=args.revision
     )
@@ -324,35 +342,40 @@ def _hub_location(parser: argparse.ArgumentParser) -> None:
     parser.add_argument("--revision", help="branch, tag or commit of the Hub repository")
 
 
-def _add_demo(commands) -> None:
-    from .experiments.run_settings import DemoSettings
-
-    defaults = DemoSettings()
+def _add_demo(commands, options: bool = True) -> None:
     demo = commands.add_parser(
         "demo",
-        help="fine-tune with KENCallback on real data, report, reload",
+        help="fine-tune with KENCallback on real data, report, reload (needs ken-hf[experiments])",
         description="Fine-tune a model with KENCallback, print what KEN kept and cost, and "
         "reload the saved subnetwork. Defaults: the packaged all-MiniLM-L6-v2 on the packaged "
         "Rotten Tomatoes snippets, offline.",
     )
+    if not options:
+        return
+    from .experiments.run_settings import DemoSettings
+
+    defaults = DemoSettings()
     _finetune_arguments(demo, defaults)
     demo.add_argument("--keep-ratio", type=_ratio, default=defaults.keep_ratio)
     demo.add_argument("--seed", type=_non_negative_int, default=defaults.seed)
     demo.set_defaults(run=_demo)
 
 
-def _add_compare(commands) -> None:
-    from .experiments.run_settings import CompareSettings
-    from .selection.rules import RULES
-
-    compared = CompareSettings()
+def _add_compare(commands, options: bool = True) -> None:
     compare = commands.add_parser(
         "compare",
-        help="KEN against LoRA and sparse baselines on one task and budget",
+        help="KEN against LoRA and sparse baselines on one task and budget (needs "
+        "ken-hf[experiments])",
         description="Full fine-tune, KEN and sparse baselines (largest change, random, KEN on "
         "the change) at several k, and LoRA at several ranks, over several seeds; writes "
         "results.json, results.md and results.png into --output-dir.",
     )
+    if not options:
+        return
+    from .experiments.run_settings import CompareSettings
+    from .selection.rules import RULES
+
+    compared = CompareSettings()
     _finetune_arguments(compare, compared.task)
     compare.add_argument("--seeds", type=_non_negative_int, nargs="+", default=list(compared.seeds))
     compare.add_argument(
@@ -461,7 +484,7 @@ def _add_inspect(commands) -> None:
 def _add_viz(commands) -> None:
     viz = commands.add_parser(
         "viz",
-        help="pictures of what KEN kept (PNG files and one HTML report)",
+        help="pictures of what KEN kept (PNG files and one HTML report; needs ken-hf[viz])",
         description="Render KENviz views of a saved subnetwork: kept positions, kept "
         "neighbours, the same across layers, and a summary.",
     )
@@ -495,26 +518,31 @@ def _add_push(commands) -> None:
     push.set_defaults(run=_push)
 
 
-def build_parser() -> argparse.ArgumentParser:
-    """The ``ken`` parser: one subcommand per job, each running ``args.run(args)``."""
+# Commands whose options come from ken_hf.experiments (their defaults): their parsers get
+# those options only when they are the command run, so that no other command (nor `ken
+# --help`) imports the experiments or needs ken-hf[experiments] installed.
+_EXPERIMENT_COMMANDS = {"demo": _add_demo, "compare": _add_compare}
+
+
+def build_parser(command: str | None = None) -> argparse.ArgumentParser:
+    """The ``ken`` parser: one subcommand per job, each running ``args.run(args)``. With
+    ``command`` (the subcommand to be run; ``""``: none), the experiment commands other than
+    ``command`` get their name and help only; default: every command with its options."""
     parser = _Parser(prog="ken", description="KEN pruning for Hugging Face models")
     commands = parser.add_subparsers(dest="command", required=True)
-    for add in (
-        _add_demo,
-        _add_compare,
-        _add_prune,
-        _add_apply,
-        _add_inspect,
-        _add_viz,
-        _add_push,
-    ):
+    for name, add in _EXPERIMENT_COMMANDS.items():
+        add(commands, options=command is None or command == name)
+    for add in (_add_prune, _add_apply, _add_inspect, _add_viz, _add_push):
         add(commands)
     return parser
 
 
 def main(argv: list[str] | None = None) -> int:
     """Run ``ken`` with ``argv`` (default: the process's); returns the exit code."""
-    args = build_parser().parse_args(argv)
+    argv = sys.argv[1:] if argv is None else list(argv)
+    # The subcommand: the first argument not an option (`ken` itself takes only -h).
+    command = next((a for a in argv if not a.startswith("-")), "")
+    args = build_parser(command).parse_args(argv)
     try:
         return args.run(args)
     except USER_ERRORS as error:

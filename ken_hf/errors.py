@@ -23,6 +23,11 @@ class UnsafePathError(KENError):
     symbolic link whose target lies outside, or a base location a file may not choose."""
 
 
+class MissingExtraError(KENError, ImportError):
+    """A feature whose optional dependencies are not installed; the message names the extra
+    that installs them (``pip install "ken-hf[viz]"``). Also an ``ImportError``."""
+
+
 def shown(value: object, limit: int = 80) -> str:
     """``repr(value)`` cut to ``limit`` characters, for an error message about a value read
     from a file, which can be anything."""

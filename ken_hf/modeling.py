@@ -247,18 +247,21 @@ class KENModel(PreTrainedModel):
         for name, tensor in tensors_of(self.model).items():
             if not tensor.is_floating_point():
                 continue
-            current = tensor.detach()
+            current, same = tensor.detach(), True
+            pruned = subnetwork.pruned.get(name)
+            if pruned is not None and pruned.added is not None:  # a grown tensor
+                same = torch.equal(current[pruned.base_rows :].cpu(), pruned.added)
+                current = current[: pruned.base_rows]
             if name in subnetwork.whole:
                 same = torch.equal(current.cpu(), subnetwork.whole[name])
             else:
                 # What was written must be the subnetwork's values; with the base's values
                 # put back there, the tensor must be the base, bit for bit.
-                rebuilt_base, same = current.clone(), True
-                pruned = subnetwork.pruned.get(name)
+                rebuilt_base = current.clone()
                 if pruned is not None:
                     where, overwritten = pruned.written_positions(), self._overwritten[name]
                     written = current.reshape(-1).index_select(0, where.to(current.device))
-                    same = torch.equal(written, pruned.written_values(overwritten))
+                    same = same and torch.equal(written, pruned.written_values(overwritten))
                     rebuilt_base.view(-1).index_copy_(0, where.to(current.device), overwritten)
                 same = same and tensor_fingerprint(rebuilt_base) == base.get(name)
             if not same:
@@ -453,7 +456,9 @@ def model_config_of(values: dict, base_values: dict, source: str) -> PretrainedC
     """The transformers config a subnetwork's ``config.json`` (``values``) describes,
     checked against the base's (``base_values``): the same ``model_type``, and the same
     value for every integer both hold (so the model built from it has the base's sizes),
-    except token ids and a vocabulary that grew by at most its own size."""
+    except token ids and a vocabulary that grew by at most its own size. The model is
+    built with the base's vocabulary: a subnetwork that grew it grows the embeddings when
+    it is applied."""
     model_type = values.get("model_type")
     if not isinstance(model_type, str) or model_type not in transformers.CONFIG_MAPPING:
         raise KENConfigError(f"{source}: field 'model_type' is {model_type!r}, not a known model")
@@ -464,6 +469,8 @@ def model_config_of(values: dict, base_values: dict, source: str) -> PretrainedC
         )
     _check_sizes(values, base_values, source, "")
     fields = {key: value for key, value in values.items() if key != "model_type"}
+    if "vocab_size" in base_values:  # built as the base; a grown vocabulary comes on apply
+        fields["vocab_size"] = base_values["vocab_size"]
     try:
         return transformers.CONFIG_MAPPING[model_type].from_dict(fields)
     except Exception as error:  # transformers validates fields its own way: name the file

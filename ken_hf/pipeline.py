@@ -53,12 +53,17 @@ class TensorPlan:
             (back to its pre-trained values).
         base_name: its name in the base (None when stored whole because it is new).
         k: values kept per row (pruned tensors only).
+        base_rows: for a tensor that grew along its first dimension (embeddings and heads
+            of a vocabulary that gained tokens): the rows the base has. Those rows are
+            pruned or reset as the fate says; the rows after them have no pre-trained
+            values and are stored whole (None: the shapes are equal).
     """
 
     name: str
     fate: str
     base_name: str | None
     k: int | None = None
+    base_rows: int | None = None
 
 
 @dataclass
@@ -75,6 +80,9 @@ class TensorRecord:
         changed: bool ``[K]``: kept values whose bits differ from the base's (``PRUNED``).
         difference: integers ``[C]``: their zigzag-coded bit-pattern differences from the
             base (``PRUNED``; see ``ken_hf.delta_codec.bit_difference``).
+        added: ``[rows - base_rows, ...]`` the rows a grown tensor has beyond the base's,
+            on the CPU (``plan.base_rows`` set; ``finetuned`` and ``mask`` then cover the
+            base's rows only).
     """
 
     plan: TensorPlan
@@ -85,6 +93,7 @@ class TensorRecord:
     kept: torch.Tensor | None = None
     changed: torch.Tensor | None = None
     difference: torch.Tensor | None = None
+    added: torch.Tensor | None = None
 
 
 def plan_tensors(
@@ -113,11 +122,7 @@ def plan_tensors(
             plans.append(TensorPlan(name, WHOLE, pairs.get(name)))
             continue
         base_shape, base_dtype = base[pairs[name]]
-        if tuple(base_shape) != tuple(shape):
-            raise PlanError(
-                f"tensor {name!r}: base shape {tuple(base_shape)} differs from fine-tuned "
-                f"shape {tuple(shape)}"
-            )
+        base_rows = _grown_rows(name, tuple(base_shape), tuple(shape))
         if base_dtype != dtype:
             raise PlanError(
                 f"tensor {name!r}: base dtype {base_dtype} differs from fine-tuned dtype "
@@ -125,10 +130,25 @@ def plan_tensors(
             )
         if config.targets(name):
             width = math.prod(shape[1:]) if len(shape) >= 2 else math.prod(shape)
-            plans.append(TensorPlan(name, PRUNED, pairs[name], config.k_for(width)))
+            plans.append(TensorPlan(name, PRUNED, pairs[name], config.k_for(width), base_rows))
         else:
-            plans.append(TensorPlan(name, RESET, pairs[name]))
+            plans.append(TensorPlan(name, RESET, pairs[name], base_rows=base_rows))
     return plans
+
+
+def _grown_rows(name: str, base_shape: tuple, shape: tuple) -> int | None:
+    """The base's rows when the fine-tuned tensor grew along its first dimension only (a
+    vocabulary that gained tokens: ``resize_token_embeddings``), None when the shapes are
+    equal; ``PlanError`` for any other difference."""
+    if base_shape == shape:
+        return None
+    if len(shape) >= 1 and len(base_shape) == len(shape) and base_shape[1:] == shape[1:]:
+        if 0 < base_shape[0] < shape[0]:
+            return base_shape[0]
+    raise PlanError(
+        f"tensor {name!r}: base shape {base_shape} differs from fine-tuned shape {shape} "
+        "(only a first dimension that grew, as embeddings of added tokens do, is supported)"
+    )
 
 
 def dominant_dtype(specs: Iterable[TensorSpec]) -> str | None:
@@ -169,7 +189,7 @@ def select_masks(
         pretrained = LazyTensors(lambda name, names=base_names: base[names[name]], base_names)
         masks.update(
             select_by_rule(
-                {p.name: finetuned[p.name].detach() for p in group},
+                {p.name: finetuned[p.name].detach()[: p.base_rows] for p in group},
                 k,
                 rule=config.rule,
                 pretrained=pretrained,
@@ -199,7 +219,13 @@ def process_tensor(
         return TensorRecord(plan, finetuned)
     base = base.detach()
     fingerprint = tensor_fingerprint(base)
-    if plan.fate == RESET:
+    added = None
+    if plan.base_rows is not None:  # the rows beyond the base's are stored whole
+        added = finetuned[plan.base_rows :].to("cpu", copy=True)
+        finetuned = finetuned[: plan.base_rows]
+        if plan.fate == RESET:  # the base's rows reset: nothing of them kept
+            mask = torch.zeros(finetuned.shape, dtype=torch.bool, device=finetuned.device)
+    if plan.fate == RESET and added is None:
         return TensorRecord(plan, finetuned, fingerprint=fingerprint)
     if mask is None:
         mask = select_masks(
@@ -209,7 +235,7 @@ def process_tensor(
     flat_mask = mask.reshape(-1)
     kept = masked_values(finetuned.reshape(-1), flat_mask).cpu()
     changed, difference = bit_difference(kept, masked_values(base.reshape(-1), flat_mask).cpu())
-    return TensorRecord(plan, finetuned, mask, fingerprint, delta, kept, changed, difference)
+    return TensorRecord(plan, finetuned, mask, fingerprint, delta, kept, changed, difference, added)
 
 
 def delta_statistics(
@@ -240,9 +266,10 @@ def delta_statistics(
 def rebuild_into(tensor: torch.Tensor, base: torch.Tensor, record: TensorRecord) -> None:
     """Write into ``tensor`` (the fine-tuned one, in place) what the subnetwork rebuilds:
     unchanged when stored whole, else the pre-trained values with the kept fine-tuned
-    values in place."""
+    values in place (in a grown tensor's base rows; its new rows are kept whole)."""
     if record.plan.fate == WHOLE:
         return
+    tensor = tensor[: record.plan.base_rows]  # a grown tensor's new rows stay as they are
     with torch.no_grad():
         if record.mask is None:
             tensor.copy_(base)

@@ -71,7 +71,10 @@ if TYPE_CHECKING:
     from .pipeline import TensorRecord
 
 FORMAT_VERSION = "2"
-READABLE_VERSIONS = ("1", "2")
+# Version 2 plus tensors grown along their first dimension (``rows``, ``added``): written
+# only for a subnetwork that has one, so that others stay readable by older ken-hf.
+GROWN_FORMAT_VERSION = "3"
+READABLE_VERSIONS = ("1", "2", "3")
 
 __all__ = [
     "FORMAT_VERSION",
@@ -104,6 +107,7 @@ class SubnetworkWriter:
         self._file = SafetensorsWriter(path)
         self._level, self._threads = level, threads
         self._entries: dict[str, dict] = {}
+        self._grown = False
         self.fingerprints: dict[str, str] = {}
         self.digest: str | None = None  # of the header's document, set on closing
 
@@ -117,9 +121,12 @@ class SubnetworkWriter:
             self.fingerprints[name] = record.fingerprint
         if record.mask is not None:
             bits = record.mask.detach().cpu().reshape(-1).numpy()
+            shape = record.mask.shape
+            if record.added is not None:
+                shape = torch.Size((shape[0] + record.added.shape[0], *shape[1:]))
             self._add_pruned(
-                name, record.mask.shape, record.finetuned.dtype, bits, None, record.changed,
-                record.difference, record.delta,
+                name, shape, record.finetuned.dtype, bits, None, record.changed,
+                record.difference, record.delta, record.plan.base_rows, record.added,
             )  # fmt: skip
         elif record.fingerprint is None:
             self.add_whole(name, record.finetuned)
@@ -140,13 +147,27 @@ class SubnetworkWriter:
             pruned.changed,
             pruned.difference,
             [pruned.delta_kept, pruned.delta_reset],
+            pruned.base_rows,
+            pruned.added,
         )
 
     def _add_pruned(
-        self, name, shape, dtype, bits, positions, changed, difference, statistics
+        self,
+        name,
+        shape,
+        dtype,
+        bits,
+        positions,
+        changed,
+        difference,
+        statistics,
+        base_rows=None,
+        added=None,
     ) -> None:
-        """``bits`` (bool numpy ``[numel]``) or ``positions`` (int64 ``[K]``) say where."""
-        numel = math.prod(shape)
+        """``bits`` (bool numpy ``[numel]``) or ``positions`` (int64 ``[K]``) say where,
+        over the base's rows (``base_rows`` of ``shape``'s when the tensor grew: the rows
+        after them, ``added``, are stored whole)."""
+        numel = math.prod(shape if base_rows is None else (base_rows, *shape[1:]))
         count = int(changed.numel())
         if smaller_encoding(numel, count) == "indices":
             encoding = "indices"
@@ -164,6 +185,8 @@ class SubnetworkWriter:
             "changed": pack_bits(changed),
             "difference": to_planes(difference.detach().cpu()),
         }
+        if added is not None:
+            arrays["added"] = to_planes(added.detach().cpu().contiguous())
         stored = {part: self._compressed(data) for part, data in arrays.items()}
         for part, tensor in stored.items():
             self._file.add(f"pruned.{name}.{part}", tensor)
@@ -178,6 +201,9 @@ class SubnetworkWriter:
             "delta": statistics,
             "checksums": [checksum(t, list(shape)) for t in stored.values()],
         }
+        if added is not None:
+            self._entries[name]["rows"] = base_rows
+            self._grown = True
 
     def add_whole(self, name: str, tensor: torch.Tensor) -> None:
         """A tensor stored whole: its byte planes compressed where that is smaller."""
@@ -209,7 +235,7 @@ class SubnetworkWriter:
         self.digest = xxhash.xxh3_64_hexdigest(document.encode())
         self._file.metadata = {
             "format": FORMAT,
-            "format_version": FORMAT_VERSION,
+            "format_version": GROWN_FORMAT_VERSION if self._grown else FORMAT_VERSION,
             "ken": document,
             "digest": self.digest,
         }
@@ -332,6 +358,10 @@ class DecodedOnAccess(Mapping[str, "PrunedTensor | torch.Tensor"]):
     def __len__(self) -> int:
         return len(self._names)
 
+    def entry(self, name: str) -> dict:
+        """The header's (validated) record of tensor ``name``."""
+        return self._reader.entry(name)
+
     def spec(self, name: str) -> tuple[torch.Size, torch.dtype]:
         entry = self._reader.entry(name)
         return torch.Size(entry["shape"]), VALUE_DTYPES[entry["dtype"]]
@@ -393,11 +423,15 @@ def _read_entry(check: EntryCheck, entry) -> PrunedTensor | torch.Tensor:
     # The header passed check_document: counts, encoding and sizes agree with each other.
     count, changed_count = entry["count"], entry["changed"]
     encoding, sizes = entry["encoding"], entry["sizes"]
-    stored = [check.array(f"pruned.{name}.{part}") for part in ("kept", "changed", "difference")]
+    base_rows = entry.get("rows")
+    parts = ["kept", "changed", "difference"] + (["added"] if base_rows is not None else [])
+    stored = [check.array(f"pruned.{name}.{part}") for part in parts]
     check.sums(checksums, stored, shape)
-    kept, changed, difference = (
+    kept, changed, difference, *added = (
         _decompressed(check, t, n) for t, n in zip(stored, sizes, strict=True)
     )
+    base_shape = shape if base_rows is None else [base_rows, *shape[1:]]
+    numel = math.prod(base_shape)
     try:
         if encoding == "mask":
             positions = positions_of(unpack_bits(kept, numel).numpy())
@@ -417,9 +451,14 @@ def _read_entry(check: EntryCheck, entry) -> PrunedTensor | torch.Tensor:
     if int(torch.count_nonzero(changed_bits)) != changed_count:
         raise check.fail(f"the changed bits do not number the header's {changed_count}")
     bits = from_planes(difference, BITS_DTYPES[dtype], changed_count)
+    new_rows = None
+    if added:
+        new_shape = (shape[0] - base_rows, *shape[1:])
+        new_rows = from_planes(added[0], dtype, math.prod(new_shape)).reshape(new_shape)
     return PrunedTensor(
-        torch.Size(shape), dtype, positions, None, changed_bits, bits, *entry["delta"]
-    )
+        torch.Size(shape), dtype, positions, None, changed_bits, bits, *entry["delta"],
+        base_rows, new_rows,
+    )  # fmt: skip
 
 
 def _decompressed(check: EntryCheck, stored: torch.Tensor, size: int) -> np.ndarray:

@@ -200,8 +200,10 @@ def _owners(plans: list[TensorPlan], sizes: dict[str, int], world: int) -> dict[
     which compresses and writes them anyway (sending them would move whole tensors); the
     others, in name order (the order the main process writes in), each to the rank with
     the fewest values so far, so that no rank runs far ahead of the writer."""
-    whole = [p for p in plans if p.fate == WHOLE]
-    shared = [p for p in plans if p.fate != WHOLE]
+    # Grown tensors too: the records other ranks send carry no added rows.
+    on_main = [p.fate == WHOLE or p.base_rows is not None for p in plans]
+    whole = [p for p, main in zip(plans, on_main, strict=True) if main]
+    shared = [p for p, main in zip(plans, on_main, strict=True) if not main]
     load = [sum(sizes[p.name] for p in whole)] + [0] * (world - 1)
     owners = share_by_size([sizes[p.name] for p in shared], world, load)
     return {p.name: 0 for p in whole} | {p.name: r for p, r in zip(shared, owners, strict=True)}
@@ -363,6 +365,9 @@ def _check_fits_checkpoint(reader: SubnetworkReader, base: Checkpoint, pairs: di
         shape, dtype = tuple(entry["shape"]), VALUE_DTYPES[entry["dtype"]]
         if name in pairs:
             stored = pairs[name]
+            rows = entry.get("rows")
+            if rows is not None and shape[0] <= 2 * rows:  # grown: lands on the base's rows
+                shape = (rows, *shape[1:])
             if base.shape(stored) != shape or base.dtype(stored) != dtype:
                 raise BaseMismatchError(
                     f"tensor {name!r}: {base.source} holds {base.dtype(stored)} "
@@ -426,6 +431,8 @@ def _merged(name: str, reader: SubnetworkReader, base: Checkpoint, pairs: dict) 
         if isinstance(stored, PrunedTensor):
             flat, where = tensor.view(-1), stored.written_positions()
             flat.index_copy_(0, where, stored.written_values(flat.index_select(0, where)))
+            if stored.added is not None:  # a vocabulary that gained tokens: the new rows
+                tensor = torch.cat([tensor, stored.added])
         else:
             tensor = stored
     return tensor

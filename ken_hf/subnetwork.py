@@ -100,6 +100,24 @@ def _write_at(parameter: torch.Tensor, positions: torch.Tensor, values: torch.Te
     bits_of(flat).numpy()[positions.cpu().numpy()] = bits_of(values.contiguous()).numpy()
 
 
+def _set_rows(model: torch.nn.Module, parameter: torch.Tensor, data: torch.Tensor) -> None:
+    """Give ``parameter`` (an embedding or head along the vocabulary) ``data``, of another
+    number of rows, as ``resize_token_embeddings`` would: the modules holding it and, for
+    the input embeddings, the model's ``config.vocab_size`` follow."""
+    parameter.data = data.contiguous()
+    rows = data.shape[0]
+    for module in model.modules():
+        if getattr(module, "weight", None) is parameter:
+            if isinstance(module, torch.nn.Embedding):
+                module.num_embeddings = rows
+            elif isinstance(module, torch.nn.Linear):
+                module.out_features = rows
+    embeddings = getattr(model, "get_input_embeddings", lambda: None)()
+    config = getattr(model, "config", None)
+    if embeddings is not None and embeddings.weight is parameter and config is not None:
+        config.vocab_size = rows
+
+
 @dataclass
 class KENSubnetwork:
     """The KEN subnetwork of a fine-tuned model against its base.
@@ -161,14 +179,19 @@ class KENSubnetwork:
             if record.fingerprint is not None:
                 fingerprints[name] = record.fingerprint
             if record.mask is not None:
+                shape = record.mask.shape
+                if record.added is not None:
+                    shape = torch.Size((shape[0] + record.added.shape[0], *shape[1:]))
                 pruned[name] = PrunedTensor(
-                    record.mask.shape,
+                    shape,
                     record.finetuned.dtype,
                     positions_of(record.mask.reshape(-1).cpu().numpy()),
                     record.kept,
                     record.changed,
                     record.difference,
                     *record.delta,
+                    record.plan.base_rows,
+                    record.added,
                 )
             elif record.fingerprint is None:
                 whole[name] = record.finetuned.detach().to("cpu", copy=True)
@@ -200,9 +223,13 @@ class KENSubnetwork:
         return sum(p.positions.numel() for p in self.pruned.values()) / total if total else 1.0
 
     def kept_values(self) -> int:
-        """Values that keep their fine-tuned value: kept positions plus whole tensors."""
-        return sum(p.positions.numel() for p in self.pruned.values()) + sum(
-            t.numel() for t in self.whole.values()
+        """Values that keep their fine-tuned value: kept positions, the rows grown tensors
+        added and whole tensors."""
+        pruned = self.pruned.values()
+        return (
+            sum(p.positions.numel() for p in pruned)
+            + sum(p.added.numel() for p in pruned if p.added is not None)
+            + sum(t.numel() for t in self.whole.values())
         )
 
     def reset_fraction(self, model_parameters: int) -> float:
@@ -230,6 +257,15 @@ class KENSubnetwork:
                     f"(another model, revision, dtype or a changed value)"
                 )
 
+    def base_rows(self, name: str) -> int | None:
+        """The base's rows of tensor ``name`` when it grew (a vocabulary that gained
+        tokens), else None; for a subnetwork read from a file, from its header."""
+        if name not in self.pruned:
+            return None
+        if isinstance(self.pruned, DecodedOnAccess):
+            return self.pruned.entry(name).get("rows")
+        return self.pruned[name].base_rows
+
     def declared(self) -> dict[str, tuple[torch.Size, torch.dtype]]:
         """``{name: (shape, dtype)}`` of every tensor the subnetwork writes, as declared:
         for one read from a file, without decoding anything."""
@@ -251,6 +287,14 @@ class KENSubnetwork:
             if name not in parameters:
                 raise BaseMismatchError(f"tensor {name!r} is not a parameter of the model")
             parameter = parameters[name]
+            rows = self.base_rows(name)
+            if rows is not None:  # a grown tensor lands on the base's rows, and grows it
+                if shape[0] > 2 * rows:
+                    raise BaseMismatchError(
+                        f"tensor {name!r}: the subnetwork grows its {rows} rows to {shape[0]}, "
+                        "more than twice the base's"
+                    )
+                shape = torch.Size((rows, *shape[1:]))
             if parameter.shape != shape or parameter.dtype != dtype:
                 raise BaseMismatchError(
                     f"tensor {name!r}: model has {parameter.dtype} {tuple(parameter.shape)}, "
@@ -277,6 +321,9 @@ class KENSubnetwork:
             for name, pruned in pruned_tensors.items():
                 where = pruned.written_positions()
                 saved[name] = _read_at(parameters[name], where)
+                if pruned.added is not None:  # the new rows after the base's
+                    added = pruned.added.to(parameters[name].device, parameters[name].dtype)
+                    _set_rows(model, parameters[name], torch.cat([parameters[name].data, added]))
                 _write_at(parameters[name], where, pruned.written_values(saved[name]))
             for name, tensor in whole_tensors.items():
                 saved[name] = parameters[name].detach().clone()
@@ -289,6 +336,9 @@ class KENSubnetwork:
         with torch.no_grad():
             for name, pruned in self.pruned.items():
                 _write_at(parameters[name], pruned.written_positions(), saved[name])
+                if pruned.base_rows is not None:  # back to the base's rows, bit for bit
+                    base_rows = parameters[name].data[: pruned.base_rows].clone()
+                    _set_rows(model, parameters[name], base_rows)
             for name in self.whole:
                 parameters[name].copy_(saved[name])
 

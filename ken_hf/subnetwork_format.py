@@ -44,6 +44,10 @@ class PrunedTensor:
             changed kept values (``ken_hf.delta_codec.bit_difference``).
         delta_kept, delta_reset: mean |fine-tuned - pre-trained| over the kept and over the
             reset positions, measured when the subnetwork was made (None if unknown).
+        base_rows: for a tensor that grew along its first dimension (a vocabulary that
+            gained tokens), the rows of the base; ``positions`` lie in those rows.
+        added: ``[shape[0] - base_rows, ...]`` the fine-tuned values of the rows beyond
+            them, stored whole (None when the tensor did not grow).
     """
 
     shape: torch.Size
@@ -54,6 +58,8 @@ class PrunedTensor:
     difference: torch.Tensor | None = None
     delta_kept: float | None = None
     delta_reset: float | None = None
+    base_rows: int | None = None
+    added: torch.Tensor | None = None
     _written: torch.Tensor | None = field(default=None, repr=False, compare=False)
 
     def written_positions(self) -> torch.Tensor:
@@ -65,7 +71,7 @@ class PrunedTensor:
         if self._written is None:
             # numpy: flatnonzero then take is 1.3-3x its bool indexing, several times torch's
             written = np.flatnonzero(self.changed.cpu().numpy())
-            if self.positions.numel() < self.shape.numel():  # else positions = range
+            if self.positions.numel() < self.base_numel():  # else positions = range
                 written = np.take(self.positions.cpu().numpy(), written)
             self._written = torch.from_numpy(written)
         return self._written
@@ -84,6 +90,15 @@ class PrunedTensor:
             return self
         changed, difference = bit_difference(self.values, base_values.cpu())
         return dataclasses.replace(self, changed=changed, difference=difference)
+
+    def base_shape(self) -> torch.Size:
+        """The shape of the base tensor: ``shape`` with ``base_rows`` rows when it grew."""
+        if self.base_rows is None:
+            return self.shape
+        return torch.Size((self.base_rows, *self.shape[1:]))
+
+    def base_numel(self) -> int:
+        return self.base_shape().numel()
 
     def mask(self) -> torch.Tensor:
         """Bool tensor of ``shape``: True at the kept positions."""

@@ -35,6 +35,11 @@ _KEYS = {
     ("2", "pruned"): _PRUNED_V1 | {"changed", "sizes"},
     ("2", "whole"): {"kind", "shape", "dtype", "codec", "checksums"},
 }
+# Version 3: version 2, and a pruned tensor may have grown along its first dimension
+# ("rows": the base's rows; array "added": the rows after them).
+_KEYS["3", "whole"] = _KEYS["2", "whole"]
+_KEYS["3", "pruned"] = _KEYS["2", "pruned"]
+_GROWN = _KEYS["2", "pruned"] | {"rows"}
 
 
 def _is_mean(value: object) -> bool:
@@ -120,6 +125,8 @@ def check_entry(path, version: str, name: str, entry: object, file: SafetensorsF
     if kind not in ("pruned", "whole"):
         raise KENFormatError(f"{path}: tensor {name!r}: field 'kind': {shown(kind)} is unknown")
     keys = _KEYS[version, kind]
+    if version == "3" and kind == "pruned" and "rows" in entry:
+        keys = _GROWN
     if set(entry) != keys:
         missing, extra = sorted(keys - set(entry)), sorted(set(entry) - keys)
         raise KENFormatError(
@@ -134,17 +141,26 @@ def check_entry(path, version: str, name: str, entry: object, file: SafetensorsF
         and math.prod(shape) <= MAX_NUMEL
     ):
         raise check.fail("shape", f"{shown(shape)} is not a shape of at most {MAX_NUMEL} values")
-    numel = math.prod(shape)
+    numel = full_numel = math.prod(shape)
     dtype = VALUE_DTYPES[check.one_of("dtype", VALUE_DTYPES)]
     itemsize = torch.empty((), dtype=dtype).element_size()
     if kind == "whole":
         check.checksums(1)
         key = f"whole.{name}"
-        if version == "2" and check.one_of("codec", ("zstd", "none")) == "zstd":
+        if version != "1" and check.one_of("codec", ("zstd", "none")) == "zstd":
             check.array(key, torch.uint8, None)
         else:
             check.array(key, dtype, tuple(shape))
         return {key}
+    parts = list(_PARTS)
+    if "rows" in entry:  # a grown tensor: what is pruned is the base's rows
+        if not shape:
+            raise check.fail("rows", "a tensor of no dimension cannot grow")
+        rows = entry["rows"]
+        if not (_is_int(rows) and 0 < rows < shape[0]):
+            raise check.fail("rows", f"{shown(rows)} is not a row count below {shape[0]}")
+        numel = rows * math.prod(shape[1:])
+        parts.append("added")
     count = check.integer("count", numel)
     encoding = check.one_of("encoding", ("mask", "indices"))
     check.delta()
@@ -156,14 +172,16 @@ def check_entry(path, version: str, name: str, entry: object, file: SafetensorsF
         else:
             check.array(f"pruned.{name}.indices", index_dtype(max(numel, 1)), (count,))
         return {f"pruned.{name}.values", f"pruned.{name}.{encoding}"}
-    check.checksums(3)
+    check.checksums(len(parts))
     changed = check.integer("changed", count)
     index_size = torch.empty((), dtype=index_dtype(max(numel, 1))).element_size()
     kept_bytes = -(-numel // 8) if encoding == "mask" else count * index_size
     expected = [kept_bytes, -(-count // 8), changed * itemsize]
+    if "rows" in entry:
+        expected.append((full_numel - numel) * itemsize)
     if entry["sizes"] != expected:
         raise check.fail("sizes", f"{shown(entry['sizes'])} do not fit the counts: {expected}")
-    keys = {f"pruned.{name}.{part}" for part in _PARTS}
+    keys = {f"pruned.{name}.{part}" for part in parts}
     for key in sorted(keys):
         check.array(key, torch.uint8, None)
     return keys

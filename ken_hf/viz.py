@@ -25,6 +25,7 @@ import base64
 import difflib
 import html
 import io
+import logging
 import re
 import shutil
 from pathlib import Path
@@ -32,7 +33,7 @@ from typing import TYPE_CHECKING, Literal
 
 import numpy as np
 
-from .errors import KENConfigError
+from .errors import KENConfigError, MissingExtraError
 from .subnetwork import KENSubnetwork
 from .subnetwork_format import KENFormatError
 
@@ -42,17 +43,31 @@ if TYPE_CHECKING:
 # A subnetwork in memory, or a saved folder / Hub id to read it from.
 Source = KENSubnetwork | str | Path
 
+logger = logging.getLogger(__name__)
+
 MAX_PIXELS = 768
 _LAYER = re.compile(r"\.(\d+)\.")
 
 
 def _pyplot():
-    import matplotlib
+    """matplotlib's pyplot (Agg), or ``MissingExtraError`` saying how to install it."""
+    try:
+        import matplotlib
+    except ImportError as error:
+        raise MissingExtraError(
+            f'KENviz needs matplotlib (pip install "ken-hf[viz]"): {error}'
+        ) from error
 
     matplotlib.use("Agg")
     import matplotlib.pyplot as plt
 
     return plt
+
+
+def require_matplotlib() -> None:
+    """Raise ``MissingExtraError`` (``pip install "ken-hf[viz]"``) unless matplotlib imports:
+    a check before anything is read, since every view draws with it."""
+    _pyplot()
 
 
 def load(subnetwork: Source) -> KENSubnetwork:
@@ -327,6 +342,17 @@ def summary_png(subnetwork: Source) -> bytes:
     return _png(summary_figure(subnetwork))
 
 
+def summary_png_if_available(subnetwork: Source) -> bytes | None:
+    """``summary_png``, or None and one logged line when matplotlib is not installed (what
+    ``KENCallback`` saves beside the model card: a run never fails for want of a picture)."""
+    try:
+        require_matplotlib()
+    except MissingExtraError as error:
+        logger.warning(f"KEN: no summary picture saved; {error}")
+        return None
+    return summary_png(subnetwork)
+
+
 def _png(figure: Figure) -> bytes:
     buffer = io.BytesIO()
     figure.savefig(buffer, format="png", dpi=110)
@@ -408,6 +434,7 @@ def write_report(subnetwork: Source, out_dir: str | Path, tensors: list[str] | N
     family gets its layer view; a summary comes first. Everything is drawn before ``out_dir``
     is created, and a folder this call created is removed again if writing fails.
     """
+    require_matplotlib()
     subnetwork = load(subnetwork)
     if tensors is None:
         matrices = [n for n, p in subnetwork.pruned.items() if len(p.shape) == 2]

@@ -1,8 +1,10 @@
 """KEN on CPU rows, compiled: one pass per row (densities, order, matching), rows in parallel.
 
 numba compiles these kernels on first use and caches the machine code on disk
-(``cache=True``: next to this file, or in the user's cache directory when that is not
-writable), so a machine compiles them once; later processes load them in well under a second.
+(``NUMBA_CACHE_DIR`` when set, else next to this file, else in the user's cache directory),
+so a machine compiles them once; later processes load them in well under a second. Where
+none of these is writable (a read-only installation, no writable home), the kernels are
+compiled without a cache, in every process (half a minute on two cores), with one warning.
 Rows are independent, so blocks of rows run on threads (the kernels release the GIL).
 
 Densities (docs/algorithm.md step 4) are computed in O(n + k) per row instead of O(n k):
@@ -40,6 +42,7 @@ a candidate while the next group is at the same distance.
 from __future__ import annotations
 
 import math
+import warnings
 from concurrent.futures import ThreadPoolExecutor
 
 import numpy as np
@@ -67,7 +70,33 @@ _MAX_NODES_PER_VALUE = 4
 _MIN_NODE_CAP = 4096
 
 
-@njit(nogil=True, cache=True)
+def _cache_probe():  # decorated once below, never called
+    pass
+
+
+def _can_cache() -> bool:
+    """Whether numba has a writable place for the machine code of this file's kernels. numba
+    looks for one when a function is decorated with ``cache=True`` (and raises RuntimeError
+    "no locator available" when there is none), so a probe from this file decides, once, at
+    import: else the kernels compile without a cache, and one warning says so."""
+    try:
+        njit(cache=True)(_cache_probe)
+    except RuntimeError:
+        warnings.warn(
+            "numba finds no writable cache for the KEN kernels (NUMBA_CACHE_DIR unset or not "
+            "writable, ken_hf read-only, no writable user cache directory): they are compiled "
+            "without a cache, in each process; set NUMBA_CACHE_DIR to a writable folder to "
+            "compile them once",
+            stacklevel=2,
+        )
+        return False
+    return True
+
+
+_CACHE = _can_cache()
+
+
+@njit(nogil=True, cache=_CACHE)
 def _direct_sum(x, g, h):
     """sum_i exp(-(g - x_i)^2 / (2 h^2)) in float64, term by term (as density.py does)."""
     total = 0.0
@@ -79,7 +108,7 @@ def _direct_sum(x, g, h):
     return total
 
 
-@njit(nogil=True, cache=True)
+@njit(nogil=True, cache=_CACHE)
 def _round_half_even(d):
     low = math.floor(d)
     rest = d - low
@@ -90,7 +119,7 @@ def _round_half_even(d):
     return low + (low % 2.0)
 
 
-@njit(nogil=True, cache=True, fastmath={"reassoc", "contract"})
+@njit(nogil=True, cache=_CACHE, fastmath={"reassoc", "contract"})
 def _convolve(nodes, taps, k, fine, coarse, pad, q_max, out):
     """out[j] = sum_m nodes[m] * K(distance of grid point j to node m), |distance| <= Q.
 
@@ -130,7 +159,7 @@ def _convolve(nodes, taps, k, fine, coarse, pad, q_max, out):
         out[j] = total
 
 
-@njit(nogil=True, cache=True)
+@njit(nogil=True, cache=_CACHE)
 def _kernel_sums(x, g, h, target, sums, bounds):
     """Fast kernel sums of one row at its grid, with rigorous bounds on their error.
 
@@ -222,7 +251,7 @@ def _kernel_sums(x, g, h, target, sums, bounds):
     return True
 
 
-@njit(nogil=True, cache=True)
+@njit(nogil=True, cache=_CACHE)
 def _densities(x, g, h, sums, bounds, out):
     """Rounded densities of one row at its grid (docs/algorithm.md steps 4-5) into out [k]:
     fast sums, and a direct float64 sum wherever the bound reaches a rounding boundary.
@@ -243,7 +272,7 @@ def _densities(x, g, h, sums, bounds, out):
         out[j] = _round_half_even(density)
 
 
-@njit(nogil=True, cache=True)
+@njit(nogil=True, cache=_CACHE)
 def _priority(rounded, order, scratch):
     """order[:] = grid indices by highest rounded density first, lower index first on ties
     (a stable LSD radix sort on top - density)."""
@@ -282,7 +311,7 @@ def _priority(rounded, order, scratch):
         width >>= 8
 
 
-@njit(nogil=True, cache=True)
+@njit(nogil=True, cache=_CACHE)
 def _sort_row(
     x, values, positions, scratch_keys, scratch_positions, sorted_positions, keys, counts
 ):
@@ -323,7 +352,7 @@ def _sort_row(
         values[1 + i] = x[positions[1 + i]]
 
 
-@njit(nogil=True, cache=True)
+@njit(nogil=True, cache=_CACHE)
 def _find_up(parent, i):
     root = i
     while parent[root] != root:
@@ -335,7 +364,7 @@ def _find_up(parent, i):
     return root
 
 
-@njit(nogil=True, cache=True)
+@njit(nogil=True, cache=_CACHE)
 def _match(values, positions, targets, starts, group_first, group_last, up, down, taken):
     """Greedy matching on a sorted row (docs/algorithm.md step 7); marks taken[i] for each
     sorted index i that a target takes.
@@ -399,7 +428,7 @@ def _match(values, positions, targets, starts, group_first, group_last, up, down
         down[chosen] = chosen - 1
 
 
-@njit(nogil=True, cache=True)
+@njit(nogil=True, cache=_CACHE)
 def _insertion_points(values, grid, out):
     """out[j]: the first index of values (sorted, +inf last) whose value is >= grid[j]. The
     grid ascends (linspace), so this is a merge; a descent falls back to bisection."""
@@ -424,7 +453,7 @@ def _insertion_points(values, grid, out):
         previous = t
 
 
-@njit(nogil=True, cache=True)
+@njit(nogil=True, cache=_CACHE)
 def _select_block(rows, grids, bandwidths, compat, mask):
     """KEN on rows with k < n: mask[r] = kept positions of rows[r]; a row with bandwidth 0
     (constant) keeps positions 0..k-1."""
