@@ -14,6 +14,11 @@ Version 2 (written; version 1 is still read, see ``format_v1``), one safetensors
 - ``whole.<name>``: a tensor stored whole, as it is or, where that is smaller, its byte
   planes zstd-compressed.
 
+- for a tensor that grew along its first dimension (a vocabulary that gained tokens), its
+  entry records ``rows``, the base's rows (``kept``, ``changed`` and ``difference`` cover
+  those), and ``pruned.<name>.added`` holds the rows after them, in byte planes,
+  zstd-compressed. A file with such a tensor is version 3; others stay version 2.
+
 All arrays but raw whole tensors are uint8. The metadata holds ``format`` /
 ``format_version`` and ``ken``: a JSON document with, per tensor, its kind, shape, dtype,
 kept and changed counts, encodings, the raw size of each compressed array and an xxh3
