@@ -363,8 +363,9 @@ class KENCallback(TrainerCallback):
             "metrics_before": before,
             "metrics_after": after,
             "tensors": {
-                name: {"kept": pruned.positions.numel(), "values": pruned.shape.numel()}
+                name: {"kept": pruned.positions.numel(), "values": pruned.base_numel()}
                 for name, pruned in self.subnetwork.pruned.items()
+                if not pruned.only_new_rows()
             },
             "stored_whole": sorted(self.subnetwork.whole),
             "auto_k_curve": self.auto_k_curve,

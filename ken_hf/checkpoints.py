@@ -11,7 +11,7 @@ a Llama as ``LlamaModel``) against a fine-tune that has it, and the other way ro
 from __future__ import annotations
 
 import os
-from collections.abc import Callable, Iterable, Iterator, Mapping
+from collections.abc import Iterable, Mapping
 from pathlib import Path
 
 import torch
@@ -20,6 +20,7 @@ from .confined import confined_file, confined_path
 from .errors import KENError
 from .hub import resolve_folder
 from .json_input import read_json_object
+from .lazy_tensors import LazyTensors
 from .safetensors_io import SafetensorsError, SafetensorsFile
 
 INDEX_NAME = "model.safetensors.index.json"
@@ -176,31 +177,6 @@ def read_model_config(path: Path) -> dict:
     ):
         raise CheckpointError(f"{path}: field 'architectures' must be a list of class names")
     return values
-
-
-class LazyTensors(Mapping[str, torch.Tensor]):
-    """A read-only mapping whose tensors are made on each access, ``read(name)``, and never
-    held: such as pre-trained values read from a checkpoint a tensor at a time. Iterating
-    its items reads every tensor in turn; keys and ``in`` cost nothing."""
-
-    def __init__(self, read: Callable[[str], torch.Tensor], names: Iterable[str]) -> None:
-        self._read = read
-        self._names = list(names)
-        self._known = set(self._names)
-
-    def __getitem__(self, name: str) -> torch.Tensor:
-        if name not in self._known:
-            raise KeyError(name)
-        return self._read(name)
-
-    def __contains__(self, name: object) -> bool:
-        return name in self._known
-
-    def __iter__(self) -> Iterator[str]:
-        return iter(self._names)
-
-    def __len__(self) -> int:
-        return len(self._names)
 
 
 def tensors_of(

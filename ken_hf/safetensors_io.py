@@ -20,6 +20,7 @@ import os
 import shutil
 import struct
 import tempfile
+import weakref
 from pathlib import Path
 
 import numpy as np
@@ -89,6 +90,8 @@ class SafetensorsFile:
             self._handle.close()
             raise
         self._map: mmap.mmap | None = None
+        # A file read lazily (a subnetwork decoded on first use) is closed when dropped.
+        weakref.finalize(self, self._handle.close)
 
     def _open(self, max_header: int) -> None:
         self._header, self._data_start = _read_header(self.path, self._handle, max_header)

@@ -31,10 +31,10 @@ The kept values are rebuilt only on a base whose fingerprints match
 
 from __future__ import annotations
 
+import functools
 import json
 import math
 import os
-from collections.abc import Iterator, Mapping
 from pathlib import Path
 from typing import TYPE_CHECKING
 
@@ -56,6 +56,7 @@ from .delta_codec import (
 )
 from .errors import KENError
 from .json_input import parse_json
+from .lazy_tensors import LazyTensors
 from .safetensors_io import SafetensorsError, SafetensorsFile, SafetensorsWriter
 from .subnetwork_format import (
     FORMAT,
@@ -298,14 +299,20 @@ class SubnetworkReader:
         return self._document["tensors"][name]
 
     def summary(self) -> dict[str, int]:
-        """Counts from the header alone (no tensor is read): tensors and values pruned,
-        kept and stored whole."""
+        """Counts from the header alone (no tensor is read): tensors and values pruned (of a
+        grown tensor, its base's rows), kept and stored whole."""
         entries = [self.entry(name) for name in self.names]
-        pruned = [e for e in entries if e.get("kind") == "pruned"]
-        whole = [e for e in entries if e.get("kind") == "whole"]
+        # A tensor reset to the base that grew is stored for its new rows alone: not pruned.
+        pruned = [
+            e for e in entries if e["kind"] == "pruned" and not ("rows" in e and e["count"] == 0)
+        ]
+        whole = [e for e in entries if e["kind"] == "whole"]
         return {
             "pruned_tensors": len(pruned),
-            "pruned_values": sum(math.prod(e["shape"]) for e in pruned),
+            "pruned_values": sum(
+                e["rows"] * math.prod(e["shape"][1:]) if "rows" in e else math.prod(e["shape"])
+                for e in pruned
+            ),
             "kept_values": sum(e["count"] for e in pruned),
             "whole_tensors": len(whole),
             "whole_values": sum(math.prod(e["shape"]) for e in whole),
@@ -336,32 +343,14 @@ class SubnetworkReader:
         self.close()
 
 
-class DecodedOnAccess(Mapping[str, "PrunedTensor | torch.Tensor"]):
+class DecodedOnAccess(LazyTensors):
     """Tensors of a subnetwork file open in ``reader``, each read, validated and decoded the
     first time it is asked for, then kept. ``spec(name)`` gives a tensor's declared shape
     and dtype without decoding it, so that they can be checked against a base first."""
 
     def __init__(self, reader: SubnetworkReader, names: list[str]) -> None:
+        super().__init__(functools.cache(reader.read), names)
         self._reader = reader
-        self._names = list(names)
-        self._known = set(self._names)
-        self._decoded: dict[str, PrunedTensor | torch.Tensor] = {}
-
-    def __getitem__(self, name: str) -> PrunedTensor | torch.Tensor:
-        if name not in self._known:
-            raise KeyError(name)
-        if name not in self._decoded:
-            self._decoded[name] = self._reader.read(name)
-        return self._decoded[name]
-
-    def __contains__(self, name: object) -> bool:
-        return name in self._known
-
-    def __iter__(self) -> Iterator[str]:
-        return iter(self._names)
-
-    def __len__(self) -> int:
-        return len(self._names)
 
     def entry(self, name: str) -> dict:
         """The header's (validated) record of tensor ``name``."""

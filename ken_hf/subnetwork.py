@@ -218,9 +218,11 @@ class KENSubnetwork:
 
     # -- what it holds ------------------------------------------------------------------
     def kept_fraction(self) -> float:
-        """Share of the pruned tensors' values that keep their fine-tuned value."""
-        total = sum(p.shape.numel() for p in self.pruned.values())
-        return sum(p.positions.numel() for p in self.pruned.values()) / total if total else 1.0
+        """Share of the pruned tensors' values that keep their fine-tuned value (of a grown
+        tensor, its base's rows; a reset tensor stored for its new rows alone is not one)."""
+        pruned = [p for p in self.pruned.values() if not p.only_new_rows()]
+        total = sum(p.base_numel() for p in pruned)
+        return sum(p.positions.numel() for p in pruned) / total if total else 1.0
 
     def kept_values(self) -> int:
         """Values that keep their fine-tuned value: kept positions, the rows grown tensors

@@ -100,6 +100,11 @@ class PrunedTensor:
     def base_numel(self) -> int:
         return self.base_shape().numel()
 
+    def only_new_rows(self) -> bool:
+        """Whether this is a tensor reset to the base (not targeted) that grew: it is stored
+        for its new rows alone, nothing of the base's rows is kept."""
+        return self.base_rows is not None and self.positions.numel() == 0
+
     def mask(self) -> torch.Tensor:
         """Bool tensor of ``shape``: True at the kept positions."""
         flat = torch.zeros(self.shape.numel(), dtype=torch.bool)

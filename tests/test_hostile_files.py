@@ -1438,7 +1438,7 @@ def previous_version_nested_deep(ctx: Ctx):
 @case("c6", "subnetwork", names=(SUBNETWORK,))
 def format_version_unknown(ctx: Ctx):
     kf = KenFile(ctx.copy())
-    kf.metadata["format_version"] = "3"
+    kf.metadata["format_version"] = "4"  # 1 to 3 are read; 3 adds grown tensors to 2
     kf.save()
     return kf.folder
 
