@@ -230,9 +230,10 @@ def _keep_equal_values(rows: torch.Tensor, matched: torch.Tensor) -> torch.Tenso
     new_value = torch.ones(values.shape, dtype=torch.int64, device=rows.device)
     new_value[:, 1:] = (values[:, 1:] != values[:, :-1]).long()
     group = new_value.cumsum(dim=1) - 1
-    hit = torch.zeros(values.shape, dtype=torch.bool, device=rows.device)
-    hit.scatter_reduce_(1, group, matched.gather(1, order), reduce="amax")
-    return torch.zeros_like(matched).scatter_(1, order, hit.gather(1, group))
+    # uint8, not bool: CUDA has no bool scatter_reduce (found on an H100, torch 2.11)
+    hit = torch.zeros(values.shape, dtype=torch.uint8, device=rows.device)
+    hit.scatter_reduce_(1, group, matched.gather(1, order).to(torch.uint8), reduce="amax")
+    return torch.zeros_like(matched).scatter_(1, order, hit.gather(1, group).bool())
 
 
 @dataclass(frozen=True)
