@@ -183,3 +183,67 @@ def test_the_callback_on_a_decoder_with_added_tokens_reloads_identically(tmp_pat
     loaded = AutoKENModelForCausalLM.from_pretrained(tmp_path / "run" / "ken")
     assert torch.equal(_logits(loaded, batch), _logits(pruned, batch))
     assert len(AutoTokenizer.from_pretrained(tmp_path / "run" / "ken")) == len(tokenizer)
+
+
+def test_prune_model_and_ken_prune_on_a_decoder_with_added_tokens(tmp_path):
+    """SmolLM2 (2 layers, tied head) with two added tokens: the in-memory and the
+    checkpoint drivers make subnetworks that both reload to the pruned model's logits."""
+    path = smollm2_path(2)
+    tokenizer = AutoTokenizer.from_pretrained(path)
+    tokenizer.add_special_tokens(NEW_TOKENS)
+    torch.manual_seed(0)
+    finetuned = AutoModelForCausalLM.from_pretrained(path)
+    finetuned.resize_token_embeddings(len(tokenizer))
+    with torch.no_grad():
+        for parameter in finetuned.parameters():
+            parameter.add_(torch.randn_like(parameter) * 1e-3)
+    finetuned.save_pretrained(tmp_path / "finetuned")
+    tokenizer.save_pretrained(tmp_path / "finetuned")
+    pruned = copy.deepcopy(finetuned).eval()
+    base = AutoModelForCausalLM.from_pretrained(path)
+    subnetwork = prune_model(pruned, base, KENConfig(keep_ratio=0.5), progress=False)
+    assert subnetwork.pruned["model.embed_tokens.weight"].base_rows == len(tokenizer) - 2
+    subnetwork.save_pretrained(tmp_path / "ken", tokenizer=tokenizer)
+    batch = dict(tokenizer(["<|user|> a fine film <|assistant|>"], return_tensors="pt"))
+    expected = _logits(pruned, batch)
+    loaded = AutoKENModelForCausalLM.from_pretrained(tmp_path / "ken")
+    assert torch.equal(_logits(loaded, batch), expected)
+    args = ["prune", "--base", str(path), "--finetuned", str(tmp_path / "finetuned")]
+    assert main([*args, "--keep-ratio", "0.5", "--out", str(tmp_path / "streamed")]) == 0
+    streamed = AutoKENModelForCausalLM.from_pretrained(tmp_path / "streamed")
+    assert torch.equal(_logits(streamed, batch), expected)
+
+
+def test_the_callback_on_an_encoder_with_added_tokens_reloads_identically(tmp_path):
+    from ken_hf.experiments.tasks import movie_review_splits
+
+    tokenizer = AutoTokenizer.from_pretrained(minilm_path())
+    tokenizer.add_special_tokens(NEW_TOKENS)
+    train, _ = movie_review_splits(tokenizer, train_size=32, eval_size=8, max_length=24)
+    torch.manual_seed(0)
+    model = AutoModelForSequenceClassification.from_pretrained(minilm_path(), num_labels=2)
+    model.resize_token_embeddings(len(tokenizer))
+    callback = KENCallback(keep_ratio=0.5)
+    trainer = Trainer(
+        model=model,
+        args=TrainingArguments(
+            output_dir=str(tmp_path / "run"),
+            max_steps=2,
+            per_device_train_batch_size=16,
+            report_to=[],
+            save_strategy="no",
+            use_cpu=True,
+            disable_tqdm=True,
+        ),
+        train_dataset=train,
+        processing_class=tokenizer,
+        callbacks=[callback],
+    )
+    trainer.train()
+    assert callback.subnetwork.pruned[EMBEDDING].base_rows == 30522
+    pruned = trainer.accelerator.unwrap_model(trainer.model).state_dict()
+    loaded = AutoKENModelForSequenceClassification.from_pretrained(tmp_path / "run" / "ken")
+    reloaded = loaded.base_model.state_dict()
+    assert reloaded.keys() == pruned.keys()
+    for name, tensor in pruned.items():  # the same weights, bit for bit (grown ones too)
+        assert torch.equal(reloaded[name], tensor), name
