@@ -137,17 +137,19 @@ def plan_tensors(
 
 
 def _grown_rows(name: str, base_shape: tuple, shape: tuple) -> int | None:
-    """The base's rows when the fine-tuned tensor grew along its first dimension only (a
-    vocabulary that gained tokens: ``resize_token_embeddings``), None when the shapes are
+    """The base's rows when the fine-tuned tensor grew along its first dimension only, by
+    at most as many rows as the base has (a vocabulary that gained tokens:
+    ``resize_token_embeddings``; the loaders accept no more), None when the shapes are
     equal; ``PlanError`` for any other difference."""
     if base_shape == shape:
         return None
     if len(shape) >= 1 and len(base_shape) == len(shape) and base_shape[1:] == shape[1:]:
-        if 0 < base_shape[0] < shape[0]:
+        if 0 < base_shape[0] < shape[0] <= 2 * base_shape[0]:
             return base_shape[0]
     raise PlanError(
         f"tensor {name!r}: base shape {base_shape} differs from fine-tuned shape {shape} "
-        "(only a first dimension that grew, as embeddings of added tokens do, is supported)"
+        "(only a first dimension that grew, at most twofold, as embeddings of added tokens "
+        "do, is supported)"
     )
 
 
