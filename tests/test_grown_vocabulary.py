@@ -131,6 +131,19 @@ def test_a_shrunk_or_reshaped_tensor_still_stops_naming_it(tmp_path):
         prune_model(shrunk, _base(), KENConfig(keep_ratio=0.5), new_tensors=HEAD)
 
 
+def _two_steps(output_dir, batch_size: int) -> TrainingArguments:
+    """Two training steps on the CPU, nothing saved but what the callback saves."""
+    return TrainingArguments(
+        output_dir=str(output_dir),
+        max_steps=2,
+        per_device_train_batch_size=batch_size,
+        report_to=[],
+        save_strategy="no",
+        use_cpu=True,
+        disable_tqdm=True,
+    )
+
+
 def _chat_data(tokenizer):
     from datasets import Dataset
 
@@ -161,15 +174,7 @@ def test_the_callback_on_a_decoder_with_added_tokens_reloads_identically(tmp_pat
     callback = KENCallback(keep_ratio=0.5)
     trainer = Trainer(
         model=model,
-        args=TrainingArguments(
-            output_dir=str(tmp_path / "run"),
-            max_steps=2,
-            per_device_train_batch_size=8,
-            report_to=[],
-            save_strategy="no",
-            use_cpu=True,
-            disable_tqdm=True,
-        ),
+        args=_two_steps(tmp_path / "run", batch_size=8),
         train_dataset=_chat_data(tokenizer),
         data_collator=DataCollatorForLanguageModeling(tokenizer, mlm=False),
         processing_class=tokenizer,
@@ -226,15 +231,7 @@ def test_the_callback_on_an_encoder_with_added_tokens_reloads_identically(tmp_pa
     callback = KENCallback(keep_ratio=0.5)
     trainer = Trainer(
         model=model,
-        args=TrainingArguments(
-            output_dir=str(tmp_path / "run"),
-            max_steps=2,
-            per_device_train_batch_size=16,
-            report_to=[],
-            save_strategy="no",
-            use_cpu=True,
-            disable_tqdm=True,
-        ),
+        args=_two_steps(tmp_path / "run", batch_size=16),
         train_dataset=train,
         processing_class=tokenizer,
         callbacks=[callback],
