@@ -16,7 +16,7 @@ from pathlib import Path
 from .atomic_files import write_text_atomic
 from .errors import KENConfigError, shown
 from .hub import resolve_file
-from .json_input import read_json_object
+from .json_input import is_integer, read_json_object
 from .selection.rules import check_rule
 
 CONFIG_NAME = "ken_config.json"
@@ -113,7 +113,7 @@ class KENConfig:
                 f"KENConfig needs exactly one of k and keep_ratio (got k={shown(self.k)}, "
                 f"keep_ratio={shown(self.keep_ratio)})"
             )
-        if self.k is not None and not (_is_int(self.k) and 1 <= self.k <= 2**31):
+        if self.k is not None and not (is_integer(self.k) and 1 <= self.k <= 2**31):
             raise KENConfigError(f"KENConfig.k must be a positive integer, got {shown(self.k)}")
         if self.keep_ratio is not None and not (
             isinstance(self.keep_ratio, int | float)
@@ -132,7 +132,7 @@ class KENConfig:
         if not isinstance(self.rule, str):
             raise KENConfigError(f"KENConfig.rule must be a string, got {shown(self.rule)}")
         check_rule(self.rule)
-        if not (_is_int(self.seed) and 0 <= self.seed < 2**63):
+        if not (is_integer(self.seed) and 0 <= self.seed < 2**63):
             raise KENConfigError(f"KENConfig.seed must be an integer >= 0, got {shown(self.seed)}")
         for name, limit in _TEXT_FIELDS.items():
             _check_text(name, getattr(self, name), limit)
@@ -242,10 +242,6 @@ _TEXT_FIELDS = {
 }
 _MAX_PATTERNS = 100_000
 _MAX_PATTERN = 4096
-
-
-def _is_int(value: object) -> bool:
-    return isinstance(value, int) and not isinstance(value, bool)
 
 
 def _check_text(name: str, value: object, limit: int) -> None:

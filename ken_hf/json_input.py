@@ -15,6 +15,12 @@ MAX_DEPTH = 32
 MAX_FILE_BYTES = 64 * 2**20
 
 
+def is_integer(value: object) -> bool:
+    """Whether a JSON value is an integer (``true`` and ``false`` are not, though Python's
+    bools are ints)."""
+    return isinstance(value, int) and not isinstance(value, bool)
+
+
 def _unique_keys(pairs: list[tuple[str, object]]) -> dict:
     """A JSON object's dict; a key given twice is an error (a reader would see only one)."""
     value = dict(pairs)

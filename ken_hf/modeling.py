@@ -20,7 +20,7 @@ from .delta_codec import host_copies
 from .errors import KENConfigError, KENError, UnsafePathError
 from .fingerprint import tensor_fingerprint
 from .hub import is_remote_id, resolve_file
-from .json_input import read_json_object
+from .json_input import is_integer, read_json_object
 from .subnetwork import KENSubnetwork, fingerprints_of
 
 
@@ -483,7 +483,7 @@ def _check_sizes(values: dict, base_values: dict, source: str, prefix: str) -> N
         if isinstance(value, dict) and isinstance(base_value, dict):
             _check_sizes(value, base_value, source, f"{prefix}{key}.")
             continue
-        if not (_is_int(value) and _is_int(base_value)) or value == base_value:
+        if not (is_integer(value) and is_integer(base_value)) or value == base_value:
             continue
         if key.endswith("_token_id"):
             continue
@@ -493,10 +493,6 @@ def _check_sizes(values: dict, base_values: dict, source: str, prefix: str) -> N
             f"{source}: field {prefix + key!r} is {value}, the base's is {base_value}: a "
             "subnetwork describes a model of its base's sizes"
         )
-
-
-def _is_int(value: object) -> bool:
-    return isinstance(value, int) and not isinstance(value, bool)
 
 
 class AutoKENModelForSequenceClassification(AutoKENModel):

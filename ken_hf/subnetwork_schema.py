@@ -15,6 +15,7 @@ import re
 import torch
 
 from .errors import shown
+from .json_input import is_integer
 from .safetensors_io import MAX_RANK, SafetensorsFile
 from .subnetwork_format import VALUE_DTYPES, KENFormatError, index_dtype
 
@@ -52,10 +53,6 @@ def _is_mean(value: object) -> bool:
     )
 
 
-def _is_int(value: object) -> bool:
-    return isinstance(value, int) and not isinstance(value, bool)
-
-
 def check_name(path, name: object) -> str:
     """A tensor name: a printable string of 1 to ``MAX_NAME`` characters."""
     if not (isinstance(name, str) and 0 < len(name) <= MAX_NAME and name.isprintable()):
@@ -74,7 +71,7 @@ class _Entry:
 
     def integer(self, field: str, limit: int) -> int:
         value = self.entry[field]
-        if not _is_int(value) or not 0 <= value <= limit:
+        if not is_integer(value) or not 0 <= value <= limit:
             raise self.fail(field, f"{shown(value)} is not an integer from 0 to {limit}")
         return value
 
@@ -137,7 +134,7 @@ def check_entry(path, version: str, name: str, entry: object, file: SafetensorsF
     if not (
         isinstance(shape, list)
         and len(shape) <= MAX_RANK
-        and all(_is_int(d) and 0 <= d <= MAX_NUMEL for d in shape)
+        and all(is_integer(d) and 0 <= d <= MAX_NUMEL for d in shape)
         and math.prod(shape) <= MAX_NUMEL
     ):
         raise check.fail("shape", f"{shown(shape)} is not a shape of at most {MAX_NUMEL} values")
@@ -157,8 +154,11 @@ def check_entry(path, version: str, name: str, entry: object, file: SafetensorsF
         if not shape:
             raise check.fail("rows", "a tensor of no dimension cannot grow")
         rows = entry["rows"]
-        if not (_is_int(rows) and 0 < rows < shape[0]):
-            raise check.fail("rows", f"{shown(rows)} is not a row count below {shape[0]}")
+        # added tokens grow a vocabulary, at most twofold (as the plan allows)
+        if not (is_integer(rows) and 0 < rows < shape[0] <= 2 * rows):
+            raise check.fail(
+                "rows", f"{shown(rows)} is not a row count below {shape[0]}, at least half"
+            )
         numel = rows * math.prod(shape[1:])
         parts.append("added")
     count = check.integer("count", numel)
