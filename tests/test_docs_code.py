@@ -1,19 +1,26 @@
-"""Every Python code block of README.md runs, so the README cannot drift from the code.
+"""Every Python code block of README.md and of the docs pages runs, so neither can drift
+from the code.
 
-The blocks are read from README.md when the tests run: a new block is picked up by itself,
-and one this file has no set-up for fails (it is never skipped). Each block is executed
-with ``exec``, as written, in a namespace that holds real objects for every name the block
-uses without defining it, and in a fresh working directory of its own, so that relative
-paths such as ``output_dir/ken`` or ``ken/`` land in a temporary folder. The blocks run in
-README order; what a later block takes from an earlier one is handed over explicitly
-(``Shared`` below). After each block, checks show that it really ran.
+The blocks are read from the pages when the tests run: a new block is picked up by itself,
+and one this file has no set-up for fails (it is never skipped). The pages are README.md,
+then the pages of mkdocs.yml's nav in its order, then any other page under docs/. Each block
+is executed with ``exec``, as written, in a namespace that holds real objects for every name
+the block uses without defining it, and in a fresh working directory of its own, so that
+relative paths such as ``output_dir/ken`` or ``run/ken`` land in a temporary folder. The
+blocks run in that order; what a later block takes from an earlier one is handed over
+explicitly (``Shared`` below). After each block, checks show that it really ran.
 
 Substitutions, the only changes made to a block's text before it runs (each must be found
-in the block, so a README edit that removes one fails here until this file follows it):
+in the block, so an edit of the page that removes one fails here until this file follows
+it):
 
 - ``"ken-sst2"`` and ``"ken-imdb"`` (Hub ids of two subnetworks of one base) become local
   folders: the subnetwork the Trainer block saved, and one selected here from a small real
   fine-tune of the same base (``minilm_finetune``, conftest.py).
+- The quickstart's ``load_dataset(...)`` of Rotten Tomatoes becomes 64 real snippets of the
+  same data set, packaged (``ken_hf.experiments.assets.movie_reviews``), with the same
+  columns and splits; its one epoch becomes 2 steps.
+- The TRL page's Hub ids, data sets and run lengths (see ``trl_*`` below).
 
 Not substituted: ``"me/minilm-sentiment-ken"``. ``push_to_hub`` and ``from_pretrained`` of that
 id go through the real huggingface_hub client to the fake Hub of ``fake_hub.py`` on
@@ -21,13 +28,13 @@ id go through the real huggingface_hub client to the fake Hub of ``fake_hub.py``
 imported, into ``huggingface_hub.constants``; the endpoint (and the URL template built from
 it), the offline switch and the cache folder are therefore set there for that block only
 (``fake_hub.huggingface_hub_at``), and the checks confirm that the push and the download went to the
-fake Hub. Hub ids of base models never appear in the blocks: the packaged all-MiniLM-L6-v2
-folder (``minilm_path()``) is the base, so a subnetwork records that folder. A subnetwork
-loaded from the Hub may name only a Hub id as its base, as a user's subnetwork of a Hub
-model does: for the blocks that load one by repo id, the fake Hub also serves the packaged
-folder as ``BASE_HUB_ID``, and the subnetwork names it (the Trainer-to-Hub block loads its
-base from there; the loading block's copy of the Trainer block's subnetwork is rewritten to
-name it).
+fake Hub. The base's Hub id, ``sentence-transformers/all-MiniLM-L6-v2``, is served by the
+fake Hub from the packaged all-MiniLM-L6-v2 folder (``minilm_path()``) where a block names it
+(the quickstart, the Trainer-to-Hub block); where a block starts from a model it is handed,
+the packaged folder is the base, so a subnetwork records that folder. A subnetwork loaded
+from the Hub may name only a Hub id as its base, as a user's subnetwork of a Hub model does:
+the loading block's copy of the Trainer block's subnetwork is rewritten to name
+``BASE_HUB_ID``.
 """
 
 from __future__ import annotations
@@ -49,27 +56,50 @@ from ken_hf.checkpoints import tensors_of
 from ken_hf.config import CONFIG_NAME
 from ken_hf.serialization import SUBNETWORK_NAME
 
-README = Path(__file__).resolve().parents[1] / "README.md"
+ROOT = Path(__file__).resolve().parents[1]
 MAX_LENGTH = 32
 HUB_REPO = "me/minilm-sentiment-ken"
 BASE_HUB_ID = "sentence-transformers/all-MiniLM-L6-v2"
+TRL_PAGE = "docs/guides/trl.md"
 
 
 # -- the blocks ---------------------------------------------------------------------------
+def pages() -> list[str]:
+    """README.md, the pages of mkdocs.yml's nav in order, then any other page of docs/
+    (paths relative to the repository)."""
+    import yaml
+
+    def walk(entries) -> list[str]:
+        found = []
+        for entry in entries:
+            value = next(iter(entry.values())) if isinstance(entry, dict) else entry
+            found += walk(value) if isinstance(value, list) else [f"docs/{value}"]
+        return found
+
+    nav = walk(yaml.safe_load((ROOT / "mkdocs.yml").read_text(encoding="utf-8"))["nav"])
+    others = sorted(
+        str(path.relative_to(ROOT)) for path in (ROOT / "docs").rglob("*.md")
+    )
+    return ["README.md", *nav, *(page for page in others if page not in nav)]
+
+
 @dataclasses.dataclass
 class Block:
+    page: str  # README.md or docs/...
     heading: str  # the nearest heading above the block
-    line: int  # line of the opening fence in README.md
+    line: int  # line of the opening fence in the page
     source: str
-    key: str = ""  # the heading, with " #n" for the n-th block (n > 1) under one heading
+    key: str = ""  # "page: heading", with " #n" for the n-th block (n > 1) under one heading
 
     def where(self) -> str:
-        return f"README.md:{self.line} (block under '{self.heading}')"
+        return f"{self.page}:{self.line} (block under '{self.heading}')"
 
 
-def python_blocks(text: str | None = None) -> list[Block]:
-    """The fenced blocks whose language is Python (```python, ```py, ...), in order."""
-    lines = (README.read_text(encoding="utf-8") if text is None else text).splitlines()
+def python_blocks(page: str, text: str | None = None) -> list[Block]:
+    """The fenced blocks of ``page`` whose language is Python (```python, ```py, ...)."""
+    if text is None:
+        text = (ROOT / page).read_text(encoding="utf-8")
+    lines = text.splitlines()
     blocks: list[Block] = []
     heading, index = "(top)", 0
     while index < len(lines):
@@ -83,18 +113,22 @@ def python_blocks(text: str | None = None) -> list[Block]:
             while end < len(lines) and not lines[end].strip().startswith(marker):
                 end += 1
             if end == len(lines):
-                raise AssertionError(f"README.md:{index + 1}: code fence never closed")
+                raise AssertionError(f"{page}:{index + 1}: code fence never closed")
             if language.lower().startswith("py"):
                 body = "\n".join(row.removeprefix(indent) for row in lines[index + 1 : end])
-                blocks.append(Block(heading, index + 1, body + "\n"))
+                blocks.append(Block(page, heading, index + 1, body + "\n"))
             index = end
         index += 1
     seen: dict[str, int] = {}
     for block in blocks:
         seen[block.heading] = seen.get(block.heading, 0) + 1
         n = seen[block.heading]
-        block.key = block.heading if n == 1 else f"{block.heading} #{n}"
+        block.key = f"{page}: {block.heading}" + ("" if n == 1 else f" #{n}")
     return blocks
+
+
+def all_blocks() -> list[Block]:
+    return [block for page in pages() for block in python_blocks(page)]
 
 
 def substitute(block: Block, replacements: dict[str, str]) -> str:
@@ -151,7 +185,7 @@ def name_hub_base(folder: Path) -> None:
 
 def padded_splits(shared: Shared, train_size: int, eval_size: int):
     """Movie snippets padded to one length, so the Trainer's default collator stacks them
-    (the README's Trainer call names no collator)."""
+    (the callback guide's Trainer call names no collator)."""
     from ken_hf.experiments.tasks import movie_review_splits
 
     tokenizer = shared.tokenizer
@@ -356,24 +390,84 @@ def without_trainer_block(block: Block, shared: Shared, workdir: Path, monkeypat
     assert torch.equal(pruned, torch.where(mask, finetuned_weight, pretrained_weight))
 
 
+def rotten_tomatoes_sample(size: int = 32):
+    """What ``load_dataset("cornell-movie-review-data/rotten_tomatoes")`` gives, in little:
+    real Rotten Tomatoes snippets (packaged) in ``train`` and ``validation`` splits of
+    ``size`` rows, with the Hub data set's columns ``text`` and ``label``."""
+    from datasets import Dataset, DatasetDict
+
+    from ken_hf.experiments.assets import movie_reviews
+
+    texts, labels = movie_reviews()
+    rows = [{"text": t, "label": x} for t, x in zip(texts, labels, strict=True)]
+    by_label = {label: [row for row in rows if row["label"] == label] for label in (0, 1)}
+    half = size // 2  # both labels in each split, interleaved
+
+    def split(start: int):
+        pairs = zip(
+            by_label[0][start : start + half], by_label[1][start : start + half], strict=True
+        )
+        return Dataset.from_list([row for pair in pairs for row in pair])
+
+    return DatasetDict(train=split(0), validation=split(half))
+
+
+def quickstart_block(block: Block, shared: Shared, workdir: Path, monkeypatch) -> None:
+    """The quickstart, as a new user runs it: the base and its tokenizer by Hub id (the fake
+    Hub serves the packaged MiniLM), a real 2-step fine-tune with ``KENCallback``, and the
+    subnetwork loaded back with ``AutoKENModelForSequenceClassification``."""
+    source = substitute(
+        block,
+        {
+            'load_dataset("cornell-movie-review-data/rotten_tomatoes")': "rotten_tomatoes_sample()",
+            "num_train_epochs=1": "max_steps=2",
+        },
+    )
+    torch.manual_seed(0)
+    namespace = {"rotten_tomatoes_sample": rotten_tomatoes_sample}
+    with FakeHub() as hub, huggingface_hub_at(hub.url, workdir / "hf-cache"):
+        serve_base(hub, shared)
+        namespace = run_block(block, source, namespace)
+    # the base and the tokenizer came from the (fake) Hub, by id
+    assert any(r.startswith(f"GET /{BASE_HUB_ID}/resolve/") for r in hub.requests)
+    trainer = namespace["trainer"]
+    logged = {key for entry in trainer.state.log_history for key in entry}
+    assert {"ken_before_loss", "ken_after_loss"} <= logged, sorted(logged)
+    subnetwork = KENSubnetwork.from_pretrained(workdir / "run" / "ken")
+    assert subnetwork.config.keep_ratio == 0.75
+    assert subnetwork.config.base_model_name_or_path == BASE_HUB_ID
+    # what was loaded back is the pruned model the trainer holds
+    assert_same_state(state_of(namespace["model"].base_model), state_of(trainer.model), "reload")
+
+
 SETUPS = {
-    "At the end of a Trainer run": trainer_block,
-    "Loading, like a PEFT adapter": loading_block,
-    "On the Hub, from a Trainer": hub_trainer_block,
-    "Without a Trainer": without_trainer_block,
+    "README.md: Quickstart": quickstart_block,
+    "docs/index.md: Quickstart": quickstart_block,
+    "docs/guides/callback.md: At the end of a Trainer run": trainer_block,
+    "docs/guides/loading.md: Loading, like a PEFT adapter": loading_block,
+    "docs/guides/hub.md: On the Hub, from a Trainer": hub_trainer_block,
+    "docs/guides/without-trainer.md: Without a Trainer": without_trainer_block,
 }
 
 
 # -- the tests ----------------------------------------------------------------------------
 def test_every_python_block_has_a_setup_and_compiles():
-    blocks = python_blocks()
-    assert blocks, "README.md has no Python block?"
+    blocks = all_blocks()
+    assert any(block.page == "README.md" for block in blocks), "README.md has no Python block?"
     unknown = [block.where() for block in blocks if block.key not in SETUPS]
-    assert not unknown, f"no set-up in tests/test_readme.py for {unknown}: add one to SETUPS"
+    assert not unknown, f"no set-up in tests/test_docs_code.py for {unknown}: add one to SETUPS"
     stale = set(SETUPS) - {block.key for block in blocks}
-    assert not stale, f"SETUPS names blocks README.md no longer has: {sorted(stale)}"
+    assert not stale, f"SETUPS names blocks the pages no longer have: {sorted(stale)}"
     for block in blocks:
         compile(block.source, block.where(), "exec")
+
+
+def test_pages_are_the_readme_then_the_nav_then_every_other_page():
+    found = pages()
+    assert found[0] == "README.md"
+    assert found.index("docs/guides/callback.md") < found.index("docs/guides/loading.md")
+    on_disk = {str(p.relative_to(ROOT)) for p in (ROOT / "docs").rglob("*.md")}
+    assert on_disk <= set(found) and len(found) == len(set(found))
 
 
 def test_python_blocks_parser_finds_every_fence():
@@ -381,28 +475,18 @@ def test_python_blocks_parser_finds_every_fence():
         "# A\n```python\nx = 1\n```\n```bash\n# not a heading\n```\n"
         "## B\n  ```py\n  y = 2\n  ```\n```python\nz\n```\n"
     )
-    blocks = python_blocks(text)
+    blocks = python_blocks("page.md", text)
     assert [(b.key, b.source) for b in blocks] == [
-        ("A", "x = 1\n"),
-        ("B", "y = 2\n"),
-        ("B #2", "z\n"),
+        ("page.md: A", "x = 1\n"),
+        ("page.md: B", "y = 2\n"),
+        ("page.md: B #2", "z\n"),
     ]
 
 
-def test_every_python_block_of_the_readme_runs(minilm_finetune, tmp_path, monkeypatch):
-    from transformers import AutoTokenizer
-
-    from ken_hf.experiments.assets import minilm_path
-
-    blocks = python_blocks()
+def run_blocks(blocks: list[Block], shared: Shared, tmp_path: Path, monkeypatch) -> None:
+    """Each block's set-up, in order, each in a working directory of its own."""
     missing = [block.where() for block in blocks if block.key not in SETUPS]
     assert not missing, f"no set-up for {missing}"  # never skipped: add one to SETUPS
-    base = str(minilm_path())
-    shared = Shared(
-        base=base,
-        tokenizer=AutoTokenizer.from_pretrained(base),
-        finetune=minilm_finetune,
-    )
     for number, block in enumerate(blocks, 1):
         workdir = tmp_path / f"block-{number}"
         workdir.mkdir()
@@ -410,3 +494,29 @@ def test_every_python_block_of_the_readme_runs(minilm_finetune, tmp_path, monkey
             patch.chdir(workdir)
             print(f"running {block.where()}", file=sys.stderr)
             SETUPS[block.key](block, shared, workdir, monkeypatch)
+
+
+def test_every_python_block_of_the_pages_runs(minilm_finetune, tmp_path, monkeypatch):
+    """Every block but the TRL page's (the next test)."""
+    from transformers import AutoTokenizer
+
+    from ken_hf.experiments.assets import minilm_path
+
+    blocks = [block for block in all_blocks() if block.page != TRL_PAGE]
+    base = str(minilm_path())
+    shared = Shared(
+        base=base,
+        tokenizer=AutoTokenizer.from_pretrained(base),
+        finetune=minilm_finetune,
+    )
+    run_blocks(blocks, shared, tmp_path, monkeypatch)
+
+
+def test_every_python_block_of_the_trl_page_runs(minilm_finetune, tmp_path, monkeypatch):
+    """The TRL page's blocks, in order (the later ones use names the first defines)."""
+    # Installed by `make test` (the dev extra); absent only from `make test-min`, whose
+    # version floors no trl release accepts (see tests/test_version_floors.py).
+    pytest.importorskip("trl")
+    blocks = [block for block in all_blocks() if block.page == TRL_PAGE]
+    assert blocks, f"{TRL_PAGE} has no Python block?"
+    run_blocks(blocks, Shared(base="", tokenizer=None, finetune={}), tmp_path, monkeypatch)
