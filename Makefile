@@ -21,6 +21,8 @@ $(STAMP): pyproject.toml Makefile
 demo: $(STAMP)
 	$(VENV)/bin/ken demo
 
+# tests/test_browser.py opens the KENviz report and the docs site in Debian's Chromium, which
+# pip cannot install: `apt-get install --no-install-recommends chromium` first (.ci/run does).
 test: $(STAMP)
 	$(PY) -m ruff check ken_hf tests benchmarks recipes
 	$(VENV)/bin/lint-imports
