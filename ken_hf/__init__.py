@@ -1,14 +1,42 @@
 """ken-hf: KEN pruning (Mastromattei & Zanzotto, ACL Findings 2024) for the Hugging Face stack.
 
-Layer 1 (``ken_hf.selection``) is plain torch; the model classes, which import
-transformers, load on first use.
+KEN keeps, row by row, the fine-tuned values a kernel density estimate marks as representative
+and resets the rest to their pre-trained values; ken-hf stores what it keeps as a subnetwork.
+
+Layer 1 (``ken_hf.selection``: ``ken_select``, ``ken_prune``, ``ken_select_many``) is plain
+torch and loads with the package; every other name loads its module on first use, so that
+``import ken_hf`` does not import transformers.
 """
 
 from __future__ import annotations
 
 import importlib
+from typing import TYPE_CHECKING
 
 from .selection import ken_prune, ken_select, ken_select_many
+
+if TYPE_CHECKING:  # the names of ``_LAZY``, re-exported for type checkers and doc tools
+    from .callback import AutoK as AutoK
+    from .callback import KENCallback as KENCallback
+    from .checkpoints import CheckpointError as CheckpointError
+    from .config import KENConfig as KENConfig
+    from .errors import KENConfigError as KENConfigError
+    from .errors import KENError as KENError
+    from .errors import UnsafePathError as UnsafePathError
+    from .modeling import AutoKENModel as AutoKENModel
+    from .modeling import AutoKENModelForCausalLM as AutoKENModelForCausalLM
+    from .modeling import AutoKENModelForQuestionAnswering as AutoKENModelForQuestionAnswering
+    from .modeling import AutoKENModelForSeq2SeqLM as AutoKENModelForSeq2SeqLM
+    from .modeling import (
+        AutoKENModelForSequenceClassification as AutoKENModelForSequenceClassification,
+    )
+    from .modeling import AutoKENModelForTokenClassification as AutoKENModelForTokenClassification
+    from .modeling import KENModel as KENModel
+    from .modeling import KENModelForQuestionAnswering as KENModelForQuestionAnswering
+    from .serialization import KENFormatError as KENFormatError
+    from .subnetwork import BaseMismatchError as BaseMismatchError
+    from .subnetwork import KENSubnetwork as KENSubnetwork
+    from .subnetwork import prune_model as prune_model
 
 __version__ = "0.1.0"
 

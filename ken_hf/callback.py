@@ -67,11 +67,12 @@ from .base_source import (
 from .checkpoints import CheckpointError, new_parameters, tensors_of
 from .config import KENConfig
 from .distributed import share_by_size
-from .errors import KENConfigError
-from .hub import push_folder
+from .errors import KENConfigError, shown
+from .hub import is_remote_id
 from .pipeline import PRUNED, select_masks
 from .sharding import full_numel, prune_sharded, sharding_of, snapshot_sharded
 from .subnetwork import KENSubnetwork, check_full_model, prune_model, select_in_process
+from .subnetwork_folder import push_subnetwork_folder, travelling_base
 from .viz import summary_png_if_available
 
 logger = logging.get_logger(__name__)
@@ -81,10 +82,33 @@ PRETRAINED_SOURCES = ("auto", "checkpoint", "snapshot")
 
 @dataclasses.dataclass
 class AutoK:
-    """Search for the smallest keep ratio whose eval metric stays within ``tolerance`` of
-    the unpruned model's, with at most ``max_evaluations`` evaluations (bisection between
-    ``low`` and 1). ``metric`` is a key of ``Trainer.evaluate``'s output without its prefix;
-    ``greater_is_better`` says which way it points."""
+    """Settings of ``KENCallback``'s search for the smallest keep ratio that keeps quality.
+
+    When training ends, the callback bisects the keep ratio between ``low`` and 1: each
+    probe prunes the model, evaluates it on the Trainer's eval set and puts the fine-tuned
+    values back. A ratio is good when the metric is at most ``tolerance`` (relative) worse
+    than the unpruned model's; the smallest good ratio found is used (1 if none is). The
+    search needs an eval set, holds one more copy of the weights meanwhile, and is not
+    available with sharded training (FSDP2, DeepSpeed ZeRO-3).
+
+    Args:
+        metric: a key of ``Trainer.evaluate``'s output without its ``eval_`` prefix (e.g.
+            ``"loss"``, ``"accuracy"`` from ``compute_metrics``).
+        tolerance: the largest relative loss of quality accepted: a probe is good when
+            ``|change| <= tolerance * |unpruned value|`` in the bad direction.
+        low: the smallest keep ratio considered, in (0, 1).
+        max_evaluations: the number of probes (each one evaluation).
+        greater_is_better: whether a larger metric is better (True for accuracy, False for
+            loss).
+
+    Example:
+        ```python
+        from ken_hf import AutoK, KENCallback
+
+        search = AutoK(metric="accuracy", greater_is_better=True, tolerance=0.01)
+        trainer.add_callback(KENCallback(auto_k=search))  # the curve: callback.auto_k_curve
+        ```
+    """
 
     metric: str = "loss"
     tolerance: float = 0.01
@@ -94,30 +118,70 @@ class AutoK:
 
 
 class KENCallback(TrainerCallback):
-    """Run KEN when training ends: select per row, reset the rest to the pre-trained values
-    in place, evaluate before and after on the Trainer's eval set (metrics logged as
-    ``ken_before_*`` and ``ken_after_*``), and save the subnetwork with ``ken_report.json``.
+    """A ``TrainerCallback`` that prunes the model with KEN when training ends.
+
+    When training ends it selects per row, resets the rest to the pre-trained values in
+    place (``trainer.model`` is then the pruned model), evaluates before and after on the
+    Trainer's eval set (metrics logged as ``ken_before_*`` and ``ken_after_*``), and saves
+    the subnetwork with ``ken_report.json``. When training begins it finds the checkpoint
+    the model was loaded from (its base, recorded in the subnetwork) and how to get the
+    pre-trained values back (``pretrained_source``). Distributed (DDP) runs share the
+    selection among ranks; sharded runs (FSDP2, DeepSpeed ZeRO-3) gather one tensor at a
+    time. With ``TrainingArguments(push_to_hub=True)``, the main process pushes the saved
+    folder to the subfolder ``ken/`` of the Trainer's repository (``push_subnetwork``).
 
     Args:
-        config: a ``KENConfig``; or give ``k`` / ``keep_ratio`` (and any other field).
+        config: a ``KENConfig``; or give ``k`` / ``keep_ratio`` and other fields instead.
+        k: ``KENConfig.k``, when no ``config`` is given.
+        keep_ratio: ``KENConfig.keep_ratio``, when no ``config`` is given.
         save_dir: where the subnetwork goes; default ``<output_dir>/ken``.
         evaluate: evaluate before and after KEN when the Trainer has an eval set.
-        auto_k: an ``AutoK`` search for the keep ratio (replaces k / keep_ratio).
+        auto_k: an ``AutoK`` search for the keep ratio (replaces ``k`` / ``keep_ratio``).
         pretrained_source: where the pre-trained values come from when training ends:
-            ``"checkpoint"`` (read then from the checkpoint the model was loaded from,
-            checked against fingerprints taken when training began; no copy held, and an
-            error when the model does not hold exactly that checkpoint's weights),
-            ``"snapshot"`` (a copy taken when training begins) or ``"auto"`` (the
-            checkpoint when possible, else the snapshot). See the module's "Memory".
+            ``"checkpoint"`` (read then from the checkpoint the model was loaded from, a
+            tensor at a time, checked against fingerprints taken when training began: no
+            copy held, and an error when the model does not hold exactly that checkpoint's
+            weights), ``"snapshot"`` (a copy of every parameter taken when training begins,
+            as much memory as the weights) or ``"auto"`` (the checkpoint when possible,
+            else the snapshot; the log says which, and why).
         snapshot_device: where the pre-trained snapshot is kept.
         new_tensors: names of the newly initialised tensors (stored whole). By default they
             are found from the checkpoint the model was loaded from; a model that was not
             loaded from a readable checkpoint needs them (an empty set if none is).
         dataset: Hub id of the evaluation data set; the model card's metadata then lists
             the metrics after KEN for it (``model-index``).
+        hub_base_model: with ``push_to_hub=True``, the Hub id of the base (the Hub model
+            that the local folder the model was loaded from holds), recorded in the pushed
+            ``ken_config.json`` and model card; the local folder keeps the local path. A
+            subnetwork from the Hub may name only a Hub id as its base, so a run whose base
+            is a local folder and that pushes is refused when training begins without it.
+        **config_fields (Any): other ``KENConfig`` fields (``target_modules``, ``rule``, ...),
+            when no ``config`` is given.
 
-    With ``TrainingArguments(push_to_hub=True)``, the main process pushes the saved folder
-    to ``<hub_model_id>/ken`` when training ends (``push_subnetwork``).
+    Attributes:
+        config: the ``KENConfig`` in use (its base recorded when training begins).
+        subnetwork: the ``KENSubnetwork`` once training ended (None before, and on ranks
+            other than the main one in sharded runs).
+        report: what ``ken_report.json`` holds: kept and reset shares, selection time,
+            metrics before and after, per-tensor counts.
+        auto_k_curve: the ``AutoK`` probes: keep ratio, metric, whether within tolerance.
+
+    Raises:
+        KENConfigError: both a ``config`` and fields are given, ``pretrained_source`` is
+            not one of ``"auto"``, ``"checkpoint"``, ``"snapshot"``, a field is invalid, or
+            ``hub_base_model`` is not a Hub id.
+
+    Example:
+        ```python
+        from transformers import Trainer
+        from ken_hf import KENCallback
+
+        trainer = Trainer(
+            model=model, args=args, train_dataset=train, eval_dataset=dev,
+            callbacks=[KENCallback(keep_ratio=0.75)],
+        )
+        trainer.train()  # then trainer.model is pruned; <output_dir>/ken/ holds the subnetwork
+        ```
     """
 
     def __init__(
@@ -133,6 +197,7 @@ class KENCallback(TrainerCallback):
         snapshot_device: str | torch.device = "cpu",
         new_tensors: set[str] | None = None,
         dataset: str | None = None,
+        hub_base_model: str | None = None,
         **config_fields,
     ) -> None:
         if config is None:
@@ -146,9 +211,15 @@ class KENCallback(TrainerCallback):
                 f"pretrained_source={pretrained_source!r}: choose one of "
                 + ", ".join(PRETRAINED_SOURCES)
             )
+        if hub_base_model is not None and not is_remote_id(hub_base_model):
+            raise KENConfigError(
+                f"hub_base_model={shown(hub_base_model)} is not a Hub id ('owner/name', and no "
+                "local path of that name): give the Hub id of the base"
+            )
         self.config = config
         self.save_dir = save_dir
         self.dataset = dataset
+        self.hub_base_model = hub_base_model
         self.evaluate = evaluate
         self.auto_k = auto_k
         self.pretrained_source = pretrained_source
@@ -166,13 +237,52 @@ class KENCallback(TrainerCallback):
         self._sharding: str | None = None
 
     def bind(self, trainer: Trainer) -> KENCallback:
-        """Use ``trainer``: the explicit way. Without it, the callback looks for the Trainer
-        whose callbacks hold it among the calling frames, and fails saying so if none does."""
+        """Name the Trainer this callback runs in.
+
+        Callbacks are not handed their Trainer; without ``bind``, the callback looks for the
+        Trainer whose callbacks hold it among the calling frames, and raises
+        ``RuntimeError`` saying so if none does (e.g. when a wrapper calls the events).
+
+        Args:
+            trainer: the Trainer whose callbacks hold this one.
+
+        Returns:
+            This callback, so that it can be added in one expression.
+
+        Example:
+            ```python
+            trainer.add_callback(KENCallback(k=64).bind(trainer))
+            ```
+        """
         self._trainer = trainer
         return self
 
     # -- events ---------------------------------------------------------------------------
     def on_train_begin(self, args, state, control, **kwargs):
+        """Trainer event: find the base checkpoint and where the pre-trained values come from.
+
+        Called by the Trainer, not by user code. A snapshot, when one is needed, is taken
+        here; a resumed run (``state.global_step > 0``) takes its pre-trained values from
+        the base checkpoint, not from the resumed weights.
+
+        Args:
+            args (transformers.TrainingArguments): the Trainer's arguments.
+            state (transformers.TrainerState): the Trainer's state.
+            control (transformers.TrainerControl): the Trainer's control flags.
+            **kwargs (Any): the other objects the Trainer passes to callbacks.
+
+        Raises:
+            RuntimeError: the Trainer cannot be found (see ``bind``).
+            KENConfigError: the model carries PEFT adapters; ``push_to_hub`` is set and the
+                base is a local folder with no ``hub_base_model`` given (so that no training
+                run is spent before the push refuses); its base checkpoint is unknown
+                and no ``new_tensors`` were given; ``pretrained_source="checkpoint"`` (or a
+                resumed run) and the checkpoint cannot provide the pre-trained values; or a
+                resumed run whose model names no base checkpoint.
+            NotImplementedError: FSDP version 1, or ``auto_k`` or
+                ``pretrained_source="checkpoint"`` with sharded training.
+            CheckpointError: a resumed run's base checkpoint cannot be read.
+        """
         trainer = self._find_trainer()
         model = _unwrap(trainer)
         check_full_model(model, "KENCallback: the Trainer's model")
@@ -200,6 +310,8 @@ class KENCallback(TrainerCallback):
                 base_model_name_or_path=self.source.name_or_path,
                 base_model_revision=self.source.revision,
             )
+        if args.push_to_hub:  # the push would refuse at the end: say so now, on every rank
+            self._check_hub_base(trainer)
         if resumed or not self._sharding:
             self._hold_pretrained(model, resumed=resumed)
 
@@ -313,6 +425,28 @@ class KENCallback(TrainerCallback):
             yield values
 
     def on_train_end(self, args, state, control, **kwargs):
+        """Trainer event: run KEN on the trained model, evaluate, report and save.
+
+        Called by the Trainer, not by user code. Prunes the model in place (after the
+        ``AutoK`` search, when given), logs ``ken_reset_fraction``, ``ken_kept_fraction``
+        and ``ken_selection_seconds``, and on the main process saves the subnetwork (with
+        the Trainer's tokenizer or processor, and the KENviz summary when the ``viz`` extra
+        is installed) and pushes it when ``args.push_to_hub`` is set.
+
+        Args:
+            args (transformers.TrainingArguments): the Trainer's arguments.
+            state (transformers.TrainerState): the Trainer's state.
+            control (transformers.TrainerControl): the Trainer's control flags.
+            **kwargs (Any): the other objects the Trainer passes to callbacks.
+
+        Raises:
+            CheckpointError: a checkpoint tensor no longer matches what was recorded when
+                training began (the file was changed or replaced since).
+            KENConfigError: the ``AutoK`` metric is not among the evaluation's metrics.
+            KENError: a tensor holds NaN or Inf after training.
+            OSError: pushing to the Hub failed (the subnetwork is saved; the message says
+                how to push it again).
+        """
         trainer = self._find_trainer()
         model = _unwrap(trainer)
         evaluate = self.evaluate and trainer.eval_dataset is not None
@@ -384,21 +518,38 @@ class KENCallback(TrainerCallback):
                 self.push_subnetwork(trainer, folder)
 
     def push_subnetwork(self, trainer: Trainer, folder: Path) -> str:
-        """Push ``folder`` (the saved subnetwork) to the Trainer's repository, into the
-        subfolder ``ken/`` (or the folder's path inside ``output_dir`` when ``save_dir`` lies
-        there), with the Trainer's ``hub_token``, ``hub_private_repo`` and ``hub_revision``.
+        """Push the saved subnetwork folder to the Trainer's Hub repository.
 
-        The subnetwork exists only once training ends, so it is pushed then whatever
-        ``hub_strategy`` says; uploads the Trainer still has in flight (``every_save``,
-        ``checkpoint``) are waited for first, so that the subnetwork's commit comes last.
-        A failed push raises ``OSError`` saying that the subnetwork is saved in ``folder``
-        and how to push it again. Returns the commit URL."""
+        Into the subfolder ``ken/`` (or the folder's path inside ``output_dir`` when
+        ``save_dir`` lies there), with the Trainer's ``hub_token``, ``hub_private_repo`` and
+        ``hub_revision``. The subnetwork exists only once training ends, so it is pushed
+        then whatever ``hub_strategy`` says; uploads the Trainer still has in flight
+        (``every_save``, ``checkpoint``) are waited for first, so that the subnetwork's
+        commit comes last. ``on_train_end`` calls it when ``push_to_hub`` is set.
+
+        Args:
+            trainer: the Trainer (its ``args`` name the repository, token and revision).
+            folder: the saved subnetwork folder.
+
+        Returns:
+            The URL of the commit.
+
+        Raises:
+            KENConfigError: the subnetwork's base is a local folder and no
+                ``hub_base_model`` was given (nothing is uploaded).
+            OSError: the push failed; the message says that the subnetwork is saved in
+                ``folder`` and gives the ``ken push`` command that pushes it again.
+
+        Example:
+            ```python
+            from pathlib import Path
+
+            url = callback.push_subnetwork(trainer, Path(trainer.args.output_dir) / "ken")
+            ```
+        """
         args = trainer.args
-        repo_id = (
-            getattr(trainer, "hub_model_id", None)
-            or args.hub_model_id
-            or Path(args.output_dir).absolute().name
-        )
+        repo_id = _hub_repo_id(trainer)
+        self._check_hub_base(trainer, KENConfig.from_pretrained(folder))
         try:
             path_in_repo = folder.resolve().relative_to(Path(args.output_dir).resolve()).as_posix()
         except ValueError:  # save_dir outside output_dir
@@ -408,9 +559,10 @@ class KENCallback(TrainerCallback):
         if in_flight is not None:
             in_flight.wait_until_done()
         try:
-            url = push_folder(
+            url = push_subnetwork_folder(
                 folder,
                 repo_id,
+                base_model_name_or_path=self.hub_base_model,
                 private=args.hub_private_repo,
                 token=args.hub_token,
                 revision=revision,
@@ -418,8 +570,10 @@ class KENCallback(TrainerCallback):
                 commit_message="KEN subnetwork, end of training",
             )
         except Exception as error:  # network, permissions, unknown branch: all reported alike
-            again = f"ken push {folder} {repo_id} --subfolder {path_in_repo}" + (
-                f" --revision {revision}" if revision else ""
+            again = (
+                f"ken push {folder} {repo_id} --subfolder {path_in_repo}"
+                + (f" --revision {revision}" if revision else "")
+                + (f" --base-model {self.hub_base_model}" if self.hub_base_model else "")
             )
             raise OSError(
                 f"KENCallback: pushing the subnetwork to {repo_id} (subfolder {path_in_repo}) "
@@ -430,6 +584,17 @@ class KENCallback(TrainerCallback):
         return url
 
     # -- helpers --------------------------------------------------------------------------
+    def _check_hub_base(self, trainer: Trainer, config: KENConfig | None = None) -> None:
+        """Refuse a push whose base (``config``'s, by default the one in use) is a local path
+        when no ``hub_base_model`` names its Hub id (``travelling_base``)."""
+        travelling_base(
+            (config or self.config).base_model_name_or_path,
+            self.hub_base_model,
+            repo_id=_hub_repo_id(trainer),
+            remedy="KENCallback(..., hub_base_model='owner/name'), the base's Hub id",
+            argument="hub_base_model",
+        )
+
     def _find_trainer(self) -> Trainer:
         """The Trainer whose event we are handling: callbacks are not handed it, so ``bind``
         names it, or the calling frames are searched for the Trainer holding this callback."""
@@ -484,6 +649,16 @@ class KENCallback(TrainerCallback):
             low, high = (low, ratio) if good else (ratio, high)
         self.auto_k_curve = curve
         return high
+
+
+def _hub_repo_id(trainer: Trainer) -> str:
+    """The repository the Trainer pushes to, as its own ``push_to_hub`` names it."""
+    args = trainer.args
+    return (
+        getattr(trainer, "hub_model_id", None)
+        or args.hub_model_id
+        or Path(args.output_dir).absolute().name
+    )
 
 
 def _unwrap(trainer: Trainer) -> torch.nn.Module:

@@ -41,6 +41,7 @@ def model_card(
     dataset: str | None = None,
     tokenizer: bool = False,
     picture: str | None = None,
+    base_license: str | None = None,
 ) -> str:
     """Markdown with YAML metadata, then the base model (linked when a Hub id), the rule,
     k or keep ratio, the share of values reset, sizes (read from the header of
@@ -48,7 +49,9 @@ def model_card(
     ``metrics``), and how to load it. ``dataset``: Hub id of the evaluation data set; with
     a known task it puts the metrics after KEN into the ``model-index`` metadata.
     ``tokenizer``: whether a tokenizer is saved beside the subnetwork (the loading example
-    then loads it too). ``picture``: the file name of a KENviz summary PNG beside it."""
+    then loads it too). ``picture``: the file name of a KENviz summary PNG beside it.
+    ``base_license``: the base's license when known otherwise (from an earlier card of the
+    same subnetwork); by default read from the base's own card."""
     with SubnetworkReader(subnetwork_file) as reader:
         counts = reader.summary()
         full_bytes = sum(
@@ -69,7 +72,7 @@ def model_card(
     hub_base = base if base and is_hub_id(base) else None
     lines = [
         "---",
-        _metadata(config, hub_base, task, dataset, after).to_yaml(),
+        _metadata(config, hub_base, task, dataset, after, base_license).to_yaml(),
         "---",
         "",
         f"# KEN subnetwork of {base}",
@@ -117,6 +120,38 @@ def model_card(
         "",
     ]
     return "\n".join(lines)
+
+
+def card_metadata(card: str | Path) -> dict[str, str]:
+    """What a saved model card's metadata says that the subnetwork's files do not: the
+    base's ``license`` and the evaluation ``dataset`` (of its ``model-index``).
+
+    Args:
+        card: the ``README.md`` written beside a subnetwork.
+
+    Returns:
+        ``{"license": ..., "dataset": ...}`` with the keys the card has; empty when the card
+        is missing or unreadable (it only carries these forward, it decides nothing).
+
+    Example:
+        ```python
+        card_metadata("run/ken/README.md")  # {'license': 'apache-2.0', 'dataset': 'imdb'}
+        ```
+    """
+    try:
+        meta = metadata_load(Path(card)) or {}
+    except Exception:  # a missing or malformed card carries nothing forward
+        return {}
+    found = {}
+    if isinstance(meta.get("license"), str):
+        found["license"] = meta["license"]
+    try:
+        dataset = meta["model-index"][0]["results"][0]["dataset"]["type"]
+    except (KeyError, IndexError, TypeError):
+        dataset = None
+    if isinstance(dataset, str):
+        found["dataset"] = dataset
+    return found
 
 
 def _itemsize(dtype: str) -> int:
@@ -184,6 +219,7 @@ def _metadata(
     task: str | None,
     dataset: str | None,
     after: Mapping[str, float],
+    base_license: str | None = None,
 ) -> ModelCardData:
     """The card's YAML: ``base_model`` only for a Hub id (the Hub links it), the base's
     license when its card can be read without the network, ``model-index`` when the task,
@@ -205,7 +241,7 @@ def _metadata(
     return ModelCardData(
         base_model=hub_base,
         library_name="ken-hf",
-        license=_base_license(config),
+        license=base_license or _base_license(config),
         pipeline_tag=task,
         tags=["ken", "pruning"],
         eval_results=results,

@@ -42,7 +42,23 @@ _DOWNLOAD_PATTERNS = ["*.safetensors", "*.json", "*.txt", "*.model", "*.jinja"]
 
 
 class CheckpointError(KENError):
-    """A checkpoint that cannot be read, or two that do not belong together."""
+    """A checkpoint that cannot be read, or two that do not belong together.
+
+    Raised for a transformers checkpoint (a folder or Hub id with ``model.safetensors`` or
+    sharded safetensors files) whose index or headers are invalid, whose ``config.json``
+    is malformed, or that no longer holds the values recorded from it (the file changed
+    since), and for a model whose tensors differ from the checkpoint it should hold.
+
+    Example:
+        ```python
+        from ken_hf import CheckpointError
+
+        try:
+            trainer.train()  # with a KENCallback(pretrained_source="checkpoint")
+        except CheckpointError as error:
+            print(error)  # e.g. the base checkpoint was replaced during training
+        ```
+    """
 
 
 class Checkpoint:

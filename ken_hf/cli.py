@@ -23,8 +23,25 @@ USER_ERRORS = (KENError, OSError)
 MAX_MESSAGE = 400  # characters of an error line; third-party messages can run long
 
 
+class _HelpFormatter(argparse.ArgumentDefaultsHelpFormatter):
+    """Help that shows every option's default: ``(default: X)`` after its help, unless the
+    help says it already (a default the option's value cannot show, such as the packaged
+    model) or there is none to show (a flag, or an option that is off unless given)."""
+
+    def _get_help_string(self, action: argparse.Action) -> str:
+        text = action.help or ""
+        if "default" in text or action.default in (None, argparse.SUPPRESS) or action.nargs == 0:
+            return text
+        return super()._get_help_string(action)
+
+
 class _Parser(argparse.ArgumentParser):
-    """An argument parser whose errors are one line, like every other error of ``ken``."""
+    """An argument parser whose errors are one line, like every other error of ``ken``, and
+    whose help shows each option's default (every subcommand's parser is one too)."""
+
+    def __init__(self, *args, **kwargs) -> None:
+        kwargs.setdefault("formatter_class", _HelpFormatter)
+        super().__init__(*args, **kwargs)
 
     def error(self, message: str) -> NoReturn:
         self.exit(2, f"{self.prog}: error: {message} (see {self.prog} --help)\n")
@@ -146,15 +163,46 @@ def _finetune_arguments(parser: argparse.ArgumentParser, defaults) -> None:
         help=f"Hub id or folder with text/label columns (default: {PACKAGED_DATASET}, packaged)",
     )
     parser.add_argument(
-        "--metric", default=defaults.metric, help="evaluate metric name or Hub id (accuracy)"
+        "--metric", default=defaults.metric, help="evaluate metric name or Hub id"
     )
-    parser.add_argument("--train-size", type=_positive_int, default=defaults.train_size)
-    parser.add_argument("--eval-size", type=_positive_int, default=defaults.eval_size)
-    parser.add_argument("--epochs", type=_positive_float, default=defaults.epochs)
-    parser.add_argument("--learning-rate", type=_positive_float, default=defaults.learning_rate)
-    parser.add_argument("--batch-size", type=_positive_int, default=defaults.batch_size)
-    parser.add_argument("--max-length", type=_positive_int, default=defaults.max_length)
-    parser.add_argument("--output-dir", default=defaults.output_dir)
+    parser.add_argument(
+        "--train-size",
+        type=_positive_int,
+        default=defaults.train_size,
+        help="training examples (at most the data set's)",
+    )
+    parser.add_argument(
+        "--eval-size",
+        type=_positive_int,
+        default=defaults.eval_size,
+        help="held-out examples evaluated before and after KEN",
+    )
+    parser.add_argument(
+        "--epochs", type=_positive_float, default=defaults.epochs, help="training epochs"
+    )
+    parser.add_argument(
+        "--learning-rate",
+        type=_positive_float,
+        default=defaults.learning_rate,
+        help="learning rate of the full fine-tune",
+    )
+    parser.add_argument(
+        "--batch-size",
+        type=_positive_int,
+        default=defaults.batch_size,
+        help="training examples per step",
+    )
+    parser.add_argument(
+        "--max-length",
+        type=_positive_int,
+        default=defaults.max_length,
+        help="tokens per example (longer ones are cut)",
+    )
+    parser.add_argument(
+        "--output-dir",
+        default=defaults.output_dir,
+        help="where the run writes (the subnetwork goes into its ken/ folder)",
+    )
 
 
 def _finetune_fields(args: argparse.Namespace) -> dict:
@@ -313,17 +361,18 @@ def _viz(args: argparse.Namespace) -> int:
 def _push(args: argparse.Namespace) -> int:
     from pathlib import Path
 
-    from .config import KENConfig
-    from .hub import push_folder
-    from .subnetwork_folder import saved_files
+    from .subnetwork_folder import push_subnetwork_folder
 
     folder = Path(args.folder)
     if not folder.is_dir():
         raise FileNotFoundError(f"{args.folder}: no such folder (FOLDER: a subnetwork folder)")
-    saved_files(folder, KENConfig.from_pretrained(folder))  # a complete subnetwork, or refused
-    url = push_folder(
+    # A complete subnetwork, naming a base the Hub has, or refused before any upload.
+    url = push_subnetwork_folder(
         folder,
         args.repo_id,
+        base_model_name_or_path=args.base_model,
+        remedy="--base-model OWNER/NAME",
+        argument="--base-model",
         private=args.private or None,
         revision=args.revision,
         path_in_repo=args.subfolder,
@@ -356,8 +405,18 @@ def _add_demo(commands, options: bool = True) -> None:
 
     defaults = DemoSettings()
     _finetune_arguments(demo, defaults)
-    demo.add_argument("--keep-ratio", type=_ratio, default=defaults.keep_ratio)
-    demo.add_argument("--seed", type=_non_negative_int, default=defaults.seed)
+    demo.add_argument(
+        "--keep-ratio",
+        type=_ratio,
+        default=defaults.keep_ratio,
+        help="share of each row KEN keeps, in (0, 1]",
+    )
+    demo.add_argument(
+        "--seed",
+        type=_non_negative_int,
+        default=defaults.seed,
+        help="seed of the new head, the data order and the training",
+    )
     demo.set_defaults(run=_demo)
 
 
@@ -377,9 +436,19 @@ def _add_compare(commands, options: bool = True) -> None:
 
     compared = CompareSettings()
     _finetune_arguments(compare, compared.task)
-    compare.add_argument("--seeds", type=_non_negative_int, nargs="+", default=list(compared.seeds))
     compare.add_argument(
-        "--keep-ratios", type=_ratio, nargs="+", default=list(compared.keep_ratios)
+        "--seeds",
+        type=_non_negative_int,
+        nargs="+",
+        default=list(compared.seeds),
+        help="a full run of every method per seed",
+    )
+    compare.add_argument(
+        "--keep-ratios",
+        type=_ratio,
+        nargs="+",
+        default=list(compared.keep_ratios),
+        help="the shares of each row kept, each in (0, 1]",
     )
     compare.add_argument(
         "--paper-k",
@@ -398,7 +467,10 @@ def _add_compare(commands, options: bool = True) -> None:
         help="LoRA ranks (default 8 32; none given: no LoRA runs)",
     )
     compare.add_argument(
-        "--lora-learning-rate", type=_positive_float, default=compared.lora_learning_rate
+        "--lora-learning-rate",
+        type=_positive_float,
+        default=compared.lora_learning_rate,
+        help="learning rate of the LoRA runs",
     )
     compare.set_defaults(run=_compare)
 
@@ -514,6 +586,12 @@ def _add_push(commands) -> None:
     push.add_argument("--revision", help="branch to push to (created when missing)")
     push.add_argument(
         "--subfolder", type=_subfolder, help="folder inside the repository (default: its root)"
+    )
+    push.add_argument(
+        "--base-model",
+        metavar="HUB_ID",
+        help="the base's Hub id, recorded in the pushed ken_config.json (the folder keeps its "
+        "own); needed when the folder names a local base (default: the base it names)",
     )
     push.set_defaults(run=_push)
 

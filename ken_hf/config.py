@@ -25,10 +25,11 @@ REQUIRED_KEYS = ("k", "keep_ratio", "base_model_name_or_path")
 
 @dataclass
 class KENConfig:
-    """Configuration of a KEN subnetwork.
+    """Configuration of a KEN subnetwork: what KEN keeps and where it applies.
 
-    Exactly one of ``k`` and ``keep_ratio`` is set. Each parameter of the fine-tuned model
-    ends up in one of three places:
+    In the style of ``peft.LoraConfig``; saved as ``ken_config.json``. Exactly one of ``k``
+    and ``keep_ratio`` is set. Each parameter of the fine-tuned model ends up in one of
+    three places:
 
     - pruned by KEN (targeted and not excluded): ``k`` fine-tuned values per row are kept;
     - stored whole (``modules_to_save``, or absent from the base): all fine-tuned values;
@@ -37,7 +38,50 @@ class KENConfig:
 
     Module patterns follow PEFT: a list of names matches a parameter whose module name (or
     the parameter name itself) equals an entry or ends with ``"." + entry``; a string is a
-    regular expression that must match the whole module or parameter name.
+    regular expression that must match the whole module or parameter name. Every field is
+    checked on construction, whether given in code or read from a file.
+
+    Args:
+        k: fine-tuned values kept per row (the paper's ``k``), a positive integer.
+        keep_ratio: fraction of each row kept, in (0, 1]: a row of ``n`` values keeps
+            ``max(1, round(keep_ratio * n))``.
+        target_modules: where KEN applies (names or a regex, see above); None: every
+            parameter, as in the paper. A tuple is taken as a list.
+        exclude_modules: modules not pruned: they go back to their pre-trained values.
+        modules_to_save: modules stored whole (fine-tuned values, not pruned). Tensors absent
+            from the base checkpoint, such as a new classification head, are stored whole
+            anyway.
+        compat: reproduce the published KEN code bit for bit, quirks included (rule
+            ``"ken"`` only).
+        rule: the selection rule: ``"ken"`` (the paper's), or for comparisons
+            ``"ken_delta"`` (KEN on fine-tuned minus pre-trained), ``"largest_delta"``,
+            ``"random"``.
+        seed: seed of the ``"random"`` rule, an integer >= 0.
+        base_model_name_or_path: Hub id or folder of the pre-trained base model; filled in
+            when the subnetwork is made, if ken-hf can tell which checkpoint the base is.
+        base_model_revision: the base's branch, tag or commit on the Hub.
+        base_model_dtype: the dtype the base is loaded in (``"float32"``, ``"float16"``,
+            ``"bfloat16"`` or ``"float64"``); the fingerprints hold for it.
+        model_class: the transformers class of the fine-tuned model, e.g.
+            ``"BertForSequenceClassification"``; ``AutoKENModel`` loads the base with it.
+        subnetwork_digest: 16 hex digits identifying the ``ken_subnetwork.safetensors``
+            saved with this config (written by ``save_pretrained``; a subnetwork file of
+            another save is refused).
+        library_version: the ken-hf version that made the subnetwork (default: this one).
+
+    Raises:
+        KENConfigError: a field is invalid: both or neither of ``k`` and ``keep_ratio``,
+            a value of the wrong type or range, an invalid regex, ``compat`` with a rule
+            other than ``"ken"``.
+
+    Example:
+        ```python
+        from ken_hf import KENConfig
+
+        config = KENConfig(keep_ratio=0.25, target_modules=["query", "key", "value"])
+        config.k_for(768)  # 192 values kept per row of 768
+        config.save_pretrained("ken/")  # writes ken/ken_config.json
+        ```
     """
 
     k: int | None = field(
@@ -166,14 +210,43 @@ class KENConfig:
 
             self.library_version = __version__
 
+    def __repr__(self) -> str:
+        # The fields that differ from their defaults, each cut short: a config read from a
+        # file can hold 100,000 module patterns or a 4,096-character path.
+        from . import __version__
+
+        shown_fields = [
+            f"{f.name}={shown(getattr(self, f.name), 60)}"
+            for f in fields(self)
+            if getattr(self, f.name) != f.default
+            and not (f.name == "library_version" and self.library_version == __version__)
+        ]
+        return f"KENConfig({', '.join(shown_fields)})"
+
     def k_for(self, row_width: int) -> int:
-        """Values kept per row for rows of ``row_width`` values."""
+        """Values kept per row for rows of ``row_width`` values.
+
+        Args:
+            row_width: values per row of the tensor (for a tensor of rank >= 2, the product
+                of its dimensions after the first).
+
+        Returns:
+            ``k`` when set, else ``max(1, round(keep_ratio * row_width))``.
+        """
         if self.k is not None:
             return self.k
         return max(1, round(self.keep_ratio * row_width))
 
     def targets(self, parameter_name: str) -> bool:
-        """Whether KEN prunes this parameter (not excluded, not stored whole)."""
+        """Whether KEN prunes this parameter: targeted, not excluded, not stored whole.
+
+        Args:
+            parameter_name: the parameter's full name, e.g. ``"bert.pooler.dense.weight"``.
+
+        Returns:
+            True when KEN selects in this parameter; False when it is stored whole or reset
+            to its pre-trained values.
+        """
         if self.target_modules is not None and not _matches(self.target_modules, parameter_name):
             return False
         if self.exclude_modules is not None and _matches(self.exclude_modules, parameter_name):
@@ -181,23 +254,72 @@ class KENConfig:
         return not self.saves_whole(parameter_name)
 
     def saves_whole(self, parameter_name: str) -> bool:
-        """Whether this parameter is listed in ``modules_to_save``."""
+        """Whether this parameter is stored whole: it matches ``modules_to_save``.
+
+        Args:
+            parameter_name: the parameter's full name, e.g. ``"classifier.weight"``.
+
+        Returns:
+            True when ``modules_to_save`` matches the parameter or its module.
+        """
         return self.modules_to_save is not None and _matches(self.modules_to_save, parameter_name)
 
     def to_dict(self) -> dict:
+        """The fields as a dict, as ``ken_config.json`` holds them.
+
+        Returns:
+            ``{field name: value}`` for every field (a deep copy).
+        """
         return asdict(self)
 
     def to_json_string(self) -> str:
+        """The text of ``ken_config.json``.
+
+        Returns:
+            The fields as indented JSON with sorted keys, ending in a newline.
+        """
         return json.dumps(self.to_dict(), indent=2, sort_keys=True) + "\n"
 
     def save_pretrained(self, save_directory: str | os.PathLike) -> None:
-        """Write ``ken_config.json`` into ``save_directory`` (atomically)."""
+        """Write ``ken_config.json`` into ``save_directory``, creating the folder if needed.
+
+        The file is replaced atomically: a reader sees the old file or the new one.
+
+        Args:
+            save_directory: the folder to write into.
+
+        Example:
+            ```python
+            KENConfig(k=64).save_pretrained("ken/")
+            ```
+        """
         Path(save_directory).mkdir(parents=True, exist_ok=True)
         write_text_atomic(Path(save_directory) / CONFIG_NAME, self.to_json_string())
 
     @classmethod
     def from_dict(cls, values: dict, source: str = "config") -> KENConfig:
-        """Build from a dict: unknown keys warn, missing required keys are an error."""
+        """Build a config from a dict, such as a parsed ``ken_config.json``.
+
+        Unknown keys are ignored with a warning, so files of newer versions still load.
+
+        Args:
+            values: ``{field name: value}``; must hold ``k``, ``keep_ratio`` and
+                ``base_model_name_or_path`` (each may be None).
+            source: what messages call the dict (a file name).
+
+        Returns:
+            The checked config.
+
+        Raises:
+            KENConfigError: a required key is missing, or a field is invalid.
+
+        Example:
+            ```python
+            config = KENConfig.from_dict(
+                {"k": 64, "keep_ratio": None, "base_model_name_or_path": "bert-base-uncased"}
+            )
+            ```
+        """
         missing = [key for key in REQUIRED_KEYS if key not in values]
         if missing:
             raise KENConfigError(f"{source} lacks required key(s) {missing}")
@@ -216,8 +338,32 @@ class KENConfig:
         revision: str | None = None,
         **hub_kwargs,
     ) -> KENConfig:
-        """Read ``ken_config.json`` from a folder or a Hub repository (in its ``subfolder``,
-        at ``revision`` for a Hub id)."""
+        """Read ``ken_config.json`` from a folder or a Hub repository.
+
+        A Hub file is downloaded into the Hub cache (and read from it offline afterwards).
+
+        Args:
+            name_or_path: a local folder, or a Hub repository id.
+            subfolder: the folder inside it that holds ``ken_config.json``.
+            revision: a branch, tag or commit of the Hub repository.
+            **hub_kwargs (Any): passed to ``huggingface_hub.hf_hub_download`` (e.g.
+                ``token``).
+
+        Returns:
+            The checked config.
+
+        Raises:
+            FileNotFoundError: neither the folder nor the Hub provides the file.
+            UnsafePathError: ``subfolder`` leads out of the folder, or the file is a
+                symbolic link to a place outside it.
+            KENConfigError: the file is not a JSON object, lacks a required key, or holds
+                an invalid field.
+
+        Example:
+            ```python
+            config = KENConfig.from_pretrained("me/minilm-sentiment", subfolder="ken")
+            ```
+        """
         path = resolve_file(
             name_or_path, CONFIG_NAME, subfolder=subfolder, revision=revision, **hub_kwargs
         )

@@ -8,8 +8,9 @@ import dataclasses
 import functools
 import os
 from collections.abc import Iterator
-from contextlib import contextmanager
+from contextlib import AbstractContextManager, contextmanager
 from pathlib import Path
+from typing import NoReturn
 
 import torch
 import transformers
@@ -17,7 +18,7 @@ from transformers import PretrainedConfig, PreTrainedModel
 
 from .checkpoints import tensors_of
 from .delta_codec import host_copies
-from .errors import KENConfigError, KENError, UnsafePathError
+from .errors import KENConfigError, KENError, UnsafePathError, shown
 from .fingerprint import tensor_fingerprint
 from .hub import is_remote_id, resolve_file
 from .json_input import is_integer, read_json_object
@@ -25,7 +26,7 @@ from .subnetwork import KENSubnetwork, fingerprints_of
 
 
 class KENModel(PreTrainedModel):
-    """A transformers model with KEN subnetworks applied in place.
+    """A transformers model with KEN subnetworks applied in place, in the shape of ``PeftModel``.
 
     The wrapped model (``base_model``, ``get_base_model()``) is the real model, its weights
     holding the active subnetwork: ``forward``, ``generate`` and every attribute it has are
@@ -37,7 +38,36 @@ class KENModel(PreTrainedModel):
     only their kept values.
 
     ``KENModel(model)`` gives a ``KENModelForQuestionAnswering`` for a question-answering
-    model (Trainer finds its label arguments by the class).
+    model (Trainer finds its label arguments by the class). Parameters that lie in a
+    memory-mapped checkpoint file are copied into memory of their own first, so that
+    writing kept values does not copy pages one by one.
+
+    Args:
+        model: the base model (a transformers model holding the pre-trained weights); it is
+            wrapped, not copied, and its fingerprints are taken now.
+        save_merged: make ``save_pretrained`` (and so ``Trainer``) save the merged model
+            instead of the active subnetwork.
+
+    Attributes:
+        model: the wrapped model (also ``base_model``).
+        subnetworks: ``{name: KENSubnetwork}`` of the loaded subnetworks.
+        active_subnetwork: the name of the subnetwork in the weights, or None.
+        save_merged: as the argument; may be set at any time.
+
+    Example:
+        ```python
+        from transformers import AutoModelForSequenceClassification
+        from ken_hf import KENModel
+
+        base = AutoModelForSequenceClassification.from_pretrained("bert-base-uncased")
+        model = KENModel(base)
+        model.load_subnetwork("me/bert-sst2-ken", "sst2")
+        model.load_subnetwork("me/bert-imdb-ken", "imdb")
+        model.set_subnetwork("imdb")
+        logits = model(**inputs).logits
+        with model.disable_subnetwork():  # the base, bit for bit, inside the block
+            ...
+        ```
     """
 
     # PreTrainedModel.base_model returns the attribute of this name: the wrapped model.
@@ -65,8 +95,22 @@ class KENModel(PreTrainedModel):
         self.forward = functools.update_wrapper(_calling(model), model.forward)
 
     def forward(self, *args, labels=None, **kwargs):
-        """The wrapped model's forward (each instance carries it with the model's signature;
-        this one names the label argument, which ``Trainer`` looks up on the class)."""
+        """Call the wrapped model (its hooks included) with what it is given.
+
+        Each instance's ``forward`` is the wrapped model's, with its signature (``Trainer``
+        keeps the data set columns it names); this one, on the class, names the label
+        argument, which ``Trainer`` looks up on the class.
+
+        Args:
+            *args (Any): positional arguments of the wrapped model.
+            labels (torch.Tensor | None): passed on as ``labels=`` when given.
+            **kwargs (Any): keyword arguments of the wrapped model (``input_ids``,
+                ``attention_mask``, ...).
+
+        Returns:
+            (transformers.utils.ModelOutput): what the wrapped model returns (e.g. a
+                ``SequenceClassifierOutput``, or a tuple with ``return_dict=False``).
+        """
         if labels is not None:
             kwargs["labels"] = labels
         return self.model(*args, **kwargs)
@@ -83,15 +127,32 @@ class KENModel(PreTrainedModel):
             return getattr(self._modules["model"], name)
 
     def get_base_model(self) -> torch.nn.Module:
+        """The wrapped transformers model, its weights holding the active subnetwork.
+
+        Returns:
+            ``self.model`` (also ``self.base_model``), not a copy.
+        """
         return self.model
 
     def can_generate(self) -> bool:
+        """Whether the wrapped model can ``generate``.
+
+        Returns:
+            The wrapped model's ``can_generate()``.
+        """
         return self.model.can_generate()
 
     def gradient_checkpointing_enable(self, *args, **kwargs) -> None:
+        """Enable gradient checkpointing on the wrapped model (what ``Trainer`` calls).
+
+        Args:
+            *args (Any): passed to the wrapped model's ``gradient_checkpointing_enable``.
+            **kwargs (Any): passed to it too (e.g. ``gradient_checkpointing_kwargs``).
+        """
         self.model.gradient_checkpointing_enable(*args, **kwargs)
 
     def gradient_checkpointing_disable(self) -> None:
+        """Disable gradient checkpointing on the wrapped model."""
         self.model.gradient_checkpointing_disable()
 
     # -- loading ------------------------------------------------------------------------
@@ -101,45 +162,147 @@ class KENModel(PreTrainedModel):
         base_model: torch.nn.Module,
         name_or_path: str | os.PathLike,
         *,
-        subnetwork_name: str = "default",
+        subnetwork_name: str | None = None,
+        adapter_name: str | None = None,
         subfolder: str | None = None,
         revision: str | None = None,
         **hub_kwargs,
     ) -> KENModel:
-        """Wrap ``base_model`` (holding the base weights) and apply the subnetwork saved in
-        ``name_or_path`` (a folder or a Hub id; in its ``subfolder``, at ``revision``)."""
+        """Wrap a base model you loaded and apply a saved subnetwork to it.
+
+        To have the base loaded for you, from what the subnetwork records, use
+        ``AutoKENModel.from_pretrained``.
+
+        Args:
+            base_model: the base model, holding the weights the subnetwork was made from.
+            name_or_path: the subnetwork: a local folder or a Hub repository id.
+            subnetwork_name: the name it is kept under (and made active), what
+                ``set_subnetwork`` and ``delete_subnetwork`` take; default ``"default"``, as
+                PEFT's ``PeftModel.from_pretrained``.
+            adapter_name: PEFT's name for ``subnetwork_name``; give one of the two.
+            subfolder: the folder inside ``name_or_path`` that holds the subnetwork.
+            revision: a branch, tag or commit of the Hub repository.
+            **hub_kwargs (Any): passed to ``huggingface_hub.snapshot_download`` (e.g.
+                ``token``).
+
+        Returns:
+            The ``KENModel`` (a ``KENModelForQuestionAnswering`` for a question-answering
+            model) with the subnetwork active.
+
+        Raises:
+            FileNotFoundError: neither the folder nor the Hub provides the subnetwork.
+            UnsafePathError: ``subfolder`` leads out of the folder, or a file links out.
+            KENConfigError: ``ken_config.json`` is invalid, or ``subnetwork_name`` and
+                ``adapter_name`` differ.
+            KENFormatError: the subnetwork file is invalid.
+            BaseMismatchError: ``base_model`` is not the base the subnetwork was made from,
+                or lacks one of its tensors (or has it in another shape or dtype).
+
+        Example:
+            ```python
+            from transformers import AutoModelForCausalLM
+            from ken_hf import KENModel
+
+            base = AutoModelForCausalLM.from_pretrained("HuggingFaceTB/SmolLM2-135M")
+            model = KENModel.from_pretrained(base, "me/smollm2-ken")
+            ```
+        """
+        name = _one_name(subnetwork_name, adapter_name, "subnetwork_name") or DEFAULT_NAME
         model = cls(base_model)
         model.load_subnetwork(
-            name_or_path, subnetwork_name, subfolder=subfolder, revision=revision, **hub_kwargs
+            name_or_path, name, subfolder=subfolder, revision=revision, **hub_kwargs
         )
-        model.set_subnetwork(subnetwork_name)
+        model.set_subnetwork(name)
         return model
 
     def load_subnetwork(
         self,
         name_or_path: str | os.PathLike,
-        name: str,
+        name: str | None = None,
         *,
+        adapter_name: str | None = None,
         subfolder: str | None = None,
         revision: str | None = None,
         **hub_kwargs,
     ) -> None:
-        """Read a subnetwork (a folder or a Hub id; in its ``subfolder``, at ``revision``)
-        and keep it under ``name`` (not applied yet)."""
+        """Read a subnetwork and keep it under ``name``, not applied yet.
+
+        Args:
+            name_or_path: a local folder or a Hub repository id.
+            name: the name to keep it under.
+            adapter_name: PEFT's name for ``name`` (as in ``load_adapter``); give one of the
+                two.
+            subfolder: the folder inside ``name_or_path`` that holds the subnetwork.
+            revision: a branch, tag or commit of the Hub repository.
+            **hub_kwargs (Any): passed to ``huggingface_hub.snapshot_download`` (e.g.
+                ``token``).
+
+        Raises:
+            KENConfigError: no name is given, ``name`` and ``adapter_name`` differ, or the
+                name is the active subnetwork's.
+            FileNotFoundError: neither the folder nor the Hub provides the subnetwork.
+            KENFormatError: the subnetwork file is invalid.
+            BaseMismatchError: the model is not the subnetwork's base, or does not fit it.
+            KENError: this ``KENModel`` was unloaded.
+
+        Example:
+            ```python
+            model.load_subnetwork("me/bert-imdb-ken", "imdb")
+            model.set_subnetwork("imdb")
+            ```
+        """
+        name = _one_name(name, adapter_name, "name")
+        if name is None:
+            raise KENConfigError(
+                f"load_subnetwork({os.fspath(name_or_path)!r}): name the subnetwork, "
+                "load_subnetwork(folder, 'name') or adapter_name='name'"
+            )
         subnetwork = KENSubnetwork.from_pretrained(
             name_or_path, subfolder=subfolder, revision=revision, **hub_kwargs
         )
         self.add_subnetwork(name, subnetwork)
 
     def add_subnetwork(self, name: str, subnetwork: KENSubnetwork) -> None:
-        """Keep ``subnetwork`` under ``name``; it must have been made from this base, and
-        every tensor it writes must be one of the model's, of the same shape and dtype."""
+        """Keep ``subnetwork`` under ``name``, not applied yet.
+
+        It must have been made from this base, and every tensor it writes must be one of
+        the model's, of the same shape and dtype: both are checked now, before anything is
+        decoded.
+
+        Args:
+            name: the name to keep it under.
+            subnetwork: a subnetwork made from this model's base.
+
+        Raises:
+            KENConfigError: ``name`` is the active subnetwork's (its values are in the
+                weights; put in its place, another would take off values it never wrote).
+            BaseMismatchError: the model is not the subnetwork's base, or does not fit it.
+            KENError: this ``KENModel`` was unloaded.
+
+        Example:
+            ```python
+            model.add_subnetwork("sst2", KENSubnetwork.from_pretrained("ken-sst2/"))
+            ```
+        """
+        if name == self.active_subnetwork:
+            raise KENConfigError(
+                f"subnetwork {name!r} is active: delete_subnetwork({name!r}) (or set another "
+                "one) before keeping another subnetwork under its name"
+            )
         subnetwork.check_base(self._live_base())
         subnetwork.check_fits(tensors_of(self.model))
         self.subnetworks[name] = subnetwork
 
     def delete_subnetwork(self, name: str) -> None:
-        """Forget subnetwork ``name``, taking it off the weights first if it is active."""
+        """Forget subnetwork ``name``, taking it off the weights first if it is active.
+
+        Args:
+            name: a loaded subnetwork's name.
+
+        Raises:
+            UnknownSubnetworkError: no subnetwork has that name (a ``KeyError`` too).
+            KENError: this ``KENModel`` was unloaded.
+        """
         self._named(name)
         if name == self.active_subnetwork:
             self._take_off()
@@ -147,8 +310,25 @@ class KENModel(PreTrainedModel):
 
     # -- switching ----------------------------------------------------------------------
     def set_subnetwork(self, name: str) -> None:
-        """Make ``name`` the active subnetwork: the previous one's values are taken off and
-        this one's written, in time proportional to their kept values."""
+        """Make ``name`` the active subnetwork, writing its kept values into the weights.
+
+        The previous subnetwork's values are taken off first, so the two never mix; the time
+        taken is proportional to their kept values, not to the model's size.
+
+        Args:
+            name: a loaded subnetwork's name.
+
+        Raises:
+            UnknownSubnetworkError: no subnetwork has that name (a ``KeyError`` too).
+            KENError: this ``KENModel`` was unloaded.
+            KENFormatError: a tensor of the subnetwork's file does not decode (found before
+                any of its values is written: the model is left as the base).
+
+        Example:
+            ```python
+            model.set_subnetwork("sst2")
+            ```
+        """
         subnetwork = self._named(name)
         self._take_off()
         self._overwritten = subnetwork.apply_to(self.model, base_fingerprints=self._live_base())
@@ -156,8 +336,19 @@ class KENModel(PreTrainedModel):
 
     @contextmanager
     def disable_subnetwork(self) -> Iterator[None]:
-        """Within the block the model is the base, bit for bit; the active subnetwork is
-        written back on leaving it."""
+        """Context manager in which the model is the base, bit for bit.
+
+        The active subnetwork is written back on leaving the block, also after an error.
+
+        Yields:
+            None.
+
+        Example:
+            ```python
+            with model.disable_subnetwork():
+                base_logits = model(**inputs).logits
+            ```
+        """
         active = self.active_subnetwork
         self._take_off()
         try:
@@ -169,7 +360,9 @@ class KENModel(PreTrainedModel):
     def _named(self, name: str) -> KENSubnetwork:
         self._live_base()
         if name not in self.subnetworks:
-            raise KeyError(f"no subnetwork named {name!r}; loaded: {sorted(self.subnetworks)}")
+            raise UnknownSubnetworkError(
+                f"no subnetwork named {shown(name)}; loaded: {sorted(self.subnetworks)}"
+            )
         return self.subnetworks[name]
 
     def _live_base(self) -> dict[str, str]:
@@ -187,14 +380,39 @@ class KENModel(PreTrainedModel):
 
     def unload(self) -> torch.nn.Module:
         """Take the active subnetwork off and return the base model, bit for bit as loaded.
-        This ``KENModel`` is done with: it refuses further subnetworks."""
+
+        This ``KENModel`` is done with: it refuses further subnetworks.
+
+        Returns:
+            The wrapped transformers model, holding the base weights.
+
+        Example:
+            ```python
+            base = model.unload()
+            ```
+        """
         self._take_off()
         return self._release()
 
     def merge_and_unload(self) -> torch.nn.Module:
         """Return the plain transformers model with the active subnetwork in its weights.
+
         This ``KENModel`` is done with: it refuses further subnetworks, so nothing is
-        written over the merged weights."""
+        written over the merged weights.
+
+        Returns:
+            The wrapped transformers model, holding the pruned fine-tuned weights (the base
+            weights when no subnetwork is active).
+
+        Raises:
+            KENError: this ``KENModel`` was unloaded already.
+
+        Example:
+            ```python
+            plain = model.merge_and_unload()
+            plain.save_pretrained("pruned-model/")  # a full checkpoint
+            ```
+        """
         self._live_base()
         self._overwritten, self.active_subnetwork = {}, None
         return self._release()
@@ -206,6 +424,14 @@ class KENModel(PreTrainedModel):
 
     @property
     def subnetwork(self) -> KENSubnetwork:
+        """The active subnetwork.
+
+        Returns:
+            The ``KENSubnetwork`` in the weights.
+
+        Raises:
+            KENError: no subnetwork is active.
+        """
         if self.active_subnetwork is None:
             raise KENError("no active subnetwork; call set_subnetwork(name)")
         return self.subnetworks[self.active_subnetwork]
@@ -220,13 +446,32 @@ class KENModel(PreTrainedModel):
         state_dict: dict | None = None,
         **kwargs,
     ) -> None:
-        """Save the active subnetwork (not the model) to ``save_directory``; with
-        ``merged`` (default: ``self.save_merged``) the merged model instead, as
-        ``save_pretrained`` of transformers writes it (``kwargs`` go there).
+        """Save the active subnetwork (not the model), or the merged model, to a folder.
 
         The subnetwork is saved only while the weights are what it rebuilds: weights changed
-        since (trained further) raise ``KENError`` naming the first changed tensor.
-        ``state_dict`` (what Trainer passes) is the wrapper's view of the same weights."""
+        since (trained further) raise ``KENError`` naming the first changed tensor. A
+        subnetwork read from a version 1 file is saved in the current format.
+
+        Args:
+            save_directory: the folder, created if needed.
+            merged: save the merged model, as transformers' ``save_pretrained`` writes it,
+                instead of the subnetwork; None: ``self.save_merged``.
+            is_main_process: False saves nothing (what ``Trainer`` passes on other ranks).
+            state_dict: the wrapper's view of the same weights (what ``Trainer`` passes);
+                used for the merged model, its names without the ``model.`` prefix.
+            **kwargs (Any): passed to transformers' ``save_pretrained`` of the merged model
+                (e.g. ``max_shard_size``); ignored for a subnetwork.
+
+        Raises:
+            KENError: no subnetwork is active, or a weight changed since it was applied
+                (save with ``merged=True`` instead).
+
+        Example:
+            ```python
+            model.save_pretrained("ken/")  # the subnetwork folder
+            model.save_pretrained("merged/", merged=True)  # a full checkpoint
+            ```
+        """
         if not is_main_process:
             return
         if self.save_merged if merged is None else merged:
@@ -272,21 +517,356 @@ class KENModel(PreTrainedModel):
                     "model.save_merged = True before a Trainer saves"
                 )
 
-    def push_to_hub(self, repo_id: str, **push_kwargs) -> str:
-        """Publish only the active subnetwork to the Hub; returns the commit URL."""
-        return self.subnetwork.push_to_hub(repo_id, **push_kwargs)
+    def push_to_hub(
+        self,
+        repo_id: str,
+        *,
+        base_model_name_or_path: str | os.PathLike | None = None,
+        **push_kwargs,
+    ) -> str:
+        """Publish the active subnetwork (not the model) to a Hub repository.
+
+        Args:
+            repo_id: the Hub repository, ``"owner/name"``.
+            base_model_name_or_path: the Hub id of the base, recorded in the pushed
+                ``ken_config.json`` (the subnetwork in memory is left as it is); needed when
+                the subnetwork records a local path as its base.
+            **push_kwargs (Any): as in ``KENSubnetwork.push_to_hub`` (``private``, ``token``,
+                ``commit_message``, ``revision``, ``path_in_repo``).
+
+        Returns:
+            The URL of the commit.
+
+        Raises:
+            KENConfigError: the base is a local path and no Hub id is given (nothing is
+                uploaded).
+            KENError: no subnetwork is active.
+            OSError: the upload failed.
+
+        Example:
+            ```python
+            url = model.push_to_hub("me/minilm-sentiment-ken")
+            ```
+        """
+        return self.subnetwork.push_to_hub(
+            repo_id, base_model_name_or_path=base_model_name_or_path, **push_kwargs
+        )
+
+    # -- PEFT's names -------------------------------------------------------------------
+    # What PeftModel calls adapters, ken-hf calls subnetworks: the same methods, by the names
+    # PEFT users (and TRL, which switches adapters this way) know.
+    def load_adapter(
+        self,
+        model_id: str | os.PathLike,
+        adapter_name: str,
+        *,
+        subfolder: str | None = None,
+        revision: str | None = None,
+        **hub_kwargs,
+    ) -> None:
+        """``load_subnetwork`` by PEFT's name: keep a subnetwork under ``adapter_name``.
+
+        Not applied yet: ``set_adapter(adapter_name)`` applies it.
+
+        Args:
+            model_id: a subnetwork folder or Hub id.
+            adapter_name: the name to keep it under.
+            subfolder: the folder inside ``model_id`` that holds the subnetwork.
+            revision: the subnetwork's branch, tag or commit on the Hub.
+            **hub_kwargs (Any): passed to the Hub download (e.g. ``token``).
+
+        Raises:
+            KENConfigError: ``adapter_name`` is the active subnetwork's.
+            BaseMismatchError: the subnetwork was not made from this model's base.
+
+        Example:
+            ```python
+            model.load_adapter("ken-imdb", adapter_name="imdb")
+            model.set_adapter("imdb")
+            ```
+        """
+        self.load_subnetwork(
+            model_id,
+            adapter_name=adapter_name,
+            subfolder=subfolder,
+            revision=revision,
+            **hub_kwargs,
+        )
+
+    def set_adapter(self, adapter_name: str) -> None:
+        """``set_subnetwork`` by PEFT's name: make ``adapter_name`` the active subnetwork.
+
+        Args:
+            adapter_name: a name given to ``load_adapter`` or ``load_subnetwork``.
+
+        Raises:
+            KENConfigError: not one name (a KENModel has one active subnetwork at a time).
+            UnknownSubnetworkError: no subnetwork has that name.
+
+        Example:
+            ```python
+            model.set_adapter("imdb")
+            ```
+        """
+        if not isinstance(adapter_name, str):
+            raise KENConfigError(
+                f"set_adapter(adapter_name={shown(adapter_name)}): give one name; a KENModel "
+                "has one active subnetwork at a time"
+            )
+        self.set_subnetwork(adapter_name)
+
+    @property
+    def active_adapter(self) -> str | None:
+        """PEFT's name for ``active_subnetwork``.
+
+        Returns:
+            The active subnetwork's name; None inside ``disable_adapter()`` or when none is
+            set.
+        """
+        return self.active_subnetwork
+
+    @property
+    def active_adapters(self) -> list[str]:
+        """The active subnetwork's name in a list, as PEFT's ``PeftModel.active_adapters``.
+
+        A property, as in PEFT (transformers' models have a method of this name).
+
+        Returns:
+            ``[name]``, or ``[]`` when no subnetwork is active.
+        """
+        return [] if self.active_subnetwork is None else [self.active_subnetwork]
+
+    def delete_adapter(self, adapter_name: str | list[str]) -> None:
+        """``delete_subnetwork`` by PEFT's name, for one name or several.
+
+        Args:
+            adapter_name: a name, or a list of names, of loaded subnetworks.
+
+        Raises:
+            UnknownSubnetworkError: one of the names is not loaded (then none is deleted).
+
+        Example:
+            ```python
+            model.delete_adapter("sst2")
+            ```
+        """
+        names = [adapter_name] if isinstance(adapter_name, str) else list(adapter_name)
+        for name in names:  # every name checked before any subnetwork goes
+            self._named(name)
+        for name in names:
+            self.delete_subnetwork(name)
+
+    def disable_adapter(self) -> AbstractContextManager[None]:
+        """``disable_subnetwork`` by PEFT's name: the base, bit for bit, inside the block.
+
+        Returns:
+            The context manager; the active subnetwork is written back on leaving it.
+
+        Example:
+            ```python
+            with model.disable_adapter():
+                base_logits = model(**inputs).logits
+            ```
+        """
+        return self.disable_subnetwork()
+
+    # transformers' own PEFT integration (PeftAdapterMixin, on every PreTrainedModel) works
+    # on injected PEFT layers: on a KENModel it fails with a message about PEFT versions, or
+    # changes the weights behind the subnetworks' back. Each says what to use instead.
+    def add_adapter(self, *args: object, **kwargs: object) -> NoReturn:
+        """Refused: a ``KENModel`` holds KEN subnetworks, not PEFT adapters.
+
+        Raises:
+            KENError: always, naming ``load_adapter`` and ``add_subnetwork`` (and how to put
+                a PEFT adapter on the pruned model).
+        """
+        raise _not_for_ken(
+            "add_adapter",
+            "load a subnetwork with load_adapter(folder, adapter_name) or "
+            "add_subnetwork(name, subnetwork); for a PEFT adapter on the pruned model, take it "
+            "out with merge_and_unload() and wrap that with peft.get_peft_model",
+        )
+
+    def enable_adapters(self, *args: object, **kwargs: object) -> NoReturn:
+        """Refused: the active subnetwork is in the weights already.
+
+        Raises:
+            KENError: always, naming ``set_adapter`` and ``disable_adapter``.
+        """
+        raise _not_for_ken(
+            "enable_adapters",
+            "the active subnetwork is in the weights already; set_adapter(name) applies "
+            "another, and disable_adapter() (a context manager) writes it back on leaving",
+        )
+
+    def disable_adapters(self, *args: object, **kwargs: object) -> NoReturn:
+        """Refused: disabling is a block, ``with model.disable_adapter():``.
+
+        Raises:
+            KENError: always, naming ``disable_adapter``.
+        """
+        raise _not_for_ken(
+            "disable_adapters",
+            "use 'with model.disable_adapter():' (or disable_subnetwork()): the base inside "
+            "the block, the subnetwork back after it",
+        )
+
+    def get_adapter_state_dict(self, *args: object, **kwargs: object) -> NoReturn:
+        """Refused: a subnetwork is not a state dict of adapter weights.
+
+        Raises:
+            KENError: always, naming ``model.subnetwork`` and ``save_pretrained``.
+        """
+        raise _not_for_ken(
+            "get_adapter_state_dict",
+            "the active subnetwork is model.subnetwork (a KENSubnetwork); "
+            "model.save_pretrained(folder) saves it",
+        )
+
+    def enable_peft_hotswap(self, *args: object, **kwargs: object) -> NoReturn:
+        """Refused: switching subnetworks needs nothing enabled.
+
+        Raises:
+            KENError: always, naming ``set_adapter``.
+        """
+        raise _not_for_ken(
+            "enable_peft_hotswap",
+            "set_adapter(name) switches subnetworks in place, writing only their kept values",
+        )
+
+    # -- what it holds ------------------------------------------------------------------
+    def print_kept_values(self) -> None:
+        """Print one line of what the active subnetwork keeps (``KENSubnetwork.kept_summary``).
+
+        Raises:
+            KENError: no subnetwork is active.
+
+        Example:
+            ```python
+            model.print_kept_values()
+            # kept values: 5,678,208 || pruned values: 22,713,216 || kept%: 25.0000 || ...
+            ```
+        """
+        self.subnetwork.print_kept_values()
+
+    def print_trainable_parameters(self) -> None:
+        """PEFT's name for ``print_kept_values``.
+
+        An adapter's trainable parameters are what it adds to the base; a subnetwork's kept
+        values are. The line says "kept values", not trainable ones: every weight of a
+        ``KENModel`` trains.
+
+        Raises:
+            KENError: no subnetwork is active.
+        """
+        self.print_kept_values()
+
+    def extra_repr(self) -> str:
+        """The header of ``print(model)``, above the wrapped model's modules.
+
+        Returns:
+            The subnetworks loaded and the active one (a line of its own, never its
+            tensors).
+        """
+        if self._base_fingerprints is None:
+            return "unloaded: no subnetworks"
+        loaded = shown(sorted(self.subnetworks), 200)
+        if self.active_subnetwork is None:
+            return f"subnetworks: {loaded}, none active"
+        return (
+            f"subnetworks: {loaded}, active: {self.active_subnetwork!r}\n"
+            f"{self.active_subnetwork}: {self.subnetwork!r}"
+        )
 
 
 class KENModelForQuestionAnswering(KENModel):
-    """A ``KENModel`` of a question-answering model: its forward names the answer span
-    arguments, which ``Trainer`` looks up on the class as this task's labels."""
+    """A ``KENModel`` of a question-answering model.
+
+    Its ``forward`` names the answer span arguments, which ``Trainer`` looks up on the class
+    as this task's labels. ``KENModel(model)`` returns one for any model whose class name
+    ends in ``ForQuestionAnswering``; its arguments are those of ``KENModel``.
+
+    Args:
+        model: the base question-answering model.
+        save_merged: make ``save_pretrained`` save the merged model.
+
+    Example:
+        ```python
+        from transformers import AutoModelForQuestionAnswering
+        from ken_hf import KENModel
+
+        base = AutoModelForQuestionAnswering.from_pretrained("bert-base-uncased")
+        model = KENModel.from_pretrained(base, "me/bert-squad-ken")
+        type(model).__name__  # "KENModelForQuestionAnswering"
+        ```
+    """
 
     def forward(self, *args, start_positions=None, end_positions=None, **kwargs):
+        """Call the wrapped model, naming the answer span labels for ``Trainer``.
+
+        Args:
+            *args (Any): positional arguments of the wrapped model.
+            start_positions (torch.Tensor | None): passed on as ``start_positions=`` when
+                given.
+            end_positions (torch.Tensor | None): passed on as ``end_positions=`` when given.
+            **kwargs (Any): keyword arguments of the wrapped model.
+
+        Returns:
+            (transformers.utils.ModelOutput): what the wrapped model returns (e.g. a
+                ``QuestionAnsweringModelOutput``, or a tuple with ``return_dict=False``).
+        """
         if start_positions is not None:
             kwargs["start_positions"] = start_positions
         if end_positions is not None:
             kwargs["end_positions"] = end_positions
         return self.model(*args, **kwargs)
+
+
+# The name a subnetwork gets when none is given, as PEFT names its first adapter.
+DEFAULT_NAME = "default"
+
+
+class UnknownSubnetworkError(KENError, KeyError):
+    """No subnetwork of that name is loaded in the ``KENModel``.
+
+    A ``KeyError`` too, as the lookup it is, so that code catching either keeps working.
+
+    Example:
+        ```python
+        from ken_hf.modeling import UnknownSubnetworkError
+
+        try:
+            model.set_adapter("imdb")
+        except UnknownSubnetworkError as error:
+            print(error)  # no subnetwork named 'imdb'; loaded: ['default']
+        ```
+    """
+
+    # KeyError's own str() would put the message in quotes.
+    __str__ = KENError.__str__
+
+
+def _one_name(name: str | None, adapter_name: str | None, argument: str) -> str | None:
+    """The subnetwork name given as ``argument`` or as PEFT's ``adapter_name`` (None when
+    neither); both, different, or a name that is not a string is a ``KENConfigError``."""
+    if name is not None and adapter_name is not None and name != adapter_name:
+        raise KENConfigError(
+            f"{argument}={shown(name)} and adapter_name={shown(adapter_name)} name the "
+            "subnetwork twice, differently: give one of them (adapter_name is PEFT's name)"
+        )
+    chosen = adapter_name if name is None else name
+    if chosen is not None and not (isinstance(chosen, str) and chosen):
+        which = argument if name is not None else "adapter_name"
+        raise KENConfigError(f"{which}={shown(chosen)}: a subnetwork's name is a non-empty string")
+    return chosen
+
+
+def _not_for_ken(method: str, instead: str) -> KENError:
+    """The error of a transformers PEFT-adapter method called on a ``KENModel``."""
+    return KENError(
+        f"KENModel.{method}: this is transformers' method for PEFT adapters, which a KENModel "
+        f"does not hold (it holds KEN subnetworks): {instead}"
+    )
 
 
 def _calling(model: torch.nn.Module):
@@ -345,15 +925,27 @@ _DTYPE_ARGUMENT = "dtype" if int(transformers.__version__.split(".")[0]) >= 5 el
 
 
 class AutoKENModel:
-    """Loads the base model named in a subnetwork's config, through the transformers class
-    recorded there (or the Auto class of the subclass), in the dtype recorded there, and
-    applies the subnetwork.
+    """Load a subnetwork together with the base model it names, in one call.
+
+    ``from_pretrained`` loads the base named in a subnetwork's ``ken_config.json``, through
+    the transformers class recorded there (or the Auto class of the ``AutoKENModelFor*``
+    subclass), at the recorded revision and in the recorded dtype, and applies the
+    subnetwork. Call ``from_pretrained`` on the class; it returns a ``KENModel``.
 
     What a subnetwork's files may choose is bounded (see SECURITY.md): a subnetwork from the
     Hub names its base by Hub id only (a local base needs ``base_model_name_or_path=``), its
     ``config.json`` must describe a model of the base's sizes, no code from the base or the
     subnetwork runs (``trust_remote_code=False`` unless you pass it), and each tensor's
-    declared shape is checked against the loaded base before it is decoded."""
+    declared shape is checked against the loaded base before it is decoded.
+
+    Example:
+        ```python
+        from ken_hf import AutoKENModel
+
+        model = AutoKENModel.from_pretrained("me/minilm-sentiment-ken")  # the recorded class
+        plain = model.merge_and_unload()
+        ```
+    """
 
     auto_class: str | None = None
 
@@ -364,19 +956,63 @@ class AutoKENModel:
         *,
         subfolder: str | None = None,
         revision: str | None = None,
-        subnetwork_name: str = "default",
+        subnetwork_name: str | None = None,
+        adapter_name: str | None = None,
         base_model_name_or_path: str | os.PathLike | None = None,
         base_model_revision: str | None = None,
         hub_kwargs: dict | None = None,
         **model_kwargs,
     ) -> KENModel:
-        """``name_or_path``: a subnetwork folder or Hub id; ``subfolder``: the folder inside
-        it that holds the subnetwork; ``revision``: the subnetwork's branch, tag or commit
-        on the Hub. ``base_model_name_or_path`` / ``base_model_revision``: the base to load
-        instead of the one the subnetwork recorded (a local folder, or a Hub id at a
-        revision); its fingerprints must still match. ``model_kwargs`` go to the base
-        model's ``from_pretrained`` (e.g. ``device_map``); the base dtype is the one the
-        subnetwork recorded unless given."""
+        """Load the base a subnetwork names, apply the subnetwork, and wrap both.
+
+        When the subnetwork holds the fine-tuned model's ``config.json`` (its labels, for
+        instance) and no ``config`` is given, the base is built from it; it must describe a
+        model of the base's sizes, checked against the base's ``config.json`` read as data.
+
+        Args:
+            name_or_path: the subnetwork: a local folder or a Hub repository id.
+            subfolder: the folder inside ``name_or_path`` that holds the subnetwork.
+            revision: the subnetwork's branch, tag or commit on the Hub.
+            subnetwork_name: the name the subnetwork is kept under in the ``KENModel``
+                (what ``set_subnetwork`` takes); default ``"default"``, as PEFT's.
+            adapter_name: PEFT's name for ``subnetwork_name``; give one of the two.
+            base_model_name_or_path: the base to load instead of the one the subnetwork
+                recorded (a local folder, or a Hub id); its fingerprints must still match.
+            base_model_revision: the revision of ``base_model_name_or_path`` on the Hub.
+            hub_kwargs: passed to ``huggingface_hub`` when the subnetwork and the base's
+                ``config.json`` are downloaded (e.g. ``{"token": ...}``); not to the base
+                model's ``from_pretrained``.
+            **model_kwargs (Any): passed to the base model's ``from_pretrained`` (e.g.
+                ``device_map``, ``dtype``); the dtype is the one the subnetwork recorded
+                unless given, ``trust_remote_code`` is False unless given, and ``config`` is
+                built from the subnetwork's ``config.json`` unless given.
+
+        Returns:
+            A ``KENModel`` (a ``KENModelForQuestionAnswering`` for a question-answering
+            model) with the subnetwork active.
+
+        Raises:
+            FileNotFoundError: the subnetwork cannot be found locally or on the Hub.
+            OSError: the base's ``config.json`` cannot be found, or transformers cannot load
+                the base.
+            KENConfigError: ``ken_config.json`` is invalid, names no base (pass
+                ``base_model_name_or_path``) or no transformers model class, or the
+                subnetwork's ``config.json`` does not match the base's sizes; or
+                ``subnetwork_name`` and ``adapter_name`` differ.
+            UnsafePathError: a subnetwork from the Hub names a local path as its base.
+            KENFormatError: the subnetwork file is invalid.
+            BaseMismatchError: the loaded base is not the one the subnetwork was made from.
+
+        Example:
+            ```python
+            from ken_hf import AutoKENModelForCausalLM
+
+            model = AutoKENModelForCausalLM.from_pretrained(
+                "me/smollm2-ken", device_map="auto", hub_kwargs={"token": token}
+            )
+            ```
+        """
+        name = _one_name(subnetwork_name, adapter_name, "subnetwork_name") or DEFAULT_NAME
         subnetwork = KENSubnetwork.from_pretrained(
             name_or_path, subfolder=subfolder, revision=revision, **(hub_kwargs or {})
         )
@@ -394,8 +1030,8 @@ class AutoKENModel:
         if dtype_name and not {"dtype", "torch_dtype"} & set(model_kwargs):
             model_kwargs[_DTYPE_ARGUMENT] = getattr(torch, dtype_name)
         model = KENModel(model_class.from_pretrained(base, revision=base_revision, **model_kwargs))
-        model.add_subnetwork(subnetwork_name, subnetwork)
-        model.set_subnetwork(subnetwork_name)
+        model.add_subnetwork(name, subnetwork)
+        model.set_subnetwork(name)
         return model
 
 
@@ -496,20 +1132,106 @@ def _check_sizes(values: dict, base_values: dict, source: str, prefix: str) -> N
 
 
 class AutoKENModelForSequenceClassification(AutoKENModel):
+    """Load a text classification subnetwork and its base (``AutoModelForSequenceClassification``).
+
+    For text classification (sentiment, topic, entailment): the base named in the
+    subnetwork's ``ken_config.json`` is loaded with
+    ``transformers.AutoModelForSequenceClassification`` (whatever class the subnetwork
+    recorded), at the recorded revision and in the recorded dtype, and the subnetwork is
+    applied. Arguments: as ``AutoKENModel.from_pretrained``.
+
+    Example:
+        ```python
+        from ken_hf import AutoKENModelForSequenceClassification
+
+        model = AutoKENModelForSequenceClassification.from_pretrained(
+            "me/minilm-sentiment", subfolder="ken"
+        )
+        logits = model(**tokenizer("a fine film", return_tensors="pt")).logits
+        ```
+    """
+
     auto_class = "AutoModelForSequenceClassification"
 
 
 class AutoKENModelForCausalLM(AutoKENModel):
+    """Load a causal language model subnetwork and its base (``AutoModelForCausalLM``).
+
+    For text generation with a decoder-only model: the base named in the subnetwork's
+    ``ken_config.json`` is loaded with ``transformers.AutoModelForCausalLM`` (whatever class
+    the subnetwork recorded), at the recorded revision and in the recorded dtype, and the
+    subnetwork is applied. Arguments: as ``AutoKENModel.from_pretrained``.
+
+    Example:
+        ```python
+        from ken_hf import AutoKENModelForCausalLM
+
+        model = AutoKENModelForCausalLM.from_pretrained("me/smollm2-ken")
+        output_ids = model.generate(**tokenizer("Once upon", return_tensors="pt"))
+        ```
+    """
+
     auto_class = "AutoModelForCausalLM"
 
 
 class AutoKENModelForTokenClassification(AutoKENModel):
+    """Load a token classification subnetwork and its base (``AutoModelForTokenClassification``).
+
+    For a label per token (named entities, parts of speech): the base named in the
+    subnetwork's ``ken_config.json`` is loaded with
+    ``transformers.AutoModelForTokenClassification`` (whatever class the subnetwork
+    recorded), at the recorded revision and in the recorded dtype, and the subnetwork is
+    applied. Arguments: as ``AutoKENModel.from_pretrained``.
+
+    Example:
+        ```python
+        from ken_hf import AutoKENModelForTokenClassification
+
+        model = AutoKENModelForTokenClassification.from_pretrained("output_dir/ken")
+        logits = model(**tokenizer("Paris is in France", return_tensors="pt")).logits
+        ```
+    """
+
     auto_class = "AutoModelForTokenClassification"
 
 
 class AutoKENModelForQuestionAnswering(AutoKENModel):
+    """Load a question-answering subnetwork and its base (``AutoModelForQuestionAnswering``).
+
+    For extractive question answering: the base named in the subnetwork's
+    ``ken_config.json`` is loaded with ``transformers.AutoModelForQuestionAnswering``
+    (whatever class the subnetwork recorded), at the recorded revision and in the recorded
+    dtype, and the subnetwork is applied; the result is a ``KENModelForQuestionAnswering``.
+    Arguments: as ``AutoKENModel.from_pretrained``.
+
+    Example:
+        ```python
+        from transformers import pipeline
+        from ken_hf import AutoKENModelForQuestionAnswering
+
+        model = AutoKENModelForQuestionAnswering.from_pretrained("me/bert-squad-ken")
+        qa = pipeline("question-answering", model=model.base_model, tokenizer=tokenizer)
+        ```
+    """
+
     auto_class = "AutoModelForQuestionAnswering"
 
 
 class AutoKENModelForSeq2SeqLM(AutoKENModel):
+    """Load a sequence-to-sequence subnetwork and its base (``AutoModelForSeq2SeqLM``).
+
+    For encoder-decoder models (translation, summarisation): the base named in the
+    subnetwork's ``ken_config.json`` is loaded with ``transformers.AutoModelForSeq2SeqLM``
+    (whatever class the subnetwork recorded), at the recorded revision and in the recorded
+    dtype, and the subnetwork is applied. Arguments: as ``AutoKENModel.from_pretrained``.
+
+    Example:
+        ```python
+        from ken_hf import AutoKENModelForSeq2SeqLM
+
+        model = AutoKENModelForSeq2SeqLM.from_pretrained("me/t5-small-ken")
+        output_ids = model.generate(**tokenizer("translate: hello", return_tensors="pt"))
+        ```
+    """
+
     auto_class = "AutoModelForSeq2SeqLM"

@@ -352,6 +352,11 @@ class DecodedOnAccess(LazyTensors):
         super().__init__(functools.cache(reader.read), names)
         self._reader = reader
 
+    @property
+    def path(self) -> Path:
+        """The subnetwork file the tensors are read from."""
+        return self._reader.path
+
     def entry(self, name: str) -> dict:
         """The header's (validated) record of tensor ``name``."""
         return self._reader.entry(name)

@@ -9,6 +9,7 @@ it again, leaving the base exactly as it was.
 from __future__ import annotations
 
 import dataclasses
+import math
 import os
 import tempfile
 import warnings
@@ -23,7 +24,7 @@ from .base_source import BaseSource, Weights, cannot_tell, locate_base
 from .checkpoints import read_model_config, tensors_of
 from .config import KENConfig
 from .delta_codec import DEFAULT_LEVEL, DEFAULT_THREADS, bits_of
-from .errors import KENConfigError, KENError
+from .errors import KENConfigError, KENError, shown
 from .fingerprint import tensor_fingerprint
 from .hub import push_folder, resolve_folder
 from .pipeline import (
@@ -44,7 +45,7 @@ from .serialization import (
     StoredSubnetwork,
     open_subnetwork,
 )
-from .subnetwork_folder import SUBNETWORK_FILES, saved_files, write_folder
+from .subnetwork_folder import SUBNETWORK_FILES, saved_files, travelling_base, write_folder
 from .subnetwork_format import positions_of
 
 # Selects masks for the pruned plans: (plans, fine-tuned, base, config, progress) -> masks.
@@ -60,7 +61,23 @@ def select_in_process(plans, finetuned, base, config, progress) -> dict[str, tor
 
 
 class BaseMismatchError(KENError):
-    """A subnetwork applied to a base model it was not made from."""
+    """A subnetwork applied to a base model it was not made from.
+
+    Raised before any weight changes, naming the first tensor whose fingerprint differs
+    (another model, revision or dtype, or a single changed value), a base tensor the model
+    lacks, or a tensor the subnetwork writes that the model lacks or holds with another
+    shape or dtype.
+
+    Example:
+        ```python
+        from ken_hf import BaseMismatchError, KENModel
+
+        try:
+            model = KENModel.from_pretrained(other_base_model, "ken/")
+        except BaseMismatchError as error:
+            print(error)  # names the first tensor that differs
+        ```
+    """
 
 
 def fingerprints_of(weights: Weights) -> dict[str, str]:
@@ -122,14 +139,34 @@ def _set_rows(model: torch.nn.Module, parameter: torch.Tensor, data: torch.Tenso
 class KENSubnetwork:
     """The KEN subnetwork of a fine-tuned model against its base.
 
-    Attributes:
+    Which positions of which tensors KEN kept, and their fine-tuned values: everything
+    needed to rebuild the pruned model from its base. It is made by ``from_weights`` or
+    ``prune_model`` (or ``KENCallback``), saved with ``save_pretrained``, read with
+    ``from_pretrained``, written into a base model with ``apply_to`` and taken off again
+    with ``restore``. It refuses a base it was not made from (``BaseMismatchError``). The
+    constructor arguments are also its attributes; build one through the methods above.
+
+    Args:
         config: the ``KENConfig`` it was made with (base, dtype and model class recorded).
-        pruned: ``{name: PrunedTensor}`` kept positions and values of each pruned tensor
+        pruned: ``{name: PrunedTensor}``: kept positions and values of each pruned tensor
             (read from a file: decoded when first used, see ``DecodedOnAccess``).
-        whole: ``{name: tensor}`` tensors stored whole (``modules_to_save``, new heads).
+        whole: ``{name: tensor}``: tensors stored whole (``modules_to_save``, new heads).
         fingerprints: ``{name: hex}`` of every base tensor the result depends on.
         model_config: the fine-tuned model's ``config.json`` as a dict, when known.
-        metrics: evaluation results shown in the model card.
+        metrics: ``{name: value}`` evaluation results shown in the model card.
+
+    Example:
+        ```python
+        from ken_hf import KENConfig, KENSubnetwork
+
+        subnetwork = KENSubnetwork.from_weights(base_model, finetuned_model, KENConfig(k=64))
+        print(f"{subnetwork.kept_fraction():.1%} of the pruned values kept")
+        subnetwork.save_pretrained("ken/")
+
+        subnetwork = KENSubnetwork.from_pretrained("ken/")
+        saved = subnetwork.apply_to(base_model)  # base_model now holds the pruned model
+        subnetwork.restore(base_model, saved)  # and is the base again, bit for bit
+        ```
     """
 
     config: KENConfig
@@ -150,14 +187,47 @@ class KENSubnetwork:
         progress: bool = True,
         selector: MaskSelector = select_in_process,
     ) -> KENSubnetwork:
-        """Select the subnetwork of ``finetuned`` (a model or state dict) against ``base``.
+        """Select the subnetwork of ``finetuned`` against ``base``; neither is changed.
 
         Every floating-point tensor of ``finetuned`` is pruned, stored whole or reset, as
-        ``ken_hf.pipeline`` plans it. The base checkpoint is recorded and the newly
-        initialised tensors (stored whole) are found by locating the checkpoint ``base``
-        came from (``locate_base``); ``new_tensors`` names them instead. When neither
-        works, a ``KENConfigError`` says what to pass. ``selector`` computes the masks (the
-        training layer passes one that shares the work among distributed ranks).
+        ``config`` says (``ken_hf.pipeline`` plans it). The base checkpoint is recorded and
+        the newly initialised tensors (stored whole) are found by locating the checkpoint
+        ``base`` came from (``locate_base``); ``new_tensors`` names them instead.
+
+        Args:
+            base: the pre-trained model, or its state dict ``{name: tensor}`` (such as
+                ``ken_hf.checkpoints.LazyTensors``, read a tensor at a time).
+            finetuned: the fully fine-tuned model (or its state dict), of the base's
+                architecture; a tensor may have grown along its first dimension (a
+                vocabulary that gained tokens), at most twofold.
+            config: what to keep and where.
+            new_tensors: names of ``finetuned``'s newly initialised tensors (an empty set if
+                none is); None: found from the base's checkpoint.
+            progress: show a progress bar over the rows.
+            selector: computes the masks of the pruned tensors (the training layer passes
+                one that shares the work among distributed ranks).
+
+        Returns:
+            The subnetwork; its config records the base checkpoint, the base dtype and the
+            model class where ``config`` does not name them.
+
+        Raises:
+            KENConfigError: the base's checkpoint and new tensors cannot be told and
+                ``new_tensors`` is None (the message says what to pass), the checkpoint that
+                ``config.base_model_name_or_path`` names does not hold ``base``, or
+                ``finetuned`` carries PEFT adapters.
+            KENError: a pair of tensors differs in shape or dtype, the two share no
+                tensor, or a tensor holds NaN or Inf.
+
+        Example:
+            ```python
+            from transformers import AutoModelForSequenceClassification
+            from ken_hf import KENConfig, KENSubnetwork
+
+            base = AutoModelForSequenceClassification.from_pretrained("bert-base-uncased")
+            tuned = AutoModelForSequenceClassification.from_pretrained("out/checkpoint-500")
+            subnetwork = KENSubnetwork.from_weights(base, tuned, KENConfig(keep_ratio=0.3))
+            ```
         """
         return _select(base, finetuned, config, new_tensors, progress, selector)[0]
 
@@ -171,8 +241,25 @@ class KENSubnetwork:
         source: BaseSource | None = None,
         base_dtype: str | None = None,
     ) -> KENSubnetwork:
-        """Gather the pipeline's records: ``config`` gets the base ``source``, its dtype and
-        the model's class where it does not name them; ``model``'s config is kept."""
+        """Build a subnetwork from the records of ``ken_hf.pipeline``'s per-tensor step.
+
+        The building block of ``from_weights`` and the streaming path; most code calls
+        those instead. ``config`` gets the base ``source``, its dtype and the model's class
+        where it does not name them.
+
+        Args:
+            records: one ``TensorRecord`` per fine-tuned tensor, as ``process_tensor``
+                returns them.
+            config: the config the records were made with.
+            model: the fine-tuned model: its class and ``config.json`` are recorded when it
+                is a transformers model.
+            source: the checkpoint the base was loaded from, recorded as the base.
+            base_dtype: the base's dtype name (e.g. ``"float32"``), recorded as
+                ``base_model_dtype``.
+
+        Returns:
+            The subnetwork, holding the records' kept values on the CPU.
+        """
         pruned, whole, fingerprints = {}, {}, {}
         for record in records:
             name = record.plan.name
@@ -218,15 +305,26 @@ class KENSubnetwork:
 
     # -- what it holds ------------------------------------------------------------------
     def kept_fraction(self) -> float:
-        """Share of the pruned tensors' values that keep their fine-tuned value (of a grown
-        tensor, its base's rows; a reset tensor stored for its new rows alone is not one)."""
+        """Share of the pruned tensors' values that keep their fine-tuned value.
+
+        Of a grown tensor, its base's rows count; a reset tensor stored for its new rows
+        alone does not.
+
+        Returns:
+            Kept positions over the values of the pruned tensors, in [0, 1]; 1.0 when
+            nothing is pruned.
+        """
         pruned = [p for p in self.pruned.values() if not p.only_new_rows()]
         total = sum(p.base_numel() for p in pruned)
         return sum(p.positions.numel() for p in pruned) / total if total else 1.0
 
     def kept_values(self) -> int:
-        """Values that keep their fine-tuned value: kept positions, the rows grown tensors
-        added and whole tensors."""
+        """Number of values that keep their fine-tuned value.
+
+        Returns:
+            Kept positions, plus the values of the rows grown tensors added, plus the
+            values of whole tensors.
+        """
         pruned = self.pruned.values()
         return (
             sum(p.positions.numel() for p in pruned)
@@ -235,17 +333,152 @@ class KENSubnetwork:
         )
 
     def reset_fraction(self, model_parameters: int) -> float:
-        """Share of all ``model_parameters`` that end at their pre-trained value."""
+        """Share of all ``model_parameters`` that end at their pre-trained value.
+
+        Args:
+            model_parameters: the model's total number of parameter values (e.g.
+                ``sum(p.numel() for p in model.parameters())``).
+
+        Returns:
+            ``1 - kept_values() / model_parameters``.
+        """
         return 1.0 - self.kept_values() / model_parameters
 
+    def counts(self) -> dict[str, int]:
+        """How many tensors and values it prunes, keeps and stores whole.
+
+        Counted as ``kept_fraction`` counts (of a grown tensor, its base's rows; a reset
+        tensor stored for its new rows alone is not pruned), and for a subnetwork read from
+        a file from its header alone: nothing is decoded.
+
+        Returns:
+            ``{"pruned_tensors", "pruned_values", "kept_values", "whole_tensors",
+            "whole_values"}``, as ``ken inspect`` and the model card report them:
+            ``kept_values`` are the kept positions of the pruned tensors (unlike
+            ``kept_values()``, which adds the whole tensors and grown rows).
+
+        Example:
+            ```python
+            counts = subnetwork.counts()
+            print(counts["kept_values"] / counts["pruned_values"])  # == kept_fraction()
+            ```
+        """
+        pruned_tensors = pruned_values = kept = 0
+        for name in self.pruned:
+            if isinstance(self.pruned, DecodedOnAccess):  # the header says: nothing decoded
+                entry = self.pruned.entry(name)
+                shape, count, rows = entry["shape"], entry["count"], entry.get("rows")
+            else:
+                tensor = self.pruned[name]
+                shape, count, rows = tensor.shape, tensor.positions.numel(), tensor.base_rows
+            if rows is not None and count == 0:  # reset, stored for its new rows alone
+                continue
+            pruned_tensors += 1
+            pruned_values += math.prod(shape) if rows is None else rows * math.prod(shape[1:])
+            kept += count
+        return {
+            "pruned_tensors": pruned_tensors,
+            "pruned_values": pruned_values,
+            "kept_values": kept,
+            "whole_tensors": len(self.whole),
+            "whole_values": sum(
+                math.prod(self.whole.spec(name)[0])
+                if isinstance(self.whole, DecodedOnAccess)
+                else self.whole[name].numel()
+                for name in self.whole
+            ),
+        }
+
+    def stored_bytes(self) -> int | None:
+        """Size of the subnetwork file it was read from.
+
+        Returns:
+            The bytes of ``ken_subnetwork.safetensors`` for a subnetwork read with
+            ``from_pretrained``; None for one made in memory and not read back (its size is
+            known once ``save_pretrained`` has compressed it).
+        """
+        for table in (self.pruned, self.whole):
+            if isinstance(table, DecodedOnAccess):
+                return table.path.stat().st_size
+        return None
+
+    def kept_summary(self) -> str:
+        """One line of what it keeps, in the style of PEFT's ``print_trainable_parameters``.
+
+        Returns:
+            ``"kept values: K || pruned values: N || kept%: P || stored whole: W || file: S"``:
+            the kept positions ``K`` of the ``N`` values of the pruned tensors, their share
+            ``P`` (``kept_fraction()`` in percent), the values ``W`` of the tensors stored
+            whole, and the size ``S`` of the file it was read from (``not saved`` for one
+            made in memory). See ``counts()``.
+
+        Example:
+            ```python
+            subnetwork.kept_summary()
+            # 'kept values: 5,678,208 || pruned values: 22,713,216 || kept%: 25.0000 || ...'
+            ```
+        """
+        counts, size = self.counts(), self.stored_bytes()
+        pruned = counts["pruned_values"]
+        share = 100 * counts["kept_values"] / pruned if pruned else 100.0
+        shown_size = "not saved" if size is None else f"{size / 2**20:.2f} MiB"
+        return (
+            f"kept values: {counts['kept_values']:,} || pruned values: {pruned:,} || "
+            f"kept%: {share:.4f} || stored whole: {counts['whole_values']:,} || "
+            f"file: {shown_size}"
+        )
+
+    def print_kept_values(self) -> None:
+        """Print ``kept_summary()``: one line, as PEFT's ``print_trainable_parameters``.
+
+        Example:
+            ```python
+            KENSubnetwork.from_pretrained("ken/").print_kept_values()
+            ```
+        """
+        print(self.kept_summary())
+
+    def __repr__(self) -> str:
+        # One line: the dataclass's own repr prints every tensor (hundreds of thousands of
+        # characters); nothing is decoded for this.
+        config, counts = self.config, self.counts()
+        budget = f"k={config.k}" if config.k is not None else f"keep_ratio={config.keep_ratio:g}"
+        rule = "" if config.rule == "ken" else f", rule={config.rule!r}"
+        pruned = counts["pruned_values"]
+        share = counts["kept_values"] / pruned if pruned else 1.0
+        return (
+            f"KENSubnetwork(base={shown(config.base_model_name_or_path)}, {budget}{rule}, "
+            f"tensors: {counts['pruned_tensors']} pruned + {counts['whole_tensors']} whole, "
+            f"kept {share:.1%} of {_short_count(pruned)} values)"
+        )
+
     def mask(self, name: str) -> torch.Tensor:
-        """Bool tensor of the kept positions of pruned tensor ``name``."""
+        """Bool tensor of the kept positions of pruned tensor ``name``.
+
+        Args:
+            name: a key of ``pruned``, e.g. ``"bert.encoder.layer.0.attention.self.query.weight"``.
+
+        Returns:
+            Bool CPU tensor of the tensor's shape: True where the fine-tuned value is kept.
+
+        Raises:
+            KeyError: ``name`` is not a pruned tensor.
+            KENFormatError: the tensor, read from a file, does not decode.
+        """
         return self.pruned[name].mask()
 
     # -- applying to a model ------------------------------------------------------------
     def check_base(self, fingerprints: Mapping[str, str]) -> None:
-        """Raise ``BaseMismatchError`` naming the first tensor (in the model's order, given
-        by ``fingerprints``) whose base differs, or a base tensor the model lacks."""
+        """Check that a model holds the base this subnetwork was made from.
+
+        Args:
+            fingerprints: ``{name: hex}`` fingerprints of the model's tensors, in the model's
+                order (``ken_hf.subnetwork.fingerprints_of(model)``).
+
+        Raises:
+            BaseMismatchError: naming a base tensor the model lacks, or the first tensor (in
+                the model's order) whose fingerprint differs.
+        """
         missing = [name for name in self.fingerprints if name not in fingerprints]
         if missing:
             raise BaseMismatchError(
@@ -260,8 +493,17 @@ class KENSubnetwork:
                 )
 
     def base_rows(self, name: str) -> int | None:
-        """The base's rows of tensor ``name`` when it grew (a vocabulary that gained
-        tokens), else None; for a subnetwork read from a file, from its header."""
+        """The base's rows of tensor ``name`` when it grew (a vocabulary that gained tokens).
+
+        Read from the header for a subnetwork read from a file, without decoding.
+
+        Args:
+            name: a tensor name.
+
+        Returns:
+            The number of rows the base has, or None when ``name`` is not a pruned tensor
+            or did not grow.
+        """
         if name not in self.pruned:
             return None
         if isinstance(self.pruned, DecodedOnAccess):
@@ -269,8 +511,12 @@ class KENSubnetwork:
         return self.pruned[name].base_rows
 
     def declared(self) -> dict[str, tuple[torch.Size, torch.dtype]]:
-        """``{name: (shape, dtype)}`` of every tensor the subnetwork writes, as declared:
-        for one read from a file, without decoding anything."""
+        """Shape and dtype of every tensor the subnetwork writes, without decoding any.
+
+        Returns:
+            ``{name: (shape, dtype)}`` of the pruned and whole tensors (a grown tensor with
+            its grown shape), as declared in the file header for one read from a file.
+        """
         specs = {}
         for table in (self.pruned, self.whole):
             for name in table:
@@ -281,10 +527,19 @@ class KENSubnetwork:
         return specs
 
     def check_fits(self, parameters: Mapping[str, torch.Tensor]) -> None:
-        """Raise ``BaseMismatchError`` naming the first tensor the subnetwork writes that
-        ``parameters`` (a model's tensors) lacks, or holds with another shape or dtype.
+        """Check that a model has every tensor the subnetwork writes, in shape and dtype.
+
         Made before anything is decoded, so a file's declared sizes are bounded by the
-        model's."""
+        model's.
+
+        Args:
+            parameters: ``{name: tensor}``: the model's tensors
+                (``ken_hf.checkpoints.tensors_of(model)``).
+
+        Raises:
+            BaseMismatchError: naming the first tensor that ``parameters`` lacks or holds
+                with another shape or dtype (a grown tensor is compared on its base's rows).
+        """
         for name, (shape, dtype) in self.declared().items():
             if name not in parameters:
                 raise BaseMismatchError(f"tensor {name!r} is not a parameter of the model")
@@ -301,12 +556,36 @@ class KENSubnetwork:
     def apply_to(
         self, model: torch.nn.Module, *, base_fingerprints: Mapping[str, str] | None = None
     ) -> dict[str, torch.Tensor]:
-        """Write the subnetwork into ``model``, which must hold the base weights.
+        """Write the subnetwork into ``model`` in place; ``model`` must hold the base weights.
 
-        Everything is checked before any weight changes. Returns the base values it
-        overwrote (``{name: values}``), which ``restore`` puts back. Costs time in
-        proportion to the kept values that differ from the base (flat gathers and
-        scatters): the others equal the base already.
+        Everything is checked (base fingerprints, shapes, dtypes, and every tensor read from
+        a file decoded) before any weight changes. Costs time in proportion to the kept
+        values that differ from the base (flat gathers and scatters): the others equal the
+        base already. A grown tensor (a vocabulary that gained tokens) is resized, as
+        ``resize_token_embeddings`` would.
+
+        Args:
+            model: the base model (the same architecture, revision and dtype the subnetwork
+                was made from), on any device.
+            base_fingerprints: ``{name: hex}`` of ``model``'s tensors, when already known;
+                None: computed now.
+
+        Returns:
+            The base values it overwrote, for ``restore``: ``{name: values}``, a 1-D tensor
+            of the overwritten positions' values for a pruned tensor, a full copy for a
+            whole one.
+
+        Raises:
+            BaseMismatchError: ``model`` does not hold the base, or lacks a tensor the
+                subnetwork writes, or holds it with another shape or dtype.
+            KENFormatError: a tensor read from a file does not decode.
+
+        Example:
+            ```python
+            saved = subnetwork.apply_to(base_model)
+            outputs = base_model(**inputs)  # the pruned fine-tuned model
+            subnetwork.restore(base_model, saved)
+            ```
         """
         parameters = tensors_of(model)
         self.check_base(base_fingerprints or fingerprints_of(model))
@@ -328,7 +607,15 @@ class KENSubnetwork:
         return saved
 
     def restore(self, model: torch.nn.Module, saved: Mapping[str, torch.Tensor]) -> None:
-        """Put back the base values ``apply_to`` returned: the model is the base again."""
+        """Put back the base values ``apply_to`` returned: the model is the base again.
+
+        Grown tensors go back to the base's rows, bit for bit. Nothing is checked: pass the
+        model and the values of the matching ``apply_to``.
+
+        Args:
+            model: the model ``apply_to`` wrote into.
+            saved: what that ``apply_to`` returned.
+        """
         parameters = tensors_of(model)
         with torch.no_grad():
             for name, pruned in self.pruned.items():
@@ -351,17 +638,38 @@ class KENSubnetwork:
         compression_level: int = DEFAULT_LEVEL,
         compression_threads: int = DEFAULT_THREADS,
     ) -> None:
-        """Write ``ken_subnetwork.safetensors`` (format version 2: kept values as a
-        compressed lossless delta against the base), the model's ``config.json``, a model
-        card, ``report`` as ``ken_report.json`` when given, the files of ``tokenizer`` (a
-        tokenizer or processor: anything with ``save_pretrained``) when given, and
-        ``ken_config.json`` last into ``save_directory`` (see ``FolderWriter``: other files
-        there are never touched, and an interrupted save leaves the previous subnetwork
-        loadable). ``dataset``: the Hub id of the evaluation data set, named in the model
-        card's metadata with the report's metrics. ``picture``: a PNG (the KENviz summary,
-        ``ken_hf.viz.summary_png``) saved as ``ken_summary.png`` and shown in the card.
-        ``compression_level`` and
-        ``compression_threads``: zstd's level (1-22) and worker threads (0: one)."""
+        """Save the subnetwork folder into ``save_directory``.
+
+        Writes ``ken_subnetwork.safetensors`` (kept values as a compressed lossless delta
+        against the base), the model's ``config.json``, a model card (``README.md``), and
+        ``ken_config.json`` last (see ``FolderWriter``: other files there are never touched,
+        and an interrupted save leaves the previous subnetwork loadable).
+
+        Args:
+            save_directory: the folder, created if needed.
+            report: written as ``ken_report.json`` when given.
+            tokenizer: a tokenizer or processor (anything with ``save_pretrained``) whose
+                files are saved alongside, so that the folder loads as one.
+            dataset: the Hub id of the evaluation data set, named in the model card's
+                metadata with the metrics.
+            picture: a PNG (the KENviz summary, ``ken_hf.viz.summary_png``) saved as
+                ``ken_summary.png`` and shown in the card.
+            compression_level: zstd's level (1-22).
+            compression_threads: zstd's worker threads (0: one, the same bytes on every
+                machine).
+
+        Raises:
+            TypeError: ``tokenizer`` has no ``save_pretrained``.
+            KENConfigError: ``tokenizer`` saves a file named like one of the subnetwork's.
+            KENError: a pruned tensor read from a version 1 file holds no delta against the
+                base (apply it with ``KENModel`` and save that instead).
+            NotADirectoryError: ``save_directory`` exists and is not a folder.
+
+        Example:
+            ```python
+            subnetwork.save_pretrained("ken/", tokenizer=tokenizer, dataset="rotten_tomatoes")
+            ```
+        """
         write_folder(
             save_directory,
             self.config,
@@ -385,12 +693,37 @@ class KENSubnetwork:
         revision: str | None = None,
         **hub_kwargs,
     ) -> KENSubnetwork:
-        """Read a subnetwork folder, local or on the Hub, or its ``subfolder`` (at
-        ``revision``: a branch, tag or commit, for a Hub id). Every header is validated
-        now; each tensor is decoded (and its arrays checked) when first used, after its
-        declared shape has been checked against a model (``check_fits``). From
-        the Hub, the subnetwork's files and the tokenizer saved with it are downloaded (into
-        the Hub cache, so that they load offline afterwards)."""
+        """Read a subnetwork folder, local or on the Hub.
+
+        Every header is validated now; each tensor is decoded (and its arrays checked) when
+        first used, after its declared shape has been checked against a model
+        (``check_fits``). From the Hub, the subnetwork's files and the tokenizer saved with
+        it are downloaded into the Hub cache, so that they load offline afterwards.
+
+        Args:
+            name_or_path: a local folder, or a Hub repository id.
+            subfolder: the folder inside it that holds the subnetwork (e.g. ``"ken"``).
+            revision: a branch, tag or commit of the Hub repository.
+            **hub_kwargs (Any): passed to ``huggingface_hub.snapshot_download`` (e.g.
+                ``token``).
+
+        Returns:
+            The subnetwork, its tensors decoded on access.
+
+        Raises:
+            FileNotFoundError: neither the folder nor the Hub provides the subnetwork.
+            UnsafePathError: ``subfolder`` leads out of the folder, or a file is a symbolic
+                link to a place outside it.
+            KENConfigError: ``ken_config.json`` is missing a key or holds an invalid field.
+            KENFormatError: the subnetwork file is invalid, or not the one
+                ``ken_config.json`` was saved with.
+            CheckpointError: the saved ``config.json`` is malformed.
+
+        Example:
+            ```python
+            subnetwork = KENSubnetwork.from_pretrained("me/minilm-sentiment", subfolder="ken")
+            ```
+        """
         folder = resolve_folder(
             name_or_path,
             allow_patterns=SUBNETWORK_FILES,
@@ -406,12 +739,73 @@ class KENSubnetwork:
             model_config = read_model_config(model_config_file)
         return cls(config, stored.pruned, stored.whole, stored.fingerprints, model_config)
 
-    def push_to_hub(self, repo_id: str, **push_kwargs) -> str:
-        """Publish only the subnetwork folder to ``repo_id``; returns the commit URL."""
+    def push_to_hub(
+        self,
+        repo_id: str,
+        *,
+        base_model_name_or_path: str | os.PathLike | None = None,
+        **push_kwargs,
+    ) -> str:
+        """Publish the subnetwork folder (not the model) to a Hub repository.
+
+        The folder is saved to a temporary place and uploaded; the repository is created if
+        needed. A subnetwork from the Hub may name only a Hub id as its base, so one whose
+        base is a local path is refused before anything is uploaded, unless
+        ``base_model_name_or_path`` names the base's Hub id.
+
+        Args:
+            repo_id: the Hub repository, ``"owner/name"``.
+            base_model_name_or_path: the Hub id of the base (the model the local base folder
+                holds), recorded in the pushed ``ken_config.json`` and model card; this
+                subnetwork's own ``config`` is left as it is.
+            **push_kwargs (Any): ``private`` (applies only when the repository is created),
+                ``token``, ``commit_message``, ``revision`` (a branch, created from the main
+                branch when missing) and ``path_in_repo`` (default: the root).
+
+        Returns:
+            The URL of the commit.
+
+        Raises:
+            KENConfigError: the base is a local path and ``base_model_name_or_path`` is not
+                given, or is not a Hub id (nothing is uploaded).
+            OSError: the upload failed (network, permissions).
+            UnsafePathError: ``path_in_repo`` leads out of the repository.
+
+        Example:
+            ```python
+            url = subnetwork.push_to_hub("me/minilm-sentiment-ken", private=True)
+            # made against a local copy of a Hub model: name the Hub model
+            subnetwork.push_to_hub(
+                "me/minilm-sentiment-ken",
+                base_model_name_or_path="sentence-transformers/all-MiniLM-L6-v2",
+            )
+            ```
+        """
+        recorded = self.config.base_model_name_or_path
+        base = travelling_base(
+            recorded,
+            base_model_name_or_path,
+            repo_id=repo_id,
+            remedy="push_to_hub(repo_id, base_model_name_or_path='owner/name') or ken push "
+            "FOLDER REPO_ID --base-model OWNER/NAME",
+        )
+        pushed = self
+        if base != recorded:  # the pushed copy names the Hub id; self is left as it is
+            pushed = dataclasses.replace(
+                self, config=dataclasses.replace(self.config, base_model_name_or_path=base)
+            )
         with tempfile.TemporaryDirectory() as scratch:
             folder = Path(scratch) / "ken"
-            self.save_pretrained(folder)
+            pushed.save_pretrained(folder)
             return push_folder(folder, repo_id, **push_kwargs)
+
+
+def _short_count(count: int) -> str:
+    """``22713216`` -> ``"22.7M"``: a count for a one-line summary."""
+    for limit, suffix in ((10**9, "B"), (10**6, "M"), (10**3, "k")):
+        if count >= limit:
+            return f"{count / limit:.1f}{suffix}"
+    return str(count)
 
 
 def check_full_model(model: Weights, what: str = "the model") -> None:
@@ -487,10 +881,38 @@ def prune_model(
     progress: bool = True,
     selector: MaskSelector = select_in_process,
 ) -> KENSubnetwork:
-    """The functional path: select KEN's subnetwork of ``finetuned`` against ``base`` (a
-    model or state dict), reset ``finetuned`` in place to what the subnetwork rebuilds
-    (kept values fine-tuned, all else pre-trained), and return the subnetwork.
-    ``new_tensors`` and ``selector``: as in ``KENSubnetwork.from_weights``."""
+    """Prune ``finetuned`` in place with KEN and return its subnetwork.
+
+    The functional path: select KEN's subnetwork of ``finetuned`` against ``base``, then
+    reset ``finetuned`` to what the subnetwork rebuilds: kept values fine-tuned, all else
+    pre-trained (tensors stored whole keep their fine-tuned values).
+
+    Args:
+        finetuned: the fully fine-tuned model; its weights are overwritten.
+        base: the pre-trained model, or its state dict ``{name: tensor}``.
+        config: what to keep and where.
+        new_tensors: names of ``finetuned``'s newly initialised tensors (an empty set if
+            none is); None: found from the base's checkpoint (see
+            ``KENSubnetwork.from_weights``).
+        progress: show a progress bar over the rows.
+        selector: computes the masks, as in ``KENSubnetwork.from_weights``.
+
+    Returns:
+        The subnetwork, as ``KENSubnetwork.from_weights`` returns it.
+
+    Raises:
+        KENConfigError: as in ``KENSubnetwork.from_weights`` (base checkpoint unknown and no
+            ``new_tensors``, PEFT adapters).
+        KENError: a pair of tensors differs in shape or dtype, or a tensor holds NaN or Inf.
+
+    Example:
+        ```python
+        from ken_hf import KENConfig, prune_model
+
+        subnetwork = prune_model(finetuned_model, base_model, KENConfig(k=300))
+        subnetwork.save_pretrained("ken/")  # finetuned_model is now the pruned model
+        ```
+    """
     subnetwork, records, base_tensors = _select(
         base, finetuned, config, new_tensors, progress, selector
     )

@@ -13,17 +13,20 @@ from __future__ import annotations
 import dataclasses
 import json
 import os
+import shutil
 import tempfile
 from collections.abc import Mapping
 from pathlib import Path
 
 from .atomic_files import FolderWriter, previous_version
-from .card import model_card
+from .card import card_metadata, model_card
 from .checkpoints import TOKENIZER_FILES
 from .config import CONFIG_NAME, KENConfig
 from .confined import confined_file, confined_path
 from .delta_codec import DEFAULT_LEVEL, DEFAULT_THREADS
-from .errors import KENConfigError
+from .errors import KENConfigError, shown
+from .hub import is_remote_id, push_folder
+from .json_input import read_json_object
 from .serialization import (
     SUBNETWORK_NAME,
     KENFormatError,
@@ -144,3 +147,153 @@ def saved_files(folder: Path, config: KENConfig) -> tuple[Path, Path | None]:
 def _digest(path: Path) -> str:
     with SubnetworkReader(path) as reader:
         return reader.digest
+
+
+def travelling_base(
+    recorded: str | None,
+    base_model_name_or_path: str | os.PathLike | None,
+    *,
+    repo_id: str,
+    remedy: str,
+    argument: str = "base_model_name_or_path",
+) -> str | None:
+    """The base a subnetwork pushed to the Hub names: a Hub id, never a local path.
+
+    A subnetwork from the Hub may name only a Hub id as its base (see ``AutoKENModel``), so
+    a push of one that records a folder on this machine would publish a repository no one
+    can load as it is. The push is refused before anything is uploaded.
+
+    Args:
+        recorded: the ``base_model_name_or_path`` the subnetwork's ``ken_config.json``
+            records (None: no base recorded; the loader then names it, which is allowed).
+        base_model_name_or_path: the Hub id to record instead (the base's id on the Hub,
+            whose weights the recorded local folder holds), or None.
+        repo_id: the repository pushed to, named in the error.
+        remedy: how the caller names the Hub id (e.g. ``"ken push ... --base-model ID"``),
+            said in the error.
+        argument: what the caller calls ``base_model_name_or_path`` (``--base-model`` on
+            the command line), named when its value is not a Hub id.
+
+    Returns:
+        The base to record in the pushed ``ken_config.json``: ``base_model_name_or_path``
+        when given, else ``recorded``.
+
+    Raises:
+        KENConfigError: ``base_model_name_or_path`` is not a Hub id, or it is None and
+            ``recorded`` is a local path.
+
+    Example:
+        ```python
+        base = travelling_base(
+            "sentence-transformers/all-MiniLM-L6-v2", None, repo_id="me/ken", remedy="..."
+        )
+        ```
+    """
+    if base_model_name_or_path is not None:
+        named = os.fspath(base_model_name_or_path)
+        if not is_remote_id(named):
+            raise KENConfigError(
+                f"not pushing to {repo_id}: {argument}={shown(named)} is not a Hub id "
+                "('owner/name', and no local path of that name); give the Hub id of the base"
+            )
+        return named
+    if recorded is None or is_remote_id(recorded):
+        return recorded
+    # Said first, so that the way out survives the command line's cut of long messages.
+    raise KENConfigError(
+        f"not pushing to {repo_id}: the subnetwork's base is a local path, which no one "
+        f"loading it from the Hub has: name the base's Hub id with {remedy} (nothing was "
+        f"uploaded; base_model_name_or_path is {shown(recorded)})"
+    )
+
+
+def push_subnetwork_folder(
+    folder: str | os.PathLike,
+    repo_id: str,
+    *,
+    base_model_name_or_path: str | os.PathLike | None = None,
+    remedy: str = "base_model_name_or_path='owner/name'",
+    argument: str = "base_model_name_or_path",
+    **push_kwargs,
+) -> str:
+    """Push a saved subnetwork folder to the Hub, naming its base by Hub id.
+
+    The folder is checked first (a complete subnetwork, and a base the Hub can provide:
+    ``travelling_base``). With ``base_model_name_or_path``, a copy of the folder is pushed
+    whose ``ken_config.json`` and model card name that Hub id instead; the folder itself is
+    left as it is, so that it keeps loading with the local base.
+
+    Args:
+        folder: the subnetwork folder (``save_pretrained``, ``ken prune``, ``KENCallback``).
+        repo_id: the Hub repository, ``"owner/name"``.
+        base_model_name_or_path: the Hub id of the base, recorded in the pushed copy; needed
+            when the folder records a local path as its base.
+        remedy: how the caller passes ``base_model_name_or_path``, said in the refusal.
+        argument: the caller's name for ``base_model_name_or_path``, said in the refusal.
+        **push_kwargs: what ``ken_hf.hub.push_folder`` takes (``private``, ``token``,
+            ``revision``, ``path_in_repo``, ``commit_message``).
+
+    Returns:
+        The URL of the commit.
+
+    Raises:
+        KENConfigError: the base is a local path and no Hub id is given, or the Hub id
+            given is not one; nothing is uploaded.
+        KENFormatError: the folder is not a complete subnetwork.
+        OSError: the folder is missing, or the upload failed.
+
+    Example:
+        ```python
+        push_subnetwork_folder(
+            "run/ken",
+            "me/minilm-ken",
+            base_model_name_or_path="sentence-transformers/all-MiniLM-L6-v2",
+        )
+        ```
+    """
+    folder = Path(folder)
+    config = KENConfig.from_pretrained(folder)
+    subnetwork_file, _ = saved_files(folder, config)  # a complete subnetwork, or refused
+    recorded = config.base_model_name_or_path
+    base = travelling_base(
+        recorded, base_model_name_or_path, repo_id=repo_id, remedy=remedy, argument=argument
+    )
+    if base == recorded:
+        return push_folder(folder, repo_id, **push_kwargs)
+    with tempfile.TemporaryDirectory() as scratch:
+        copy = Path(scratch) / folder.name
+        shutil.copytree(folder, copy, copy_function=_linked_or_copied)
+        rebased = dataclasses.replace(config, base_model_name_or_path=base)
+        # Written over the links, never through them: the folder keeps its own files.
+        for name in (CONFIG_NAME, CARD_NAME):
+            (copy / name).unlink(missing_ok=True)
+        rebased.save_pretrained(copy)
+        (copy / CARD_NAME).write_text(_card_of(folder, rebased, subnetwork_file))
+        return push_folder(copy, repo_id, **push_kwargs)
+
+
+def _linked_or_copied(source: str, destination: str) -> None:
+    """A hard link (no second copy of a large subnetwork file), else a copy."""
+    try:
+        os.link(source, destination)
+    except OSError:  # another file system, or links not allowed
+        shutil.copy2(source, destination)
+
+
+def _card_of(folder: Path, config: KENConfig, subnetwork_file: Path) -> str:
+    """The model card of ``folder``'s subnetwork under ``config``: its report, picture and
+    tokenizer as saved, and the data set and license the saved card names (the base's
+    license was read from the local base, which a Hub id may not show offline)."""
+    report = None
+    if (folder / REPORT_NAME).is_file():
+        report = read_json_object(folder / REPORT_NAME, error=KENConfigError)
+    saved = card_metadata(folder / CARD_NAME)
+    return model_card(
+        config,
+        subnetwork_file,
+        report=report,
+        dataset=saved.get("dataset"),
+        tokenizer=any((folder / name).is_file() for name in PROCESSOR_FILES),
+        picture=PICTURE_NAME if (folder / PICTURE_NAME).is_file() else None,
+        base_license=saved.get("license"),
+    )

@@ -23,7 +23,23 @@ VALUE_DTYPES = {str(dtype).removeprefix("torch."): dtype for dtype in FLOAT_DTYP
 
 
 class KENFormatError(KENError):
-    """A subnetwork file that is truncated, corrupted, foreign or inconsistent."""
+    """A subnetwork file that is truncated, corrupted, foreign or inconsistent.
+
+    Every header, checksum and array of ``ken_subnetwork.safetensors`` is checked before
+    anything reaches a model; the message names the file and the tensor at fault. Also
+    raised when ``ken_subnetwork.safetensors`` is not the file its ``ken_config.json`` was
+    saved with.
+
+    Example:
+        ```python
+        from ken_hf import KENFormatError, KENSubnetwork
+
+        try:
+            subnetwork = KENSubnetwork.from_pretrained("ken/")
+        except KENFormatError as error:
+            print(error)
+        ```
+    """
 
 
 @dataclass

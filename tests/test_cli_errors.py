@@ -133,7 +133,10 @@ BAD_INPUTS = {
     "push-missing": ("push {missing} me/repo", "missing"),
     "push-plain-model": ("push {base} me/repo", "base"),
     "push-truncated": ("push {ken-truncated} me/repo", "ken-truncated"),
-    "push-offline": ("push {ken} me/repo", "me/repo"),
+    "push-offline": ("push {ken} me/repo --base-model me/base", "me/repo"),
+    "push-local-base": ("push {ken} me/repo", "--base-model"),
+    "push-base-model-not-hub-id": ("push {ken} me/repo --base-model ../base",
+                                   "--base-model='../base'"),
     "push-no-repo-id": ("push {ken}", "repo_id"),
     "push-subfolder-outside": ("push {ken} me/repo --subfolder ../up", "--subfolder"),
     # ken demo, ken compare: refused before any training

@@ -13,6 +13,8 @@ from ken_hf import KENConfig, KENSubnetwork
 from ken_hf.config import CONFIG_NAME
 from ken_hf.serialization import SUBNETWORK_NAME, read_subnetwork
 
+BASE_HUB_ID = "sentence-transformers/all-MiniLM-L6-v2"  # the packaged base's id on the Hub
+
 
 def test_push_publishes_only_the_subnetwork_and_loads_back_by_repo_id(minilm_finetune, tmp_path):
     base = AutoModelForSequenceClassification.from_pretrained(minilm_finetune["base"], num_labels=2)
@@ -24,10 +26,14 @@ def test_push_publishes_only_the_subnetwork_and_loads_back_by_repo_id(minilm_fin
     subnetwork.save_pretrained(folder)
     with FakeHub() as hub:
         cache = str(tmp_path / "hf-home")
+        # The base is the packaged folder; pushed, the subnetwork names the base's Hub id
+        # (a subnetwork with a local base is not pushed: test_peft_names.py).
         run_against_hub(
             f"""
             from ken_hf import KENSubnetwork
-            url = KENSubnetwork.from_pretrained({str(folder)!r}).push_to_hub("me/minilm-ken")
+            url = KENSubnetwork.from_pretrained({str(folder)!r}).push_to_hub(
+                "me/minilm-ken", base_model_name_or_path={BASE_HUB_ID!r}
+            )
             print(url)
             """,
             hub.url,
@@ -36,17 +42,20 @@ def test_push_publishes_only_the_subnetwork_and_loads_back_by_repo_id(minilm_fin
         assert sorted(hub.repos["me/minilm-ken"]) == sorted(
             ["README.md", "config.json", CONFIG_NAME, SUBNETWORK_NAME]
         )
+        pushed_config = json.loads(hub.repos["me/minilm-ken"][CONFIG_NAME])
+        assert pushed_config["base_model_name_or_path"] == BASE_HUB_ID
         (tmp_path / "pushed.safetensors").write_bytes(hub.repos["me/minilm-ken"][SUBNETWORK_NAME])
         pushed = read_subnetwork(tmp_path / "pushed.safetensors")
         for name, pruned in subnetwork.pruned.items():
             assert torch.equal(pushed.pruned[name].difference, pruned.difference)
             assert torch.equal(pushed.pruned[name].positions, pruned.positions)
-        seen = len(hub.requests)
-        # The subnetwork names a local folder as its base: from the Hub, that is refused
-        # unless the user names the base.
-        refused = hub_process(_logits_script("me/minilm-ken"), hub.url, cache)
+        # A repository whose subnetwork names a local folder as its base (uploaded as any
+        # stranger could): from the Hub, that is refused unless the user names the base.
+        hub.add_repo("me/local-base", {p.name: p.read_bytes() for p in folder.iterdir()})
+        refused = hub_process(_logits_script("me/local-base"), hub.url, cache)
         assert refused.returncode != 0 and "UnsafePathError" in refused.stderr
         assert "base_model_name_or_path=" in refused.stderr
+        seen = len(hub.requests)
         base = minilm_finetune["base"]
         remote = run_against_hub(_logits_script("me/minilm-ken", base), hub.url, cache)
         assert _downloads(hub.requests[seen:]), "the first load downloaded nothing"

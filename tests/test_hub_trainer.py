@@ -29,6 +29,9 @@ from ken_hf.serialization import SUBNETWORK_NAME
 
 REPO = "me/minilm-run"
 BRANCH = "ken-run"
+# The packaged base's id on the Hub: the run's base is the packaged folder, and a pushed
+# subnetwork names its base by Hub id (KENCallback(hub_base_model=...)).
+BASE_HUB_ID = "sentence-transformers/all-MiniLM-L6-v2"
 SAMPLES = ["a gripping, beautifully acted film", "dull and far too long", "it was fine"]
 
 
@@ -194,7 +197,7 @@ def run(tmp_path_factory):
         hub_private_repo=True,
         hub_revision=BRANCH,
     )
-    callback = KENCallback(keep_ratio=0.5, dataset="rotten_tomatoes")
+    callback = KENCallback(keep_ratio=0.5, dataset="rotten_tomatoes", hub_base_model=BASE_HUB_ID)
     with RevisionHub() as hub, huggingface_hub_at(hub.url, root / "hf-home" / "hub"):
         trainer = Trainer(
             model=model,
@@ -219,6 +222,7 @@ def run(tmp_path_factory):
             "callback": callback,
             "logits": logits,
             "root": root,
+            "base": base,
         }
 
 
@@ -238,8 +242,14 @@ def test_the_trainer_pushes_subnetwork_report_card_and_tokenizer_into_ken(run):
     }
     assert {f"ken/{name}" for name in expected} <= set(pushed), sorted(pushed)
     assert not any(name.startswith("ken/") for name in hub.repos[REPO])  # main untouched
-    for name in expected:  # what was pushed is the local copy
+    for name in expected - {CONFIG_NAME, "README.md"}:  # what was pushed is the local copy
         assert pushed[f"ken/{name}"] == (run["folder"] / name).read_bytes(), name
+    # ... but for the base, named by its Hub id there and by its folder here
+    local = json.loads((run["folder"] / CONFIG_NAME).read_text())
+    remote = json.loads(pushed[f"ken/{CONFIG_NAME}"])
+    assert remote["base_model_name_or_path"] == BASE_HUB_ID
+    assert local["base_model_name_or_path"] == run["base"]
+    assert {**remote, "base_model_name_or_path": run["base"]} == local
     assert any(r.endswith(f"/branch/{BRANCH}") for r in hub.requests)
 
 
@@ -251,7 +261,9 @@ def test_the_card_front_matter_parses_and_has_the_fields(run):
     assert {"ken", "pruning"} <= set(meta["tags"])
     assert meta["license"] == "apache-2.0"  # from the packaged base's own README.md
     assert meta["pipeline_tag"] == "text-classification"
-    assert "base_model" not in meta  # the base is a local folder, not a Hub id
+    assert meta["base_model"] == BASE_HUB_ID  # the pushed card names the Hub id
+    local = (run["folder"] / "README.md").read_text()
+    assert "base_model" not in yaml.safe_load(local.split("---\n")[1])  # a local folder
     (index,) = meta["model-index"]
     results = index["results"][0]
     assert results["dataset"]["type"] == "rotten_tomatoes"
@@ -287,11 +299,14 @@ def test_ken_push_publishes_a_folder_that_loads_by_repo_id_alone(run):
     script = f"""
     import json
     from ken_hf.cli import main
-    code = main(["push", {str(run["folder"])!r}, "me/minilm-ken", "--private"])
+    code = main(["push", {str(run["folder"])!r}, "me/minilm-ken", "--private",
+                 "--base-model", {BASE_HUB_ID!r}])
     print(json.dumps({{"code": code}}))
     """
     assert _run(script, hub.url, home) == {"code": 0}
     assert "ken_subnetwork.safetensors" in hub.repos["me/minilm-ken"]
+    pushed = json.loads(hub.repos["me/minilm-ken"][CONFIG_NAME])
+    assert pushed["base_model_name_or_path"] == BASE_HUB_ID
     loaded = _run(_load_script({"root": {"source": "me/minilm-ken"}}), hub.url, home)
     assert loaded["root"]["logits"] == run["logits"]
 
@@ -334,6 +349,7 @@ def test_a_failed_push_says_the_local_copy_is_safe_and_where(run, tmp_path):
             run["callback"].push_subnetwork(run["trainer"], run["folder"])
     message = str(error.value)
     assert str(run["folder"]) in message and "safe" in message and "ken push" in message
+    assert f"--base-model {BASE_HUB_ID}" in message  # the command that retries names it
     assert (run["folder"] / SUBNETWORK_NAME).is_file()
 
 

@@ -33,17 +33,45 @@ def ken_select(
 ) -> torch.Tensor:
     """Mask of the positions KEN keeps in one fine-tuned tensor.
 
+    KEN looks at the fine-tuned values alone: per row, it keeps the ``k`` values that best
+    match ``k`` grid points ordered by their kernel density estimate (docs/algorithm.md).
+    Rows are independent: CPU rows run compiled kernels (numba; torch when it cannot be
+    imported), CUDA rows batched torch, a chunk of rows at a time so that working memory
+    stays within ``max_memory``.
+
     Args:
-        weight: the fine-tuned tensor, any shape, float32/float16/bfloat16, CPU or CUDA.
-            Rank >= 2: each dim-0 slice, flattened, is a row; rank <= 1: one row.
-        k: values kept per row (``min(k, n)`` in the default mode).
+        weight: the fine-tuned tensor: any shape, a floating-point dtype (float32, float16,
+            bfloat16, float64), CPU or CUDA. Rank >= 2: each slice along dim 0, flattened,
+            is a row (a Linear ``[out, in]`` gives ``out`` rows of ``in`` values); rank 0
+            or 1: one row. Selection runs in float32.
+        k: values kept per row, a positive integer: ``min(k, n)`` of a row of ``n`` in the
+            default mode (``k >= n`` keeps the whole row; a constant row keeps its first
+            ``k`` positions).
         compat: reproduce the published code bit for bit: every position whose value equals
-            a matched value is kept, and kept exact zeros are dropped.
+            a matched value is kept too, and kept exact zeros are dropped, so a row may keep
+            more or fewer than ``k``.
         name: what error messages call the tensor.
         max_memory: bytes of working memory, beyond input and output, per chunk of rows.
 
     Returns:
-        Bool tensor of ``weight``'s shape and device: True where the fine-tuned value is kept.
+        Bool tensor of ``weight``'s shape, on its device: True where the fine-tuned value is
+        kept.
+
+    Raises:
+        KENConfigError: ``k`` is not a positive integer.
+        KENError: ``weight`` is not floating point, or holds NaN or Inf.
+        ValueError: the environment variable ``KEN_HF_SELECT_BACKEND`` is set to something
+            other than ``auto``, ``compiled`` or ``torch``.
+
+    Example:
+        ```python
+        import torch
+        from ken_hf import ken_select
+
+        weight = torch.randn(768, 3072)  # a fine-tuned Linear weight
+        mask = ken_select(weight, k=300)  # bool [768, 3072]
+        assert (mask.sum(dim=1) == 300).all()
+        ```
     """
     return ken_select_many({name: weight}, k, compat=compat, max_memory=max_memory)[name]
 
@@ -59,7 +87,36 @@ def ken_prune(
 ) -> torch.Tensor:
     """The KEN result for one tensor: fine-tuned values where KEN keeps, pre-trained elsewhere.
 
-    Both tensors must have the same shape; the result has ``finetuned``'s dtype and device.
+    The mask is ``ken_select(finetuned, k, ...)``: KEN selects on the fine-tuned values alone,
+    and ``pretrained`` only fills the positions it does not keep.
+
+    Args:
+        pretrained: the tensor before fine-tuning, of ``finetuned``'s shape (any floating-point
+            dtype and device: it is converted to ``finetuned``'s).
+        finetuned: the fine-tuned tensor: any shape, a floating-point dtype, CPU or CUDA.
+        k: values kept per row, a positive integer (see ``ken_select``).
+        compat: reproduce the published code bit for bit (see ``ken_select``).
+        name: what error messages call the tensor.
+        max_memory: bytes of working memory, beyond input and output, per chunk of rows.
+
+    Returns:
+        A new tensor of ``finetuned``'s shape, dtype and device: ``finetuned``'s values at the
+        kept positions, ``pretrained``'s elsewhere.
+
+    Raises:
+        KENConfigError: ``k`` is not a positive integer.
+        KENError: the shapes differ, or ``finetuned`` is not floating point or holds NaN or
+            Inf.
+
+    Example:
+        ```python
+        import torch
+        from ken_hf import ken_prune
+
+        pretrained = torch.randn(768, 768)
+        finetuned = pretrained + 0.01 * torch.randn(768, 768)
+        pruned = ken_prune(pretrained, finetuned, k=96)  # [768, 768], finetuned's dtype
+        ```
     """
     check_same_shape(pretrained, finetuned, name)
     mask = ken_select(finetuned, k, compat=compat, name=name, max_memory=max_memory)
@@ -75,16 +132,42 @@ def ken_select_many(
     progress: bool = False,
     minus: Mapping[str, torch.Tensor] | None = None,
 ) -> dict[str, torch.Tensor]:
-    """``ken_select`` over many tensors at once: rows of equal width from different tensors
-    share chunks, so small tensors (biases, LayerNorm vectors) cost no more than their rows.
+    """``ken_select`` over many tensors at once, with the same ``k`` for every row.
 
-    ``minus``: tensors of the same names and shapes (a mapping that may read each on access,
-    such as ``ken_hf.checkpoints.LazyTensors``). KEN then selects on ``weights - minus`` in
-    float32, formed a chunk of rows at a time, so that no copy of the whole differences is
-    held; each tensor of ``minus`` is fetched once (a tensor's rows run over consecutive
-    chunks).
+    Rows of equal width from different tensors share chunks, so small tensors (biases,
+    LayerNorm vectors) cost no more than their rows. The masks equal those of ``ken_select``
+    on each tensor alone.
 
-    Returns ``{name: bool mask of that tensor's shape}``.
+    Args:
+        weights: ``{name: tensor}``: the fine-tuned tensors, each as ``ken_select`` takes it
+            (any shape, floating point, CPU or CUDA).
+        k: values kept per row, a positive integer (see ``ken_select``).
+        compat: reproduce the published code bit for bit (see ``ken_select``).
+        max_memory: bytes of working memory, beyond input and output, per chunk of rows.
+        progress: show a tqdm progress bar over the rows.
+        minus: ``{name: tensor}`` of the same names and shapes as ``weights`` (a mapping
+            that may read each tensor on access, such as ``ken_hf.checkpoints.LazyTensors``).
+            KEN then selects on ``weights - minus`` in float32, formed a chunk of rows at a
+            time, so that no copy of the whole differences is held; each tensor of ``minus``
+            is fetched once.
+
+    Returns:
+        ``{name: mask}``, in the order of ``weights``: each mask a bool tensor of that
+        tensor's shape, on its device, True where the value is kept.
+
+    Raises:
+        KENConfigError: ``k`` is not a positive integer.
+        KENError: a tensor is not floating point or holds NaN or Inf (in ``weights``, or
+            in the difference with ``minus``), or a tensor of ``minus`` has another shape.
+
+    Example:
+        ```python
+        from ken_hf import ken_select_many
+
+        weights = {n: p for n, p in model.named_parameters() if p.is_floating_point()}
+        masks = ken_select_many(weights, k=64, progress=True)
+        kept = sum(int(m.sum()) for m in masks.values())
+        ```
     """
     k = check_k(k)
     # detached: the torch path writes into out= buffers, which autograd refuses
