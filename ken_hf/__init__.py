@@ -33,6 +33,7 @@ if TYPE_CHECKING:  # the names of ``_LAZY``, re-exported for type checkers and d
     from .modeling import AutoKENModelForTokenClassification as AutoKENModelForTokenClassification
     from .modeling import KENModel as KENModel
     from .modeling import KENModelForQuestionAnswering as KENModelForQuestionAnswering
+    from .modeling import UnknownSubnetworkError as UnknownSubnetworkError
     from .serialization import KENFormatError as KENFormatError
     from .subnetwork import BaseMismatchError as BaseMismatchError
     from .subnetwork import KENSubnetwork as KENSubnetwork
@@ -52,6 +53,7 @@ _LAZY = {
     "CheckpointError": "checkpoints",
     "KENModel": "modeling",
     "KENModelForQuestionAnswering": "modeling",
+    "UnknownSubnetworkError": "modeling",
     "AutoKENModel": "modeling",
     "AutoKENModelForSequenceClassification": "modeling",
     "AutoKENModelForCausalLM": "modeling",
