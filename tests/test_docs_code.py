@@ -20,7 +20,15 @@ it):
 - The quickstart's ``load_dataset(...)`` of Rotten Tomatoes becomes 64 real snippets of the
   same data set, packaged (``ken_hf.experiments.assets.movie_reviews``), with the same
   columns and splits; its one epoch becomes 2 steps.
-- The TRL page's Hub ids, data sets and run lengths (see ``trl_*`` below).
+- The TRL page (``trl_sft_block``, ``trl_dpo_block``, ``trl_reward_block``): its Hub id
+  ``HuggingFaceTB/SmolLM2-135M-Instruct`` stays, served by the fake Hub from the packaged
+  2-layer cut of that model (``serve_smollm2``). ``load_dataset("trl-lib/Capybara", ...)``
+  becomes 24 conversations in Capybara's ``messages`` form built from real packaged review
+  snippets (``trl_capybara_sample``), ``test_size=64`` becomes 4, and the SFT run 2 steps of
+  2 rows with ``max_length=64``; the DPO and Reward runs (their configs set no run length) get
+  2 steps of 2 rows (``TRL_SHORT_RUN``) on preference rows built from the same snippets
+  (``trl_preferences``: ``preferences`` and ``held_out``). ``bf16=True`` stays, with
+  ``use_cpu=True`` added: transformers refuses ``bf16=True`` without a GPU otherwise.
 
 Not substituted: ``"me/minilm-sentiment-ken"``. ``push_to_hub`` and ``from_pretrained`` of that
 id go through the real huggingface_hub client to the fake Hub of ``fake_hub.py`` on
@@ -160,6 +168,7 @@ class Shared:
     finetune: dict  # the conftest fixture: a real small fine-tune of the same base
     trainer_namespace: dict | None = None  # what the Trainer block bound
     trainer_ken: Path | None = None  # <output_dir>/ken that the Trainer block wrote
+    trl_namespace: dict | None = None  # what the TRL page's SFT block bound
 
 
 def fresh_base(shared: Shared):
@@ -440,6 +449,225 @@ def quickstart_block(block: Block, shared: Shared, workdir: Path, monkeypatch) -
     assert_same_state(state_of(namespace["model"].base_model), state_of(trainer.model), "reload")
 
 
+# -- the TRL page -------------------------------------------------------------------------
+SMOLLM2_HUB_ID = "HuggingFaceTB/SmolLM2-135M-Instruct"
+ADDED_TOKENS = ["<|system|>", "<|user|>", "<|assistant|>", "<|end|>"]  # the SFT block's
+
+
+def serve_smollm2(hub: FakeHub) -> None:
+    """The packaged 2-layer cut of SmolLM2-135M-Instruct (every file of its folder: weights,
+    config, tokenizer, chat template), served by ``hub`` as ``SMOLLM2_HUB_ID``."""
+    from ken_hf.experiments.assets import smollm2_path
+
+    folder = Path(smollm2_path(2))
+    hub.add_repo(SMOLLM2_HUB_ID, {p.name: p.read_bytes() for p in folder.iterdir() if p.is_file()})
+
+
+def trl_reviews() -> dict[str, list[str]]:
+    """Short real movie-review snippets (packaged), by sentiment, as tests/test_trl.py
+    picks them."""
+    from ken_hf.experiments.assets import movie_reviews
+
+    texts, labels = movie_reviews()
+    short = [(t, label) for t, label in zip(texts, labels, strict=True) if 40 < len(t) < 90]
+    return {
+        "positive": [t for t, label in short if label == 1],
+        "negative": [t for t, label in short if label == 0],
+    }
+
+
+def trl_capybara_sample(rows: int = 24):
+    """What ``load_dataset("trl-lib/Capybara", split="train")`` gives, in little: ``rows``
+    conversations in its ``messages`` column (a user's request, the assistant's answer, a
+    real review snippet), both sentiments interleaved."""
+    from datasets import Dataset
+
+    reviews = trl_reviews()
+    return Dataset.from_list(
+        [
+            {
+                "messages": [
+                    {"role": "user", "content": f"Write a {sentiment} movie review."},
+                    {"role": "assistant", "content": reviews[sentiment][i]},
+                ]
+            }
+            for i in range(rows // 2)
+            for sentiment in ("positive", "negative")
+        ]
+    )
+
+
+def trl_preferences(rows: slice):
+    """Conversational preference rows (prompt / chosen / rejected), as tests/test_trl.py
+    builds them: the review of the asked sentiment is chosen, one of the other rejected."""
+    from datasets import Dataset
+
+    reviews = {sentiment: texts[rows] for sentiment, texts in trl_reviews().items()}
+    other = {"positive": "negative", "negative": "positive"}
+    system = {"role": "system", "content": "You review films."}
+
+    def prompt(sentiment: str) -> list[dict]:
+        return [system, {"role": "user", "content": f"Write a {sentiment} movie review."}]
+
+    return Dataset.from_list(
+        [
+            {
+                "prompt": prompt(sentiment),
+                "chosen": [{"role": "assistant", "content": text}],
+                "rejected": [{"role": "assistant", "content": reviews[other[sentiment]][i]}],
+            }
+            for sentiment in ("positive", "negative")
+            for i, text in enumerate(reviews[sentiment])
+        ]
+    )
+
+
+def trl_fetched(hub: FakeHub) -> bool:
+    """Whether a file of ``SMOLLM2_HUB_ID`` was downloaded from ``hub``."""
+    return any(r.startswith(f"GET /{SMOLLM2_HUB_ID}/resolve/") for r in hub.requests)
+
+
+def trl_trained(trainer, *, evaluated: bool = True) -> None:
+    """``trainer`` ran its 2 steps as the block configured it (bf16 autocast, and TRL's
+    default activation checkpointing), and KEN ran; evaluated before and after KEN where
+    the block gives an eval set."""
+    assert trainer.state.global_step == 2
+    args = trainer.args
+    assert args.bf16
+    assert getattr(args, "activation_checkpointing", None) or args.gradient_checkpointing
+    logged = {key for entry in trainer.state.log_history for key in entry}
+    assert "ken_kept_fraction" in logged, sorted(logged)
+    assert ({"ken_before_loss", "ken_after_loss"} <= logged) == evaluated, sorted(logged)
+
+
+def trl_subnetwork(folder: Path) -> KENSubnetwork:
+    """The subnetwork a TRL block's ``KENCallback(keep_ratio=0.5)`` saved in ``folder``."""
+    for filename in (CONFIG_NAME, SUBNETWORK_NAME):
+        assert (folder / filename).is_file(), f"{folder}: no {filename}"
+    subnetwork = KENSubnetwork.from_pretrained(folder)
+    assert subnetwork.config.keep_ratio == 0.5
+    assert subnetwork.kept_fraction() == 0.5  # every row has an even number of values
+    assert subnetwork.config.base_model_name_or_path == SMOLLM2_HUB_ID  # as loaded: by Hub id
+    return subnetwork
+
+
+def trl_sft_block(block: Block, shared: Shared, workdir: Path, monkeypatch) -> None:
+    """The complete SFT example: SmolLM2 by Hub id (the fake Hub serves the packaged 2-layer
+    cut), the chat template with 4 tokens of its own (a grown vocabulary), a real 2-step
+    ``SFTTrainer`` run with ``bf16=True`` on real snippets in Capybara's ``messages`` form,
+    and the subnetwork reloaded from ``smollm2-sft/ken`` (the base from the fake Hub)."""
+    source = substitute(
+        block,
+        {
+            'load_dataset("trl-lib/Capybara", split="train")': "trl_capybara_sample(24)",
+            "test_size=64": "test_size=4",
+            "max_steps=500": "max_steps=2",
+            "per_device_train_batch_size=8": "per_device_train_batch_size=2",
+            "max_length=1024": "max_length=64",
+            # transformers refuses bf16=True without a GPU unless told to run on the CPU
+            "bf16=True,": "bf16=True, use_cpu=True,",
+        },
+    )
+    torch.manual_seed(0)
+    namespace = {"trl_capybara_sample": trl_capybara_sample}
+    with FakeHub() as hub, huggingface_hub_at(hub.url, workdir / "hf-cache"):
+        serve_smollm2(hub)
+        namespace = run_block(block, source, namespace)
+    assert trl_fetched(hub), hub.requests
+    trainer = namespace["trainer"]
+    trl_trained(trainer)
+    ken = workdir / "smollm2-sft" / "ken"
+    subnetwork = trl_subnetwork(ken)
+    # the grown vocabulary: the 4 added tokens, saved with the tokenizer; the new rows
+    from transformers import AutoTokenizer
+
+    saved = AutoTokenizer.from_pretrained(ken)
+    assert len(saved) == 49152 + len(ADDED_TOKENS)
+    assert all(saved.convert_tokens_to_ids(t) >= 49152 for t in ADDED_TOKENS)
+    assert saved.eos_token == "<|end|>"
+    grown = {name for name, p in subnetwork.pruned.items() if p.base_rows is not None}
+    assert "model.embed_tokens.weight" in grown, sorted(subnetwork.pruned)
+    # the reload holds the trainer's pruned model, bit for bit (the grown rows too) ...
+    pruned, reloaded, batch = namespace["pruned"], namespace["reloaded"], namespace["batch"]
+    assert reloaded.get_input_embeddings().weight.shape[0] == 49216  # padded to 64
+    assert_same_state(state_of(reloaded), state_of(pruned), "reloaded")
+    # ... and the two differences the block prints are 0, as the page says
+    with torch.no_grad():
+        fp32 = (pruned(**batch).logits - reloaded(**batch).logits).abs().max()
+        with torch.autocast(pruned.device.type, dtype=torch.bfloat16):
+            under_autocast = (pruned(**batch).logits - reloaded(**batch).logits).abs().max()
+    assert fp32.item() == 0 and under_autocast.item() == 0, (fp32, under_autocast)
+    shared.trl_namespace = namespace
+
+
+def trl_namespace(shared: Shared) -> dict:
+    """A copy of what the SFT block bound (``model_id``, ``torch``, ``AutoTokenizer``,
+    ``KENCallback``, ...), with the preference rows the later blocks train on: 2 real
+    reviews of each sentiment, and one of each held out."""
+    assert shared.trl_namespace is not None, "the SFT block must run first"
+    return dict(shared.trl_namespace) | {
+        "preferences": trl_preferences(slice(0, 2)),
+        "held_out": trl_preferences(slice(2, 3)),
+    }
+
+
+# DPOConfig's and RewardConfig's defaults otherwise: 3 epochs, 8 rows a step
+TRL_SHORT_RUN = "bf16=True, use_cpu=True, max_steps=2, per_device_train_batch_size=2)"
+
+
+def trl_dpo_block(block: Block, shared: Shared, workdir: Path, monkeypatch) -> None:
+    """``DPOTrainer`` with ``KENCallback``: the policy by Hub id (the fake Hub), the
+    reference model built by DPOTrainer itself, a real run on preference rows; the saved
+    subnetwork reloads to the trainer's policy, and the reference model is untouched."""
+    from ken_hf import AutoKENModelForCausalLM
+    from ken_hf.experiments.assets import smollm2_path
+
+    source = substitute(block, {"bf16=True)": TRL_SHORT_RUN})
+    torch.manual_seed(0)
+    namespace = trl_namespace(shared)
+    with FakeHub() as hub, huggingface_hub_at(hub.url, workdir / "hf-cache"):
+        serve_smollm2(hub)
+        namespace = run_block(block, source, namespace)
+        ken = workdir / "smollm2-dpo" / "ken"
+        trl_subnetwork(ken)
+        reloaded = AutoKENModelForCausalLM.from_pretrained(ken).base_model
+    assert trl_fetched(hub), hub.requests
+    trainer = namespace["trainer"]
+    trl_trained(trainer)
+    policy = trainer.accelerator.unwrap_model(trainer.model, keep_fp32_wrapper=False)
+    assert_same_state(state_of(reloaded), state_of(policy), "reloaded policy")
+    # KEN pruned the policy only: the reference model holds the pre-trained weights
+    from transformers import AutoModelForCausalLM
+
+    base = AutoModelForCausalLM.from_pretrained(smollm2_path(2))
+    assert_same_state(state_of(trainer.ref_model), state_of(base), "reference model")
+
+
+def trl_reward_block(block: Block, shared: Shared, workdir: Path, monkeypatch) -> None:
+    """``RewardTrainer`` with ``KENCallback``: a one-label sequence classifier on SmolLM2 by
+    Hub id (the fake Hub), a real run on preference rows; ``reward_model`` (a KENModel
+    loaded from ``smollm2-rm/ken``) holds the trainer's model, its new ``score`` head
+    stored whole."""
+    from ken_hf import KENModel
+
+    source = substitute(block, {"bf16=True)": TRL_SHORT_RUN})
+    torch.manual_seed(0)
+    namespace = trl_namespace(shared)
+    with FakeHub() as hub, huggingface_hub_at(hub.url, workdir / "hf-cache"):
+        serve_smollm2(hub)
+        namespace = run_block(block, source, namespace)
+    assert trl_fetched(hub), hub.requests
+    subnetwork = trl_subnetwork(workdir / "smollm2-rm" / "ken")
+    trainer = namespace["trainer"]
+    trl_trained(trainer, evaluated=False)  # the block gives no eval set
+    model = trainer.accelerator.unwrap_model(trainer.model, keep_fp32_wrapper=False)
+    assert list(subnetwork.whole) == ["score.weight"]
+    assert torch.equal(subnetwork.whole["score.weight"], model.score.weight.detach())
+    reward_model = namespace["reward_model"]
+    assert isinstance(reward_model, KENModel)
+    assert_same_state(state_of(reward_model.base_model), state_of(model), "reward_model")
+
+
 SETUPS = {
     "README.md: Quickstart": quickstart_block,
     "docs/index.md: Quickstart": quickstart_block,
@@ -447,6 +675,9 @@ SETUPS = {
     "docs/guides/loading.md: Loading, like a PEFT adapter": loading_block,
     "docs/guides/hub.md: On the Hub, from a Trainer": hub_trainer_block,
     "docs/guides/without-trainer.md: Without a Trainer": without_trainer_block,
+    "docs/guides/trl.md: A complete SFT example": trl_sft_block,
+    "docs/guides/trl.md: DPO": trl_dpo_block,
+    "docs/guides/trl.md: Reward models": trl_reward_block,
 }
 
 
