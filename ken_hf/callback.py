@@ -47,6 +47,8 @@ from __future__ import annotations
 
 import dataclasses
 import inspect
+import math
+import numbers
 import time
 from collections.abc import Iterator, Mapping
 from contextlib import contextmanager
@@ -69,6 +71,7 @@ from .config import KENConfig
 from .distributed import share_by_size
 from .errors import KENConfigError, shown
 from .hub import is_remote_id
+from .json_input import is_integer
 from .pipeline import PRUNED, select_masks
 from .sharding import full_numel, prune_sharded, sharding_of, snapshot_sharded
 from .subnetwork import KENSubnetwork, check_full_model, prune_model, select_in_process
@@ -97,9 +100,14 @@ class AutoK:
         tolerance: the largest relative loss of quality accepted: a probe is good when
             ``|change| <= tolerance * |unpruned value|`` in the bad direction.
         low: the smallest keep ratio considered, in (0, 1).
-        max_evaluations: the number of probes (each one evaluation).
+        max_evaluations: the number of probes (each one evaluation), an integer >= 1.
         greater_is_better: whether a larger metric is better (True for accuracy, False for
             loss).
+
+    Raises:
+        KENConfigError: a field out of its range: ``metric`` not a non-empty string,
+            ``tolerance`` not a finite number >= 0, ``low`` not in (0, 1),
+            ``max_evaluations`` not an integer >= 1, or ``greater_is_better`` not a bool.
 
     Example:
         ```python
@@ -115,6 +123,25 @@ class AutoK:
     low: float = 0.05
     max_evaluations: int = 6
     greater_is_better: bool = False
+
+    def __post_init__(self) -> None:
+        def number(value: object) -> bool:
+            return isinstance(value, numbers.Real) and not isinstance(value, bool)
+
+        checks = [
+            ("metric", isinstance(self.metric, str) and self.metric != "", "a non-empty string"),
+            ("tolerance", number(self.tolerance) and 0 <= self.tolerance < math.inf,
+             "a finite number >= 0"),
+            ("low", number(self.low) and 0 < self.low < 1, "in (0, 1)"),
+            ("max_evaluations", is_integer(self.max_evaluations) and self.max_evaluations >= 1,
+             "an integer >= 1"),
+            ("greater_is_better", isinstance(self.greater_is_better, bool), "True or False"),
+        ]  # fmt: skip
+        for field, valid, allowed in checks:
+            if not valid:
+                raise KENConfigError(
+                    f"AutoK.{field} must be {allowed}, got {shown(getattr(self, field))}"
+                )
 
 
 class KENCallback(TrainerCallback):

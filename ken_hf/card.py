@@ -5,17 +5,15 @@ the metrics before and after KEN, sizes, and how to load it."""
 
 from __future__ import annotations
 
-import math
 from collections.abc import Mapping
 from pathlib import Path
 from typing import TYPE_CHECKING
 
-import torch
 from huggingface_hub import EvalResult, ModelCardData, try_to_load_from_cache
 from huggingface_hub.repocard import metadata_load
 
 from .hub import is_hub_id
-from .serialization import SubnetworkReader
+from .serialization import SubnetworkFileFacts
 
 if TYPE_CHECKING:
     from .config import KENConfig
@@ -34,7 +32,7 @@ _NOT_METRICS = {"runtime", "samples_per_second", "steps_per_second", "epoch"}
 
 def model_card(
     config: KENConfig,
-    subnetwork_file: Path,
+    facts: SubnetworkFileFacts,
     metrics: Mapping[str, float] | None = None,
     *,
     report: Mapping | None = None,
@@ -44,21 +42,16 @@ def model_card(
     base_license: str | None = None,
 ) -> str:
     """Markdown with YAML metadata, then the base model (linked when a Hub id), the rule,
-    k or keep ratio, the share of values reset, sizes (read from the header of
-    ``subnetwork_file``), the metrics before and after KEN (``report``'s, else
-    ``metrics``), and how to load it. ``dataset``: Hub id of the evaluation data set; with
-    a known task it puts the metrics after KEN into the ``model-index`` metadata.
+    k or keep ratio, the share of values reset, sizes (``facts``: counts and sizes of the
+    subnetwork file, as its writer or a reader of its header gives them), the metrics
+    before and after KEN (``report``'s, else ``metrics``), and how to load it.
+    ``dataset``: Hub id of the evaluation data set; with a known task it puts the metrics
+    after KEN into the ``model-index`` metadata.
     ``tokenizer``: whether a tokenizer is saved beside the subnetwork (the loading example
     then loads it too). ``picture``: the file name of a KENviz summary PNG beside it.
     ``base_license``: the base's license when known otherwise (from an earlier card of the
     same subnetwork); by default read from the base's own card."""
-    with SubnetworkReader(subnetwork_file) as reader:
-        counts = reader.summary()
-        full_bytes = sum(
-            math.prod(entry["shape"]) * _itemsize(entry["dtype"])
-            for entry in (reader.entry(name) for name in reader.names)
-        )
-    stored = subnetwork_file.stat().st_size
+    counts, full_bytes, stored = facts.counts, facts.full_bytes, facts.file_bytes
     auto, task = next(
         (
             names
@@ -84,15 +77,21 @@ def model_card(
         f"- Base model: {_base_link(base, hub_base, config.base_model_revision)}",
         f"- Model class: {config.model_class}",
         f"- Selection: {_rule(config)}",
-        f"- Values reset to the base: {_reset_share(counts, report):.1%}; pruned tensors: "
-        f"{counts['pruned_tensors']}, {counts['kept_values']:,} of {counts['pruned_values']:,} "
-        "values kept",
+        f"- Values reset to the base: {_reset_share(counts):.1%} of the pruned and whole "
+        f"tensors' values; pruned tensors: {counts['pruned_tensors']}, "
+        f"{counts['kept_values']:,} of {counts['pruned_values']:,} values kept",
         f"- Stored whole: {counts['whole_tensors']} tensors, {counts['whole_values']:,} values",
         f"- Size: subnetwork file {stored / 2**20:.2f} MiB; the same tensors in full "
         f"{full_bytes / 2**20:.2f} MiB ({stored / full_bytes:.1%})"
         if full_bytes
         else f"- Size: subnetwork file {stored / 2**20:.2f} MiB",
     ]
+    if report and isinstance(report.get("ken_reset_fraction"), float):
+        # Untargeted tensors went back to the base too: only the run knows their size.
+        lines.append(
+            f"- Share of the model's parameters reset: {report['ken_reset_fraction']:.1%} "
+            "(ken_report.json)"
+        )
     if picture:
         lines += ["", f"![What KEN kept: kept fraction per tensor and layer]({picture})"]
     if before or after:
@@ -154,21 +153,14 @@ def card_metadata(card: str | Path) -> dict[str, str]:
     return found
 
 
-def _itemsize(dtype: str) -> int:
-    return torch.empty(0, dtype=getattr(torch, dtype)).element_size()
-
-
 def _rule(config: KENConfig) -> str:
     budget = f"k = {config.k} values per row" if config.k else f"keep ratio {config.keep_ratio:g}"
     rule = "KEN" if config.rule == "ken" else f"rule {config.rule!r} (a baseline, not KEN)"
     return f"{rule}, {budget}" + (" (compatibility mode)" if config.compat else "")
 
 
-def _reset_share(counts: Mapping[str, int], report: Mapping | None) -> float:
-    """The report's share of the model's parameters reset; else the share of the values
-    the file covers (pruned and whole) that are not kept."""
-    if report and isinstance(report.get("ken_reset_fraction"), float):
-        return report["ken_reset_fraction"]
+def _reset_share(counts: Mapping[str, int]) -> float:
+    """The share of the values the file covers (pruned and whole) that are not kept."""
     covered = counts["pruned_values"] + counts["whole_values"]
     kept = counts["kept_values"] + counts["whole_values"]
     return 1.0 - kept / covered if covered else 0.0

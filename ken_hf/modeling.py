@@ -381,16 +381,21 @@ class KENModel(PreTrainedModel):
     def unload(self) -> torch.nn.Module:
         """Take the active subnetwork off and return the base model, bit for bit as loaded.
 
-        This ``KENModel`` is done with: it refuses further subnetworks.
+        This ``KENModel`` is done with: it refuses further subnetworks, and a second
+        ``unload()`` or ``merge_and_unload()``.
 
         Returns:
             The wrapped transformers model, holding the base weights.
+
+        Raises:
+            KENError: this ``KENModel`` was unloaded already.
 
         Example:
             ```python
             base = model.unload()
             ```
         """
+        self._live_base()
         self._take_off()
         return self._release()
 
@@ -980,21 +985,25 @@ class AutoKENModel:
                 recorded (a local folder, or a Hub id); its fingerprints must still match.
             base_model_revision: the revision of ``base_model_name_or_path`` on the Hub.
             hub_kwargs: passed to ``huggingface_hub`` when the subnetwork and the base's
-                ``config.json`` are downloaded (e.g. ``{"token": ...}``); not to the base
-                model's ``from_pretrained``.
+                ``config.json`` are downloaded (e.g. ``{"token": ...}``); its Hub settings
+                that transformers takes too (``token``, ``cache_dir``, ``force_download``,
+                ``local_files_only``, ``proxies``) are also passed to the base model's
+                ``from_pretrained``, so a private base needs its token once.
             **model_kwargs (Any): passed to the base model's ``from_pretrained`` (e.g.
                 ``device_map``, ``dtype``); the dtype is the one the subnetwork recorded
                 unless given, ``trust_remote_code`` is False unless given, and ``config`` is
-                built from the subnetwork's ``config.json`` unless given.
+                built from the subnetwork's ``config.json`` unless given. A Hub setting
+                given here (``token=`` & co.) wins over the one in ``hub_kwargs`` for the
+                base: its ``config.json`` and its weights are fetched with it.
 
         Returns:
             A ``KENModel`` (a ``KENModelForQuestionAnswering`` for a question-answering
             model) with the subnetwork active.
 
         Raises:
-            FileNotFoundError: the subnetwork cannot be found locally or on the Hub.
-            OSError: the base's ``config.json`` cannot be found, or transformers cannot load
-                the base.
+            FileNotFoundError: the subnetwork, or the base's ``config.json`` (the message
+                names the base), cannot be found locally or on the Hub.
+            OSError: transformers cannot load the base.
             KENConfigError: ``ken_config.json`` is invalid, names no base (pass
                 ``base_model_name_or_path``) or no transformers model class, or the
                 subnetwork's ``config.json`` does not match the base's sizes; or
@@ -1021,8 +1030,14 @@ class AutoKENModel:
         )
         model_class = _model_class(cls.auto_class or subnetwork.config.model_class, name_or_path)
         model_kwargs.setdefault("trust_remote_code", False)  # nothing prompts, nothing runs
+        base_hub = dict(hub_kwargs or {})  # the base's download: the model kwargs' win
+        for key in _BASE_HUB_SETTINGS:
+            if key in base_hub:
+                model_kwargs.setdefault(key, base_hub[key])
+            if key in model_kwargs:
+                base_hub[key] = model_kwargs[key]
         if subnetwork.model_config is not None and "config" not in model_kwargs:
-            base_config = _base_model_config(base, base_revision, hub_kwargs or {})
+            base_config = _base_model_config(base, base_revision, base_hub)
             model_kwargs["config"] = model_config_of(
                 subnetwork.model_config, base_config, f"{name_or_path}: config.json"
             )
@@ -1079,12 +1094,20 @@ def _model_class(name: str | None, source: str | os.PathLike) -> type:
     return found
 
 
+# The Hub settings of ``hub_kwargs`` that a transformers model's ``from_pretrained`` takes
+# too: they reach the base's download as well as the subnetwork's.
+_BASE_HUB_SETTINGS = ("token", "cache_dir", "force_download", "local_files_only", "proxies")
+
+
 def _base_model_config(base: str, revision: str | None, hub_kwargs: dict) -> dict:
     """The base's ``config.json`` as a dict, read as data (no code of the base runs)."""
     try:
         path = resolve_file(base, "config.json", revision=revision, **hub_kwargs)
     except FileNotFoundError as error:
-        raise OSError(f"the base {base}: {error}") from error
+        raise FileNotFoundError(
+            f"the base model {base}: its config.json (against which the subnetwork's "
+            f"config.json is checked) cannot be found: {error}"
+        ) from error
     return read_json_object(path, error=KENConfigError)
 
 

@@ -31,6 +31,7 @@ The kept values are rebuilt only on a base whose fingerprints match
 
 from __future__ import annotations
 
+import dataclasses
 import functools
 import json
 import math
@@ -96,6 +97,41 @@ __all__ = [
 ]
 
 
+@dataclasses.dataclass(frozen=True)
+class SubnetworkFileFacts:
+    """What a model card or a driver reports about a written subnetwork file, from the
+    header's entries (the writer's own, or a reader's): ``counts`` (tensors and values
+    pruned, of a grown tensor its base's rows; kept; stored whole), ``full_bytes`` (the same
+    tensors in full) and ``file_bytes`` (the file's size)."""
+
+    counts: dict[str, int]
+    full_bytes: int
+    file_bytes: int
+
+    @classmethod
+    def of(cls, entries: list[dict], file_bytes: int) -> SubnetworkFileFacts:
+        # A tensor reset to the base that grew is stored for its new rows alone: not pruned.
+        pruned = [
+            e for e in entries if e["kind"] == "pruned" and not ("rows" in e and e["count"] == 0)
+        ]
+        whole = [e for e in entries if e["kind"] == "whole"]
+        counts = {
+            "pruned_tensors": len(pruned),
+            "pruned_values": sum(
+                e["rows"] * math.prod(e["shape"][1:]) if "rows" in e else math.prod(e["shape"])
+                for e in pruned
+            ),
+            "kept_values": sum(e["count"] for e in pruned),
+            "whole_tensors": len(whole),
+            "whole_values": sum(math.prod(e["shape"]) for e in whole),
+        }
+        full_bytes = sum(
+            math.prod(e["shape"]) * torch.empty((), dtype=getattr(torch, e["dtype"])).itemsize
+            for e in entries
+        )
+        return cls(counts, full_bytes, file_bytes)
+
+
 def _uint8(data: bytes) -> torch.Tensor:
     """A uint8 tensor of ``data``'s bytes."""
     return torch.from_numpy(np.frombuffer(data, dtype=np.uint8).copy())
@@ -110,6 +146,7 @@ class SubnetworkWriter:
     def __init__(
         self, path: str | os.PathLike, *, level: int = DEFAULT_LEVEL, threads: int = DEFAULT_THREADS
     ) -> None:
+        self._path = Path(path)
         self._file = SafetensorsWriter(path)
         self._level, self._threads = level, threads
         self._entries: dict[str, dict] = {}
@@ -227,6 +264,19 @@ class SubnetworkWriter:
             "checksums": [checksum(stored, list(tensor.shape))],
         }
 
+    def add_stored(self, stored: StoredSubnetwork) -> None:
+        """Every tensor of a subnetwork held in memory, in name order, and its fingerprints."""
+        for name in sorted([*stored.pruned, *stored.whole]):
+            if name in stored.pruned:
+                self.add_pruned(name, stored.pruned[name])
+            else:
+                self.add_whole(name, stored.whole[name])
+        self.fingerprints = stored.fingerprints
+
+    def facts(self) -> SubnetworkFileFacts:
+        """Counts and sizes of the file written (after the block has ended)."""
+        return SubnetworkFileFacts.of(list(self._entries.values()), self._path.stat().st_size)
+
     def __enter__(self) -> SubnetworkWriter:
         return self
 
@@ -258,12 +308,7 @@ def write_subnetwork(
     """Write ``stored`` to ``path`` (version 2), tensors in name order; returns the
     header's digest."""
     with SubnetworkWriter(path, level=level, threads=threads) as writer:
-        for name in sorted([*stored.pruned, *stored.whole]):
-            if name in stored.pruned:
-                writer.add_pruned(name, stored.pruned[name])
-            else:
-                writer.add_whole(name, stored.whole[name])
-        writer.fingerprints = stored.fingerprints
+        writer.add_stored(stored)
     return writer.digest
 
 
@@ -298,25 +343,14 @@ class SubnetworkReader:
         """The header's record of tensor ``name`` (kind, shape, dtype, count, encoding)."""
         return self._document["tensors"][name]
 
-    def summary(self) -> dict[str, int]:
-        """Counts from the header alone (no tensor is read): tensors and values pruned (of a
-        grown tensor, its base's rows), kept and stored whole."""
+    def facts(self) -> SubnetworkFileFacts:
+        """Counts and sizes from the header alone (no tensor is read)."""
         entries = [self.entry(name) for name in self.names]
-        # A tensor reset to the base that grew is stored for its new rows alone: not pruned.
-        pruned = [
-            e for e in entries if e["kind"] == "pruned" and not ("rows" in e and e["count"] == 0)
-        ]
-        whole = [e for e in entries if e["kind"] == "whole"]
-        return {
-            "pruned_tensors": len(pruned),
-            "pruned_values": sum(
-                e["rows"] * math.prod(e["shape"][1:]) if "rows" in e else math.prod(e["shape"])
-                for e in pruned
-            ),
-            "kept_values": sum(e["count"] for e in pruned),
-            "whole_tensors": len(whole),
-            "whole_values": sum(math.prod(e["shape"]) for e in whole),
-        }
+        return SubnetworkFileFacts.of(entries, self.path.stat().st_size)
+
+    def summary(self) -> dict[str, int]:
+        """Counts from the header alone: see ``SubnetworkFileFacts.counts``."""
+        return self.facts().counts
 
     def read(self, name: str) -> PrunedTensor | torch.Tensor:
         """Tensor ``name``: a ``PrunedTensor``, or the tensor itself when stored whole."""

@@ -21,6 +21,7 @@ import math
 import os
 import re
 import struct
+from collections.abc import Iterator
 from pathlib import Path
 
 import numpy as np
@@ -29,7 +30,6 @@ import xxhash
 from tqdm.auto import tqdm
 
 from .atomic_files import FolderWriter
-from .card import model_card
 from .checkpoints import (
     INDEX_NAME,
     TOKENIZER_FILES,
@@ -40,7 +40,7 @@ from .checkpoints import (
     read_json,
     read_model_config,
 )
-from .config import CONFIG_NAME, KENConfig
+from .config import KENConfig
 from .confined import confined_file
 from .delta_codec import BITS_DTYPES, DEFAULT_LEVEL, DEFAULT_THREADS, pack_bits, unpack_bits
 from .distributed import Inbox, Outbox, Team, share_by_size
@@ -58,13 +58,11 @@ from .pipeline import (
 )
 from .safetensors_io import ShardedWriter
 from .serialization import (
-    SUBNETWORK_NAME,
     PrunedTensor,
     SubnetworkReader,
-    SubnetworkWriter,
 )
 from .subnetwork import BaseMismatchError
-from .subnetwork_folder import CARD_NAME, MODEL_CONFIG_NAME, SUBNETWORK_FILES, saved_files
+from .subnetwork_folder import MODEL_CONFIG_NAME, SUBNETWORK_FILES, saved_files, write_folder
 from .subnetwork_format import VALUE_DTYPES
 
 # Working memory of the selection, per tensor: half the library default, so that the whole
@@ -141,21 +139,18 @@ def prune_checkpoints(
         if not team.main:
             _send_share([p for p in plans if owners[p.name] == team.rank], processed, team)
             return team.broadcast(None)
-        kept = total_pruned = 0
-        with FolderWriter(out, commit=CONFIG_NAME) as folder:
-            subnetwork_file = folder.staged(SUBNETWORK_NAME)
-            with (
-                SubnetworkWriter(
-                    subnetwork_file, level=compression_level, threads=compression_threads
-                ) as writer,
-                tqdm(
-                    total=sum(tuned.nbytes(p.name) for p in plans),
-                    desc="KEN prune",
-                    unit="B",
-                    unit_scale=True,
-                    disable=not progress,
-                ) as bar,
-            ):
+        counted = {"kept": 0, "pruned": 0}
+
+        def records() -> Iterator[TensorRecord]:
+            """Each tensor's record in name order (the file's order): this rank's selected
+            here, the others' received; each is freed before the next tensor is read."""
+            with tqdm(
+                total=sum(tuned.nbytes(p.name) for p in plans),
+                desc="KEN prune",
+                unit="B",
+                unit_scale=True,
+                disable=not progress,
+            ) as bar:
                 # Records of the other ranks wait here while this rank selects its own; no
                 # more than the largest tensor's bytes of them.
                 inbox = Inbox(
@@ -163,34 +158,34 @@ def prune_checkpoints(
                     [owners[p.name] for p in plans if owners[p.name] != team.rank],
                     max((tuned.nbytes(p.name) for p in plans), default=0),
                 )
-                for plan in plans:  # name order: the file's order
+                for plan in plans:
                     if owners[plan.name] == team.rank:
                         inbox.check()
                         record = processed(plan)
                     else:
                         record = _received(plan, tuned_specs[plan.name], inbox.get())
-                    writer.add_record(record)
                     if plan.fate == PRUNED:
-                        kept += int(torch.count_nonzero(record.mask))
-                        total_pruned += record.mask.numel()
+                        counted["kept"] += int(torch.count_nonzero(record.mask))
+                        counted["pruned"] += record.mask.numel()
+                    yield record
+                    del record
                     bar.update(tuned.nbytes(plan.name))
-                    del record  # freed before the next tensor is read
-            if tuned.config:
-                folder.write_text(MODEL_CONFIG_NAME, json.dumps(tuned.config, indent=2))
-            for name in TOKENIZER_FILES:
-                path = confined_file(tuned.folder, name)
-                if path is not None:
-                    folder.copy(path, name)
-            folder.write_text(CARD_NAME, model_card(config, subnetwork_file))
-            folder.remove_stale(["ken_report.json"])
-            saved = dataclasses.replace(config, subnetwork_digest=writer.digest)
-            folder.write_text(CONFIG_NAME, saved.to_json_string())
+
+        facts = write_folder(
+            out,
+            config,
+            records(),
+            model_config=tuned.config or None,
+            processor_folder=tuned.folder,
+            compression_level=compression_level,
+            compression_threads=compression_threads,
+        )
         return team.broadcast(
             {
                 "tensors": len(plans),
                 "matched": sum(p.base_name is not None for p in plans),
-                "kept_fraction": kept / total_pruned if total_pruned else 1.0,
-                "bytes": (Path(out) / SUBNETWORK_NAME).stat().st_size,
+                "kept_fraction": counted["kept"] / counted["pruned"] if counted["pruned"] else 1.0,
+                "bytes": facts.file_bytes,
             }
         )
 

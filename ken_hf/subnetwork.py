@@ -9,6 +9,7 @@ it again, leaving the base exactly as it was.
 from __future__ import annotations
 
 import dataclasses
+import json
 import math
 import os
 import tempfile
@@ -291,9 +292,12 @@ class KENSubnetwork:
             config = dataclasses.replace(
                 config, model_class=config.model_class or model_class.__name__
             )
-            # As save_pretrained writes it: the class of this model, whatever class the
-            # config was loaded with (servers pick the class from this field).
-            model_config = model.config.to_dict() | {"architectures": [model_class.__name__]}
+            # What save_pretrained writes (the values that differ from the defaults, as
+            # ``ken prune`` copies them from a saved fine-tune), with the class of this
+            # model, whatever class the config was loaded with (servers pick it from here).
+            model_config = json.loads(model.config.to_json_string(use_diff=True)) | {
+                "architectures": [model_class.__name__]
+            }
         if source is not None and not config.base_model_name_or_path:
             config = dataclasses.replace(
                 config,

@@ -15,8 +15,9 @@ import json
 import os
 import shutil
 import tempfile
-from collections.abc import Mapping
+from collections.abc import Iterable, Mapping
 from pathlib import Path
+from typing import TYPE_CHECKING
 
 from .atomic_files import FolderWriter, previous_version
 from .card import card_metadata, model_card
@@ -31,9 +32,13 @@ from .serialization import (
     SUBNETWORK_NAME,
     KENFormatError,
     StoredSubnetwork,
+    SubnetworkFileFacts,
     SubnetworkReader,
-    write_subnetwork,
+    SubnetworkWriter,
 )
+
+if TYPE_CHECKING:
+    from .pipeline import TensorRecord
 
 MODEL_CONFIG_NAME = "config.json"
 REPORT_NAME = "ken_report.json"
@@ -55,37 +60,83 @@ SUBNETWORK_FILES = [
 def write_folder(
     save_directory: str | os.PathLike,
     config: KENConfig,
-    stored: StoredSubnetwork,
+    tensors: StoredSubnetwork | Iterable[TensorRecord],
     *,
-    model_config: dict | None = None,
+    model_config: Mapping | None = None,
     metrics: Mapping[str, float] | None = None,
     report: dict | None = None,
     tokenizer: object | None = None,
+    processor_folder: Path | None = None,
     dataset: str | None = None,
     picture: bytes | None = None,
     compression_level: int = DEFAULT_LEVEL,
     compression_threads: int = DEFAULT_THREADS,
-) -> None:
-    """Write a subnetwork folder (see ``KENSubnetwork.save_pretrained``)."""
+) -> SubnetworkFileFacts:
+    """Write a subnetwork folder: the one writer of every driver (``save_pretrained`` and
+    the callback, ``ken prune``, the sharded path), which owns every file name and the
+    order they are written in.
+
+    The subnetwork file first, its tensors as they come; then the model's ``config.json``,
+    the tokenizer or processor, the model card (given the written file's counts), the
+    KENviz picture and the report (an earlier save's are removed when not given), and
+    ``ken_config.json`` last, the commit point (``FolderWriter``: other files are never
+    touched; an error anywhere, in ``tensors`` too, leaves the folder as it was).
+
+    Args:
+        save_directory: the folder, created if needed.
+        config: the subnetwork's configuration, written as ``ken_config.json`` with the
+            subnetwork file's digest.
+        tensors: a subnetwork held in memory, or the pipeline's records in name order
+            (consumed one at a time: each can be freed once written).
+        model_config: the fine-tuned model's ``config.json`` values.
+        metrics: metrics for the card when there is no ``report``.
+        report: written as ``ken_report.json``.
+        tokenizer: a tokenizer or processor (with ``save_pretrained``) saved alongside.
+        processor_folder: a folder whose tokenizer or processor files are copied alongside
+            instead (``ken prune``: the fine-tuned checkpoint's).
+        dataset: the evaluation data set's Hub id, for the card's metadata.
+        picture: the KENviz summary PNG, saved as ``ken_summary.png``.
+        compression_level: zstd's level (1-22).
+        compression_threads: zstd's worker threads (0: one, the same bytes everywhere).
+
+    Returns:
+        Counts and sizes of the written subnetwork file.
+
+    Raises:
+        TypeError: ``tokenizer`` has no ``save_pretrained``.
+        KENConfigError: ``tokenizer`` saves a file named like one of the subnetwork's.
+        KENError: a pruned tensor read from a version 1 file holds no delta against the base.
+    """
     with FolderWriter(save_directory, commit=CONFIG_NAME) as out:
-        subnetwork_file = out.staged(SUBNETWORK_NAME)
-        digest = write_subnetwork(
-            stored,
-            subnetwork_file,
-            level=compression_level,
-            threads=compression_threads,
-        )
+        with SubnetworkWriter(
+            out.staged(SUBNETWORK_NAME), level=compression_level, threads=compression_threads
+        ) as writer:
+            if isinstance(tensors, StoredSubnetwork):
+                writer.add_stored(tensors)
+            else:
+                for record in tensors:
+                    writer.add_record(record)
+                    del record  # freed before ``tensors`` makes the next one
+        facts = writer.facts()
         if model_config is not None:
             out.write_text(MODEL_CONFIG_NAME, json.dumps(model_config, indent=2, sort_keys=True))
+        processor_saved = False
         if tokenizer is not None:
             _save_processor(tokenizer, out)
+            processor_saved = True
+        elif processor_folder is not None:
+            for name in PROCESSOR_FILES:
+                path = confined_file(processor_folder, name)
+                if path is not None:
+                    out.copy(path, name)
+                    processor_saved = True
         card = model_card(
             config,
-            subnetwork_file,
+            facts,
             metrics,
             report=report,
             dataset=dataset,
-            tokenizer=tokenizer is not None,
+            tokenizer=processor_saved,
             picture=PICTURE_NAME if picture is not None else None,
         )
         out.write_text(CARD_NAME, card)
@@ -98,8 +149,9 @@ def write_folder(
             out.write_text(REPORT_NAME, json.dumps(report, indent=2) + "\n")
         else:
             out.remove_stale([REPORT_NAME])  # it described an earlier subnetwork
-        saved = dataclasses.replace(config, subnetwork_digest=digest)
+        saved = dataclasses.replace(config, subnetwork_digest=writer.digest)
         out.write_text(CONFIG_NAME, saved.to_json_string())
+    return facts
 
 
 def _save_processor(processor: object, out: FolderWriter) -> None:
@@ -285,12 +337,16 @@ def _card_of(folder: Path, config: KENConfig, subnetwork_file: Path) -> str:
     tokenizer as saved, and the data set and license the saved card names (the base's
     license was read from the local base, which a Hub id may not show offline)."""
     report = None
-    if (folder / REPORT_NAME).is_file():
-        report = read_json_object(folder / REPORT_NAME, error=KENConfigError)
-    saved = card_metadata(folder / CARD_NAME)
+    report_file = confined_file(folder, REPORT_NAME)
+    if report_file is not None:
+        report = read_json_object(report_file, error=KENConfigError)
+    card = confined_file(folder, CARD_NAME)
+    saved = card_metadata(card) if card is not None else {}
+    with SubnetworkReader(subnetwork_file) as reader:
+        facts = reader.facts()
     return model_card(
         config,
-        subnetwork_file,
+        facts,
         report=report,
         dataset=saved.get("dataset"),
         tokenizer=any((folder / name).is_file() for name in PROCESSOR_FILES),

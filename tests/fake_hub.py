@@ -27,6 +27,7 @@ class FakeHub:
     def __init__(self) -> None:
         self.repos: dict[str, dict[str, bytes]] = {}
         self.commits: dict[str, str] = {}
+        self.tokens: dict[str, str] = {}  # private repositories: the token each requires
         self.requests: list[str] = []
         hub = self
 
@@ -55,10 +56,23 @@ class FakeHub:
         self.server.shutdown()
         self.server.server_close()
 
-    def add_repo(self, repo_id: str, files: dict[str, bytes]) -> None:
-        """Serve ``files`` as the repository ``repo_id``, at one commit, as if pushed before."""
+    def add_repo(self, repo_id: str, files: dict[str, bytes], *, token: str | None = None) -> None:
+        """Serve ``files`` as the repository ``repo_id``, at one commit, as if pushed before.
+        With ``token``, the repository is private: a request for it without the header
+        ``Authorization: Bearer <token>`` is answered 401 ``RepoNotFound``, as the Hub does."""
         self.repos[repo_id] = dict(files)
         self.commits[repo_id] = hashlib.sha1(repo_id.encode()).hexdigest()
+        if token is not None:
+            self.tokens[repo_id] = token
+
+    def _refused(self, handler, repo: str, head: bool) -> bool:
+        """Answer 401 (and return True) when ``repo`` is private and the request does not
+        carry its token."""
+        token = self.tokens.get(repo)
+        if token is None or handler.headers.get("Authorization") == f"Bearer {token}":
+            return False
+        self._send(handler, 401, b"{}", {"X-Error-Code": "RepoNotFound"}, head)
+        return True
 
     # -- responses ----------------------------------------------------------------------
     @staticmethod
@@ -89,6 +103,8 @@ class FakeHub:
         info = re.fullmatch(r"/api/models/(.+?)/revision/([^/]+)", path)
         if info:
             repo = info.group(1)
+            if self._refused(handler, repo, head):
+                return None
             if repo not in self.repos:
                 return self._send(handler, 404, b"{}", {"X-Error-Code": "RepoNotFound"}, head)
             siblings = [{"rfilename": name} for name in sorted(self.repos[repo])]
@@ -97,6 +113,8 @@ class FakeHub:
             )
         tree = re.fullmatch(r"/api/models/(.+?)/tree/([^/]+)", path)
         if tree:
+            if self._refused(handler, tree.group(1), head):
+                return None
             files = self.repos.get(tree.group(1), {})
             entries = [
                 {
@@ -111,6 +129,8 @@ class FakeHub:
         resolve = re.fullmatch(r"/(.+?)/resolve/([^/]+)/(.+)", path)
         if resolve:
             repo, _, filename = resolve.groups()
+            if self._refused(handler, repo, head):
+                return None
             files = self.repos.get(repo, {})
             if filename not in files:
                 return self._not_found(handler, head)

@@ -26,7 +26,12 @@ from transformers import (
     TrainingArguments,
 )
 
-from ken_hf import AutoKENModelForCausalLM, AutoKENModelForSequenceClassification, KENCallback
+from ken_hf import (
+    AutoKENModelForCausalLM,
+    AutoKENModelForSequenceClassification,
+    KENCallback,
+    KENConfigError,
+)
 from ken_hf.callback import AutoK, _check_sharding
 from ken_hf.experiments.assets import minilm_path, movie_reviews, smollm2_path
 from ken_hf.experiments.metrics import classification_metrics
@@ -49,7 +54,9 @@ def splits():
     return tokenizer, train, held_out
 
 
-def _train(tmp_path, splits, callback, *, model=None, resume=None, **arguments):
+def _train(
+    tmp_path, splits, callback, *, model=None, resume=None, with_tokenizer=False, **arguments
+):
     tokenizer, train, held_out = splits
     torch.manual_seed(0)
     model = model or AutoModelForSequenceClassification.from_pretrained(minilm_path(), num_labels=2)
@@ -71,6 +78,7 @@ def _train(tmp_path, splits, callback, *, model=None, resume=None, **arguments):
         train_dataset=train,
         eval_dataset=held_out,
         data_collator=DataCollatorWithPadding(tokenizer),
+        processing_class=tokenizer if with_tokenizer else None,
         compute_metrics=classification_metrics("accuracy"),
         callbacks=callback if isinstance(callback, list) else [callback],
     )
@@ -134,34 +142,65 @@ def test_a_resumed_run_gives_the_subnetwork_of_an_uninterrupted_one(tmp_path, sp
     assert resumed.subnetwork.config.base_model_dtype == str(dtype).removeprefix("torch.")
 
 
-def test_callback_prune_model_and_ken_prune_write_the_same_file(tmp_path, splits):
-    """One pair, one subnetwork file, whichever path made it; the callback saving into the
+def test_callback_prune_model_and_ken_prune_write_the_same_folder(tmp_path, splits):
+    """One pair, one folder, whichever driver wrote it (one writer: ``write_folder``). What
+    may differ is named: the callback alone has the report, the KENviz picture, and in the
+    model card the metrics table, the picture and the share of the model reset (which only
+    the run knows: untargeted tensors are not in the file). The callback saving into the
     Trainer's output folder keeps the Trainer's checkpoints there."""
     from transformers import TrainerCallback
 
     from ken_hf import KENConfig, prune_model
     from ken_hf.cli import main
 
+    tokenizer = splits[0]
+
     class SaveFineTuned(TrainerCallback):  # runs before KENCallback: the fine-tuned weights
         def on_train_end(self, args, state, control, model=None, **kwargs):
             model.save_pretrained(tmp_path / "finetuned")
+            tokenizer.save_pretrained(tmp_path / "finetuned")
 
     run, targets = tmp_path / "run", ["layer.0.attention.self.query", "layer.1.output.dense"]
     callback = KENCallback(keep_ratio=0.5, target_modules=targets, save_dir=str(run))
     _train(tmp_path, splits, [SaveFineTuned(), callback], save_strategy="steps", save_steps=2,
-           max_steps=4)  # fmt: skip
+           max_steps=4, with_tokenizer=True)  # fmt: skip
     assert (run / "checkpoint-2" / "model.safetensors").is_file()
     assert (run / "checkpoint-4" / "model.safetensors").is_file()
     config = KENConfig(keep_ratio=0.5, target_modules=targets)
     tuned = AutoModelForSequenceClassification.from_pretrained(tmp_path / "finetuned")
     base = AutoModelForSequenceClassification.from_pretrained(minilm_path(), num_labels=2)
-    prune_model(tuned, base, config, progress=False).save_pretrained(tmp_path / "functional")
+    prune_model(tuned, base, config, progress=False).save_pretrained(
+        tmp_path / "functional", tokenizer=tokenizer
+    )
     args = ["prune", "--base", str(minilm_path()), "--finetuned", str(tmp_path / "finetuned")]
     assert main([*args, "--keep-ratio", "0.5", "--target-modules", *targets,
                  "--out", str(tmp_path / "cli")]) == 0  # fmt: skip
-    files = [(folder / "ken_subnetwork.safetensors").read_bytes()
-             for folder in (run, tmp_path / "functional", tmp_path / "cli")]  # fmt: skip
-    assert files[0] == files[1] == files[2]
+
+    def files(folder: Path) -> dict[str, bytes]:
+        return {p.name: p.read_bytes() for p in folder.iterdir() if p.is_file()}
+
+    callback_files = files(run)
+    functional, cli = files(tmp_path / "functional"), files(tmp_path / "cli")
+    assert functional == cli
+    only_callback = {"ken_report.json", "ken_summary.png"}
+    assert set(callback_files) - set(functional) == only_callback
+    for name in set(functional) - {"README.md"}:
+        assert callback_files[name] == functional[name], name
+
+    def card_without_metrics(card: bytes) -> list[str]:
+        lines = card.decode().splitlines()
+        if "## Metrics" in lines:  # the table, up to the next section
+            start = lines.index("## Metrics")
+            end = next(i for i in range(start + 1, len(lines)) if lines[i].startswith("## "))
+            lines = lines[:start] + lines[end:]
+        lines = [line for line in lines if "ken_summary.png" not in line]
+        lines = [line for line in lines if not line.startswith("- Share of the model's")]
+        return [line for i, line in enumerate(lines) if line or (i and lines[i - 1])]
+
+    assert "## Metrics" in callback_files["README.md"].decode()
+    assert card_without_metrics(callback_files["README.md"]) == card_without_metrics(
+        functional["README.md"]
+    )
 
 
 @pytest.mark.parametrize("source", ["auto", "snapshot"])
@@ -379,6 +418,36 @@ def test_auto_k_searches_a_bounded_number_of_ratios(tmp_path, splits):
     within = [p["keep_ratio"] for p in curve if p["within_tolerance"]]
     assert chosen == (min(within) if within else 1.0)
     assert sum("ken_auto_k_ratio" in entry for entry in trainer.state.log_history) == 3
+
+
+@pytest.mark.parametrize(
+    ("field", "value", "allowed"),
+    [
+        ("low", 0.0, r"in \(0, 1\)"),
+        ("low", 1.0, r"in \(0, 1\)"),
+        ("low", -0.5, r"in \(0, 1\)"),
+        ("low", float("nan"), r"in \(0, 1\)"),
+        ("low", "0.1", r"in \(0, 1\)"),
+        ("tolerance", -0.01, "a finite number >= 0"),
+        ("tolerance", float("nan"), "a finite number >= 0"),
+        ("tolerance", float("inf"), "a finite number >= 0"),
+        ("max_evaluations", 0, "an integer >= 1"),
+        ("max_evaluations", -2, "an integer >= 1"),
+        ("max_evaluations", 2.5, "an integer >= 1"),
+        ("max_evaluations", True, "an integer >= 1"),
+        ("metric", "", "a non-empty string"),
+        ("metric", None, "a non-empty string"),
+        ("greater_is_better", "yes", "True or False"),
+    ],
+)
+def test_auto_k_refuses_settings_out_of_range_naming_the_field(field, value, allowed):
+    with pytest.raises(KENConfigError, match=f"AutoK.{field} must be {allowed}, got"):
+        AutoK(**{field: value})
+
+
+def test_auto_k_accepts_the_edges_of_its_ranges():
+    AutoK(tolerance=0, low=1e-6, max_evaluations=1)
+    AutoK(metric="accuracy", tolerance=0.5, low=0.999, max_evaluations=20, greater_is_better=True)
 
 
 def test_fsdp_version_1_and_auto_k_or_checkpoint_with_sharding_are_refused_clearly(tmp_path):

@@ -4,6 +4,7 @@ checks, several subnetworks on one base, and the model working where the plain o
 from __future__ import annotations
 
 import copy
+import shutil
 from pathlib import Path
 
 import pytest
@@ -19,12 +20,14 @@ from transformers import (
     pipeline,
 )
 
+from fake_hub import FakeHub, huggingface_hub_at
 from ken_hf import (
     AutoKENModel,
     AutoKENModelForCausalLM,
     AutoKENModelForSequenceClassification,
     BaseMismatchError,
     KENConfig,
+    KENError,
     KENModel,
     KENSubnetwork,
     prune_model,
@@ -210,6 +213,29 @@ def test_merge_and_unload_leaves_no_subnetwork_to_write_over_it(minilm_finetune,
     _assert_same_state(_state(merged), expected)
 
 
+def test_unloading_twice_is_refused_as_merging_twice_is(minilm_finetune, minilm_pruned):
+    for first in ("unload", "merge_and_unload"):
+        for second in ("unload", "merge_and_unload"):
+            model = KENModel(_minilm_base(minilm_finetune["base"]))
+            model.load_subnetwork(minilm_pruned[0.25]["folder"], "quarter")
+            getattr(model, first)()
+            with pytest.raises(KENError, match=r"unloaded.*unload\(\).*merge_and_unload\(\)"):
+                getattr(model, second)()
+
+
+def test_a_base_without_config_json_is_a_missing_file_naming_base_and_file(
+    minilm_finetune, minilm_pruned, tmp_path
+):
+    base = tmp_path / "base-without-config"
+    shutil.copytree(minilm_finetune["base"], base)
+    (base / "config.json").unlink()
+    with pytest.raises(FileNotFoundError) as error:
+        AutoKENModelForSequenceClassification.from_pretrained(
+            minilm_pruned[0.25]["folder"], base_model_name_or_path=base
+        )
+    assert str(base) in str(error.value) and "config.json" in str(error.value)
+
+
 def test_ken_model_works_in_trainer_and_pipeline(minilm_finetune, minilm_pruned, tmp_path):
     pruned = minilm_pruned[0.25]
     model = AutoKENModelForSequenceClassification.from_pretrained(pruned["folder"])
@@ -317,3 +343,38 @@ def test_subnetwork_from_state_dicts_equals_from_models(minilm_finetune):
     assert all(".query." in name or ".value." in name for name in from_models.pruned)
     for name in from_models.pruned:
         assert torch.equal(from_models.mask(name), from_dicts.mask(name))
+
+
+def test_hub_settings_reach_the_base_model_from_pretrained(
+    minilm_finetune, minilm_pruned, tmp_path
+):
+    """``hub_kwargs`` (a private base's token, a cache folder) reach the base model's own
+    ``from_pretrained``, not only the subnetwork's download and the base's config.json;
+    the same setting in the model kwargs wins for the base."""
+    base_files = {p.name: p.read_bytes() for p in Path(minilm_finetune["base"]).iterdir()
+                  if p.is_file()}  # fmt: skip
+    expected = _state(minilm_pruned[0.25]["model"])
+    with FakeHub() as hub, huggingface_hub_at(hub.url, tmp_path / "hub"):  # HF_TOKEN=hf_fake
+        hub.add_repo("me/private-base", base_files, token="hf_private")
+        KENSubnetwork.from_pretrained(minilm_pruned[0.25]["folder"]).push_to_hub(
+            "me/ken", base_model_name_or_path="me/private-base"
+        )
+        # the token of hub_kwargs reaches every download (nothing cached yet)
+        model = AutoKENModelForSequenceClassification.from_pretrained(
+            "me/ken", hub_kwargs={"token": "hf_private"}
+        )
+        _assert_same_state(_state(model.get_base_model()), expected)
+        # a cache folder of hub_kwargs holds the base too; the model kwargs' token wins
+        other = tmp_path / "other-cache"
+        model = AutoKENModelForSequenceClassification.from_pretrained(
+            "me/ken", hub_kwargs={"token": "hf_wrong", "cache_dir": other}, token="hf_private"
+        )
+        _assert_same_state(_state(model.get_base_model()), expected)
+        assert (other / "models--me--private-base").is_dir()
+        # and a wrong token in the model kwargs is used for the base, and refused
+        with pytest.raises(FileNotFoundError, match="me/private-base.*config.json"):
+            AutoKENModelForSequenceClassification.from_pretrained(
+                "me/ken",
+                hub_kwargs={"token": "hf_private", "cache_dir": tmp_path / "third"},
+                token="hf_wrong",
+            )

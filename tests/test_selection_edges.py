@@ -8,7 +8,7 @@ import torch
 from conftest import DEVICES
 from sklearn.neighbors import KernelDensity
 
-from ken_hf import ken_prune, ken_select, ken_select_many
+from ken_hf import KENConfigError, KENError, ken_prune, ken_select, ken_select_many
 from ken_hf.selection.density import even_grid, rounded_densities, silverman_bandwidth
 from ken_hf.selection.matching import greedy_match
 from oracle import oracle_select
@@ -104,6 +104,19 @@ def test_integer_tensor_is_refused_by_name():
 def test_shape_mismatch_names_the_tensor():
     with pytest.raises(ValueError, match="'classifier.weight'.*\\(2, 8\\).*\\(3, 8\\)"):
         ken_prune(torch.zeros(2, 8), torch.zeros(3, 8), 2, name="classifier.weight")
+
+
+def test_a_name_missing_from_minus_is_refused_by_name():
+    weights = {"layer.0.weight": torch.randn(4, 8), "layer.1.weight": torch.randn(4, 8)}
+    with pytest.raises(KENError, match="minus has no tensor 'layer.1.weight'"):
+        ken_select_many(weights, 2, minus={"layer.0.weight": torch.randn(4, 8)})
+
+
+@pytest.mark.parametrize("value", ["numba", "TORCH"])
+def test_a_bad_backend_variable_is_a_config_error_naming_it(monkeypatch, value):
+    monkeypatch.setenv("KEN_HF_SELECT_BACKEND", value)
+    with pytest.raises(KENConfigError, match=f"KEN_HF_SELECT_BACKEND={value!r}.*auto"):
+        ken_select(torch.randn(4, 8), 2)
 
 
 def test_prune_takes_kept_from_finetuned_and_the_rest_from_pretrained(

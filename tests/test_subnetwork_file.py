@@ -213,11 +213,11 @@ def test_interrupted_save_leaves_the_previous_folder_intact(small_subnetworks, m
     before = {p.name: p.read_bytes() for p in folder.iterdir()}
     subnetwork = KENSubnetwork.from_pretrained(small_subnetworks["mask"])
 
-    def crash(stored, path, **options):
-        path.write_bytes(b"partial")
+    def crash(writer, stored):
+        writer.add_whole("partial", torch.zeros(3))
         raise KeyboardInterrupt
 
-    monkeypatch.setattr("ken_hf.subnetwork_folder.write_subnetwork", crash)
+    monkeypatch.setattr("ken_hf.serialization.SubnetworkWriter.add_stored", crash)
     with pytest.raises(KeyboardInterrupt):
         subnetwork.save_pretrained(folder)
     assert {p.name: p.read_bytes() for p in folder.iterdir()} == before

@@ -11,6 +11,7 @@ import numpy as np
 import torch
 from tqdm.auto import tqdm
 
+from ..errors import KENConfigError, KENError
 from .density import even_grid, priority_order, rounded_densities, silverman_bandwidth
 from .matching import greedy_match
 from .rows import (
@@ -58,10 +59,10 @@ def ken_select(
         kept.
 
     Raises:
-        KENConfigError: ``k`` is not a positive integer.
+        KENConfigError: ``k`` is not a positive integer, or the environment variable
+            ``KEN_HF_SELECT_BACKEND`` is set to something other than ``auto``,
+            ``compiled`` or ``torch``.
         KENError: ``weight`` is not floating point, or holds NaN or Inf.
-        ValueError: the environment variable ``KEN_HF_SELECT_BACKEND`` is set to something
-            other than ``auto``, ``compiled`` or ``torch``.
 
     Example:
         ```python
@@ -104,7 +105,8 @@ def ken_prune(
         kept positions, ``pretrained``'s elsewhere.
 
     Raises:
-        KENConfigError: ``k`` is not a positive integer.
+        KENConfigError: ``k`` is not a positive integer, or ``KEN_HF_SELECT_BACKEND`` is
+            set to something other than ``auto``, ``compiled`` or ``torch``.
         KENError: the shapes differ, or ``finetuned`` is not floating point or holds NaN or
             Inf.
 
@@ -156,9 +158,12 @@ def ken_select_many(
         tensor's shape, on its device, True where the value is kept.
 
     Raises:
-        KENConfigError: ``k`` is not a positive integer.
+        KENConfigError: ``k`` is not a positive integer, or the environment variable
+            ``KEN_HF_SELECT_BACKEND`` is set to something other than ``auto``,
+            ``compiled`` or ``torch``.
         KENError: a tensor is not floating point or holds NaN or Inf (in ``weights``, or
-            in the difference with ``minus``), or a tensor of ``minus`` has another shape.
+            in the difference with ``minus``), or a tensor of ``minus`` is missing or has
+            another shape.
 
     Example:
         ```python
@@ -174,6 +179,14 @@ def ken_select_many(
     weights = {name: weight.detach() for name, weight in weights.items()}
     for name, weight in weights.items():
         check_finite(weight, name)
+    if minus is not None:  # its names only: no tensor of a lazy mapping is read here
+        present = set(minus)
+        missing = [name for name in weights if name not in present]
+        if missing:
+            raise KENError(
+                f"minus has no tensor {missing[0]!r} ({len(missing)} of the {len(weights)} "
+                "names of weights missing): minus must hold every tensor of weights"
+            )
     masks = {  # every row of every tensor is written below
         name: torch.empty(weight.shape, dtype=torch.bool, device=weight.device)
         for name, weight in weights.items()
@@ -286,7 +299,9 @@ def _compiled_kernels():
     global _compiled_module, _compiled_failed
     choice = os.environ.get(BACKEND_VARIABLE, "auto")
     if choice not in ("auto", "compiled", "torch"):
-        raise ValueError(f"{BACKEND_VARIABLE}={choice!r}: expected auto, compiled or torch")
+        raise KENConfigError(
+            f"environment variable {BACKEND_VARIABLE}={choice!r}: expected auto, compiled or torch"
+        )
     if choice == "torch":
         return None
     if _compiled_module is None and not _compiled_failed:
