@@ -1045,7 +1045,9 @@ class AutoKENModel:
         if dtype_name and not {"dtype", "torch_dtype"} & set(model_kwargs):
             model_kwargs[_DTYPE_ARGUMENT] = getattr(torch, dtype_name)
         model = KENModel(model_class.from_pretrained(base, revision=base_revision, **model_kwargs))
-        model.add_subnetwork(name, subnetwork)
+        # Not add_subnetwork: set_subnetwork checks the base and the shapes (once) before it
+        # writes anything, and a fresh KENModel has no subnetwork of that name yet.
+        model.subnetworks[name] = subnetwork
         model.set_subnetwork(name)
         return model
 

@@ -348,10 +348,6 @@ class SubnetworkReader:
         entries = [self.entry(name) for name in self.names]
         return SubnetworkFileFacts.of(entries, self.path.stat().st_size)
 
-    def summary(self) -> dict[str, int]:
-        """Counts from the header alone: see ``SubnetworkFileFacts.counts``."""
-        return self.facts().counts
-
     def read(self, name: str) -> PrunedTensor | torch.Tensor:
         """Tensor ``name``: a ``PrunedTensor``, or the tensor itself when stored whole."""
         check = EntryCheck(self.path, name, self._get)
@@ -400,10 +396,10 @@ class DecodedOnAccess(LazyTensors):
         return torch.Size(entry["shape"]), VALUE_DTYPES[entry["dtype"]]
 
 
-def open_subnetwork(path: str | os.PathLike) -> StoredSubnetwork:
-    """A subnetwork file with its header validated in full and its tensors decoded on access
-    (``DecodedOnAccess``); ``KENFormatError`` on any problem, when it is found."""
-    reader = SubnetworkReader(path)
+def open_subnetwork(reader: SubnetworkReader) -> StoredSubnetwork:
+    """The subnetwork of an open file (its header validated in full when opened), its
+    tensors decoded on access (``DecodedOnAccess``, which keeps the reader open); a
+    ``KENFormatError`` on any problem, when it is found."""
     kinds = {name: reader.entry(name)["kind"] for name in reader.names}
     return StoredSubnetwork(
         DecodedOnAccess(reader, [n for n in reader.names if kinds[n] == "pruned"]),

@@ -62,7 +62,7 @@ from .serialization import (
     SubnetworkReader,
 )
 from .subnetwork import BaseMismatchError
-from .subnetwork_folder import MODEL_CONFIG_NAME, SUBNETWORK_FILES, saved_files, write_folder
+from .subnetwork_folder import MODEL_CONFIG_NAME, SUBNETWORK_FILES, open_saved, write_folder
 from .subnetwork_format import VALUE_DTYPES
 
 # Working memory of the selection, per tensor: half the library default, so that the whole
@@ -287,9 +287,9 @@ def apply_checkpoint(
     mismatch raises ``BaseMismatchError`` and leaves nothing at ``out``."""
     folder = resolve_folder(ken, subfolder=subfolder, revision=revision)
     config = KENConfig.from_pretrained(folder)
-    subnetwork_file, model_config_file = saved_files(folder, config)
+    reader, model_config_file = open_saved(folder, config)
     with (
-        SubnetworkReader(subnetwork_file) as reader,
+        reader,
         Checkpoint(base, revision=config.base_model_revision) as base_ckpt,
     ):
         model_config = read_model_config(model_config_file) if model_config_file else {}
@@ -384,9 +384,10 @@ def inspect_subnetwork(
         path, allow_patterns=SUBNETWORK_FILES, subfolder=subfolder, revision=revision
     )
     config = KENConfig.from_pretrained(folder)
-    subnetwork_file, _ = saved_files(folder, config)
-    with SubnetworkReader(subnetwork_file) as reader:
-        counts, version = reader.summary(), reader.version
+    reader, _ = open_saved(folder, config)
+    with reader:
+        facts, version = reader.facts(), reader.version
+        counts = facts.counts
         tensors = {
             name: {key: reader.entry(name).get(key) for key in ("kind", "shape", "dtype", "count")}
             for name in reader.names
@@ -405,7 +406,7 @@ def inspect_subnetwork(
         "library_version": config.library_version,
         **counts,
         "kept_fraction": counts["kept_values"] / pruned if pruned else 1.0,
-        "bytes": subnetwork_file.stat().st_size,
+        "bytes": facts.file_bytes,
         "tensors": tensors,
     }
 

@@ -46,7 +46,7 @@ from .serialization import (
     StoredSubnetwork,
     open_subnetwork,
 )
-from .subnetwork_folder import SUBNETWORK_FILES, saved_files, travelling_base, write_folder
+from .subnetwork_folder import SUBNETWORK_FILES, open_saved, travelling_base, write_folder
 from .subnetwork_format import positions_of
 
 # Selects masks for the pruned plans: (plans, fine-tuned, base, config, progress) -> masks.
@@ -736,8 +736,8 @@ class KENSubnetwork:
             **hub_kwargs,
         )
         config = KENConfig.from_pretrained(folder)
-        subnetwork_file, model_config_file = saved_files(folder, config)
-        stored = open_subnetwork(subnetwork_file)
+        reader, model_config_file = open_saved(folder, config)
+        stored = open_subnetwork(reader)
         model_config = None
         if model_config_file is not None:
             model_config = read_model_config(model_config_file)

@@ -1,5 +1,5 @@
 """The files of a saved subnetwork folder: their names, writing them together
-(``write_folder``), and finding the ones saved together (``saved_files``).
+(``write_folder``), and opening the ones saved together (``open_saved``).
 
 A folder holds ``ken_config.json`` (written last: the commit point), the subnetwork file,
 the model's ``config.json``, a model card, and when given the report, the KENviz summary
@@ -176,29 +176,30 @@ def _save_processor(processor: object, out: FolderWriter) -> None:
             out.copy(path, path.name)
 
 
-def saved_files(folder: Path, config: KENConfig) -> tuple[Path, Path | None]:
-    """The subnetwork file and the model's ``config.json`` (None if it has none) saved with
-    ``config`` (read from ``folder``'s ``ken_config.json``): the current files, or the
-    previous versions that an interrupted save left beside them. Raises
-    ``KENFormatError`` for files of another save, ``UnsafePathError`` for a file that links
-    out of the folder."""
+def open_saved(folder: Path, config: KENConfig) -> tuple[SubnetworkReader, Path | None]:
+    """The subnetwork file saved with ``config`` (read from ``folder``'s
+    ``ken_config.json``), opened (its header parsed and checked once, here), and the
+    model's ``config.json`` saved with it (None if it has none): the current files, or the
+    previous versions that an interrupted save left beside them. The caller closes the
+    reader. Raises ``KENFormatError`` for files of another save, ``UnsafePathError`` for a
+    file that links out of the folder."""
     subnetwork_file = confined_path(folder, SUBNETWORK_NAME)
     model_config_file = confined_file(folder, MODEL_CONFIG_NAME)
-    if config.subnetwork_digest is None or _digest(subnetwork_file) == config.subnetwork_digest:
-        return subnetwork_file, model_config_file
+    reader = SubnetworkReader(subnetwork_file)
+    if config.subnetwork_digest is None or reader.digest == config.subnetwork_digest:
+        return reader, model_config_file
+    reader.close()
     previous = confined_file(folder, previous_version(subnetwork_file).name)
-    if previous is not None and _digest(previous) == config.subnetwork_digest:
-        previous_config = confined_file(folder, previous_version(MODEL_CONFIG_NAME).name)
-        return previous, previous_config or model_config_file
+    if previous is not None:
+        reader = SubnetworkReader(previous)
+        if reader.digest == config.subnetwork_digest:
+            previous_config = confined_file(folder, previous_version(MODEL_CONFIG_NAME).name)
+            return reader, previous_config or model_config_file
+        reader.close()
     raise KENFormatError(
         f"{subnetwork_file} is not the subnetwork that {folder / CONFIG_NAME} was saved with "
         "(another save changed one of them); save the subnetwork again"
     )
-
-
-def _digest(path: Path) -> str:
-    with SubnetworkReader(path) as reader:
-        return reader.digest
 
 
 def travelling_base(
@@ -305,7 +306,9 @@ def push_subnetwork_folder(
     """
     folder = Path(folder)
     config = KENConfig.from_pretrained(folder)
-    subnetwork_file, _ = saved_files(folder, config)  # a complete subnetwork, or refused
+    reader, _ = open_saved(folder, config)  # a complete subnetwork, or refused
+    with reader:
+        facts = reader.facts()
     recorded = config.base_model_name_or_path
     base = travelling_base(
         recorded, base_model_name_or_path, repo_id=repo_id, remedy=remedy, argument=argument
@@ -320,7 +323,7 @@ def push_subnetwork_folder(
         for name in (CONFIG_NAME, CARD_NAME):
             (copy / name).unlink(missing_ok=True)
         rebased.save_pretrained(copy)
-        (copy / CARD_NAME).write_text(_card_of(folder, rebased, subnetwork_file))
+        (copy / CARD_NAME).write_text(_card_of(folder, rebased, facts))
         return push_folder(copy, repo_id, **push_kwargs)
 
 
@@ -332,7 +335,7 @@ def _linked_or_copied(source: str, destination: str) -> None:
         shutil.copy2(source, destination)
 
 
-def _card_of(folder: Path, config: KENConfig, subnetwork_file: Path) -> str:
+def _card_of(folder: Path, config: KENConfig, facts: SubnetworkFileFacts) -> str:
     """The model card of ``folder``'s subnetwork under ``config``: its report, picture and
     tokenizer as saved, and the data set and license the saved card names (the base's
     license was read from the local base, which a Hub id may not show offline)."""
@@ -342,8 +345,6 @@ def _card_of(folder: Path, config: KENConfig, subnetwork_file: Path) -> str:
         report = read_json_object(report_file, error=KENConfigError)
     card = confined_file(folder, CARD_NAME)
     saved = card_metadata(card) if card is not None else {}
-    with SubnetworkReader(subnetwork_file) as reader:
-        facts = reader.facts()
     return model_card(
         config,
         facts,
