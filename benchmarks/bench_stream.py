@@ -1,11 +1,14 @@
 """Streaming KEN on a checkpoint pair larger than memory likes: `ken prune` and `ken apply`
 (peak RSS, wall time, MB/s) against the Python API with both models loaded, and a
-projection to a 7B model.
+projection to a 7B model; with ``--shape 7b``, the 7B model itself.
 
-The pair is synthetic and Llama-shaped (vocab 32000, hidden 2048, MLP 8192, 24 layers,
-untied head: 1.74B parameters, 3.5 GB in bf16 each): the base is N(0, 0.02) noise, the
-fine-tune is the base plus N(0, 0.001) noise, written once as sharded safetensors under
-``$KEN_HF_CACHE/bench-llama`` (no real model of this size ships in the packaged assets).
+The pair is synthetic and Llama-shaped (default: vocab 32000, hidden 2048, MLP 8192, 24
+layers, untied head: 1.74B parameters, 3.5 GB in bf16 each; ``--shape 7b``: Llama-2-7B's
+shape, 6.74B parameters, 13.5 GB each): the base is N(0, 0.02) noise, the fine-tune is the
+base plus N(0, 0.001) noise, written once as sharded safetensors under
+``$KEN_HF_CACHE/bench-llama`` (or ``bench-llama-7b``; no real model of this size ships in
+the packaged assets). With ``--shape 7b`` only ``ken prune`` (one process) and ``ken apply``
+run, and the table reports the measured figures instead of a projection.
 Each measured run is a fresh process; its peak RSS is its own VmHWM. ``ken prune`` runs
 three ways, with the torch threads set for each: one process with one thread, one process
 with two threads, and two processes with one thread each under torchrun (``--standalone``,
@@ -14,9 +17,9 @@ largest of the two processes' (their sum is in the JSON) and the time is the slo
 process's, start-up included, launcher excluded (in the JSON too). The outputs are compared
 byte for byte.
 
-    python benchmarks/bench_stream.py [--k 64]
+    python benchmarks/bench_stream.py [--k 64] [--shape 7b]
 
-Prints a table and writes benchmarks/results/bench_stream.json.
+Prints a table and writes benchmarks/results/bench_stream.json (bench_stream_7b.json).
 """
 
 from __future__ import annotations
@@ -42,16 +45,27 @@ from ken_hf.safetensors_io import SafetensorsFile, ShardedWriter
 from ken_hf.serialization import SUBNETWORK_NAME
 
 RESULTS = Path(__file__).resolve().parent / "results"
-SHAPE = {
-    "vocab_size": 32000,
-    "hidden_size": 2048,
-    "intermediate_size": 8192,
-    "num_hidden_layers": 24,
-    "num_attention_heads": 16,
-    "num_key_value_heads": 16,
-    "tie_word_embeddings": False,
+SHAPES = {
+    "1.7b": {
+        "vocab_size": 32000,
+        "hidden_size": 2048,
+        "intermediate_size": 8192,
+        "num_hidden_layers": 24,
+        "num_attention_heads": 16,
+        "num_key_value_heads": 16,
+        "tie_word_embeddings": False,
+    },
+    "7b": {  # Llama-2-7B
+        "vocab_size": 32000,
+        "hidden_size": 4096,
+        "intermediate_size": 11008,
+        "num_hidden_layers": 32,
+        "num_attention_heads": 32,
+        "num_key_value_heads": 32,
+        "tie_word_embeddings": False,
+    },
 }
-# Llama-2-7B, for the projection.
+# Llama-2-7B, for the projection from the smaller shape.
 SEVEN_B = {"parameters": 6_738_415_616, "largest_tensor_values": 32000 * 4096}
 
 # Runs in a fresh process: the work, then its own peak RSS (VmHWM) and seconds as JSON.
@@ -87,9 +101,9 @@ subnetwork.save_pretrained({out!r})
 """
 
 
-def write_pair(folder: Path) -> dict:
+def write_pair(folder: Path, shape: dict) -> dict:
     """Write base and fine-tune once (1 GB shards); returns the config's numbers."""
-    config = LlamaConfig(**SHAPE, dtype="bfloat16")
+    config = LlamaConfig(**shape, dtype="bfloat16")
     config.architectures = ["LlamaForCausalLM"]
     with torch.device("meta"):
         shapes = {n: p.shape for n, p in LlamaForCausalLM(config).named_parameters()}
@@ -169,10 +183,13 @@ def main() -> None:
     parser = argparse.ArgumentParser(description=__doc__.split("\n")[0])
     parser.add_argument("--k", type=int, default=64, help="values kept per row (default 64)")
     parser.add_argument("--skip-python-api", action="store_true")
+    parser.add_argument("--shape", choices=sorted(SHAPES), default="1.7b",
+                        help="1.7b (default; projected to 7B) or 7b (measured)")  # fmt: skip
     args = parser.parse_args()
-    folder = cache_dir() / "bench-llama"
+    seven_b = args.shape == "7b"
+    folder = cache_dir() / ("bench-llama-7b" if seven_b else "bench-llama")
     start = time.perf_counter()
-    pair = write_pair(folder)
+    pair = write_pair(folder, SHAPES[args.shape])
     print(f"pair ready ({time.perf_counter() - start:.0f} s): {pair}")
     work = folder / "runs"
     shutil.rmtree(work, ignore_errors=True)
@@ -186,6 +203,8 @@ def main() -> None:
         "ken prune, 1 process x 2 threads": ("ken-1x2", 1, 2),
         "ken prune, 2 processes x 1 thread (torchrun)": ("ken-2x1", 2, 1),
     }
+    if seven_b:  # the measurement at scale: one way, then ken apply
+        ways = {"ken prune": ("ken", 1, None)}
     for name, (folder, processes, threads) in ways.items():
         runs[name] = measure(
             _CLI.format(args=[*prune, str(work / folder)]), threads=threads, processes=processes
@@ -193,6 +212,7 @@ def main() -> None:
     comparisons = {
         f"{first} vs {second}": compare_folders(work / first, work / second)
         for first, second in (("ken", "ken-2x1"), ("ken", "ken-1x2"))
+        if not seven_b
     }
     runs["ken apply"] = measure(
         _CLI.format(
@@ -207,7 +227,7 @@ def main() -> None:
             ]
         )  # fmt: skip
     )
-    if not args.skip_python_api:
+    if not (args.skip_python_api or seven_b):  # both 7B models loaded do not fit 24 GB
         runs["Python API, both loaded"] = measure(
             _PYTHON_API.format(base=base, finetuned=finetuned, k=args.k, out=str(work / "api"))
         )
@@ -222,6 +242,8 @@ def main() -> None:
         + (runs["ken prune"]["peak_rss"] - baseline) * seven_b_largest / largest,
         "bound": 2 * seven_b_largest + 2**30,
     }
+    if seven_b:
+        projection = None
     for run in runs.values():
         run["mb_per_second"] = 2 * pair["bytes_each"] / 1e6 / run["seconds"]
     results = {
@@ -238,7 +260,8 @@ def main() -> None:
         "projection_7b": projection,
     }
     RESULTS.mkdir(exist_ok=True)
-    (RESULTS / "bench_stream.json").write_text(json.dumps(results, indent=2) + "\n")
+    name = "bench_stream_7b.json" if seven_b else "bench_stream.json"
+    (RESULTS / name).write_text(json.dumps(results, indent=2) + "\n")
     print(f"\n{pair['parameters'] / 1e9:.2f}B parameters, {pair['bytes_each'] / 2**30:.2f} GiB "
           f"per checkpoint (bf16), k={args.k}; bound 2 x largest tensor + 1 GiB = "
           f"{bound / 2**30:.2f} GiB")  # fmt: skip
@@ -250,6 +273,8 @@ def main() -> None:
     for pair_name, result in comparisons.items():
         print(f"{pair_name}: identical {result['identical_files']}, differing "
               f"{result['differing_files']}, same arrays: {result['same_arrays']}")  # fmt: skip
+    if seven_b:
+        return
     print(f"\nprojection to 7B ({SEVEN_B['parameters'] / 1e9:.2f}B, bf16): ken prune "
           f"{projection['prune_seconds'] / 60:.0f} min, peak RSS "
           f"{projection['prune_peak_rss'] / 2**30:.2f} GiB (bound "
