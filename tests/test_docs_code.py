@@ -47,6 +47,7 @@ the loading block's copy of the Trainer block's subnetwork is rewritten to name
 
 from __future__ import annotations
 
+import contextlib
 import copy
 import dataclasses
 import json
@@ -615,6 +616,17 @@ def trl_namespace(shared: Shared) -> dict:
 TRL_SHORT_RUN = "bf16=True, use_cpu=True, max_steps=2, per_device_train_batch_size=2)"
 
 
+@contextlib.contextmanager
+def trl_short_run(block: Block, shared: Shared, workdir: Path):
+    """Run the DPO or Reward block (2 steps of 2 rows), starting from the SFT block's names,
+    with the fake Hub serving SmolLM2; yields ``(namespace, hub)`` while it still serves."""
+    source = substitute(block, {"bf16=True)": TRL_SHORT_RUN})
+    torch.manual_seed(0)
+    with FakeHub() as hub, huggingface_hub_at(hub.url, workdir / "hf-cache"):
+        serve_smollm2(hub)
+        yield run_block(block, source, trl_namespace(shared)), hub
+
+
 def trl_dpo_block(block: Block, shared: Shared, workdir: Path, monkeypatch) -> None:
     """``DPOTrainer`` with ``KENCallback``: the policy by Hub id (the fake Hub), the
     reference model built by DPOTrainer itself, a real run on preference rows; the saved
@@ -622,12 +634,7 @@ def trl_dpo_block(block: Block, shared: Shared, workdir: Path, monkeypatch) -> N
     from ken_hf import AutoKENModelForCausalLM
     from ken_hf.experiments.assets import smollm2_path
 
-    source = substitute(block, {"bf16=True)": TRL_SHORT_RUN})
-    torch.manual_seed(0)
-    namespace = trl_namespace(shared)
-    with FakeHub() as hub, huggingface_hub_at(hub.url, workdir / "hf-cache"):
-        serve_smollm2(hub)
-        namespace = run_block(block, source, namespace)
+    with trl_short_run(block, shared, workdir) as (namespace, hub):
         ken = workdir / "smollm2-dpo" / "ken"
         trl_subnetwork(ken)
         reloaded = AutoKENModelForCausalLM.from_pretrained(ken).base_model
@@ -650,12 +657,8 @@ def trl_reward_block(block: Block, shared: Shared, workdir: Path, monkeypatch) -
     stored whole."""
     from ken_hf import KENModel
 
-    source = substitute(block, {"bf16=True)": TRL_SHORT_RUN})
-    torch.manual_seed(0)
-    namespace = trl_namespace(shared)
-    with FakeHub() as hub, huggingface_hub_at(hub.url, workdir / "hf-cache"):
-        serve_smollm2(hub)
-        namespace = run_block(block, source, namespace)
+    with trl_short_run(block, shared, workdir) as (namespace, hub):
+        pass
     assert trl_fetched(hub), hub.requests
     subnetwork = trl_subnetwork(workdir / "smollm2-rm" / "ken")
     trainer = namespace["trainer"]
