@@ -25,7 +25,7 @@ from fake_hub import FakeHub, huggingface_hub_at, run_against_hub
 from ken_hf import KENCallback, KENConfig
 from ken_hf.card import model_card
 from ken_hf.config import CONFIG_NAME
-from ken_hf.serialization import SUBNETWORK_NAME
+from ken_hf.serialization import SUBNETWORK_NAME, SubnetworkReader
 
 REPO = "me/minilm-run"
 BRANCH = "ken-run"
@@ -372,7 +372,8 @@ def test_the_card_links_a_hub_base_with_its_revision_and_license(run, tmp_path):
     report = json.loads((run["folder"] / "ken_report.json").read_text())
     with pytest.MonkeyPatch.context() as patch:
         patch.setattr(constants, "HF_HUB_CACHE", str(cache))
-        card = model_card(config, run["folder"] / SUBNETWORK_NAME, report=report)
+        with SubnetworkReader(run["folder"] / SUBNETWORK_NAME) as reader:
+            card = model_card(config, reader.facts(), report=report)
     meta = yaml.safe_load(card.split("---\n")[1])
     assert meta["base_model"] == base and meta["license"] == "mit"
     assert "model-index" not in meta  # no data set named
