@@ -213,7 +213,7 @@ def travelling_base(
     """The base a subnetwork pushed to the Hub names: a Hub id, never a local path.
 
     A subnetwork from the Hub may name only a Hub id as its base (see ``AutoKENModel``), so
-    a push of one that records a folder on this machine would publish a repository no one
+    a push of one that records a local folder would publish a repository no one
     can load as it is. The push is refused before anything is uploaded.
 
     Args:

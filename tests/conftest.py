@@ -105,3 +105,20 @@ def minilm_finetune(tmp_path_factory):
         "held_out": held_out,
         "new": new_parameters(model, base),
     }
+
+
+@pytest.fixture(scope="session")
+def minilm_subnetwork(minilm_finetune, tmp_path_factory):
+    """The keep 25 % subnetwork of ``minilm_finetune``, saved: ``(subnetwork, folder)``."""
+    from transformers import AutoModelForSequenceClassification
+
+    from ken_hf import KENConfig, KENSubnetwork
+
+    base = AutoModelForSequenceClassification.from_pretrained(minilm_finetune["base"], num_labels=2)
+    config = KENConfig(keep_ratio=0.25, base_model_name_or_path=minilm_finetune["base"])
+    subnetwork = KENSubnetwork.from_weights(
+        base, minilm_finetune["model"], config, new_tensors=minilm_finetune["new"], progress=False
+    )
+    folder = tmp_path_factory.mktemp("minilm-subnetwork") / "ken"
+    subnetwork.save_pretrained(folder)
+    return subnetwork, folder

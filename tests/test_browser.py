@@ -3,7 +3,7 @@
 Each page is served over http on 127.0.0.1 and opened in headless Chromium (Debian's
 ``chromium`` package, driven by Playwright's Python package, whose wheel carries its driver:
 no browser download). A page fails on a console message of level error, an uncaught page
-error, a failed or >= 400 request, a request to any host but this machine (the pages must
+error, a failed or >= 400 request, a request to any host but the local one (the pages must
 work offline), or an image (``<img>`` or CSS background) that does not load.
 """
 
@@ -23,9 +23,7 @@ import pytest
 import yaml
 from playwright.async_api import Browser, Route, async_playwright
 from playwright.async_api import Error as PlaywrightError
-from transformers import AutoModelForSequenceClassification
 
-from ken_hf import KENConfig, KENSubnetwork
 from ken_hf.cli import main as ken
 
 ROOT = Path(__file__).resolve().parent.parent
@@ -131,7 +129,7 @@ def _chromium() -> Path:
 
 async def _page_problems(browser: Browser, url: str) -> list[str]:
     """Open ``url`` in a context of its own and return what went wrong on it (empty when
-    nothing did). A request to a host other than this machine is refused, and a problem."""
+    nothing did). A request to a host but 127.0.0.1 or localhost is refused, and a problem."""
     problems: list[str] = []
 
     async def route(route: Route) -> None:  # the context's: pages and their workers
@@ -199,17 +197,11 @@ def _report(found: dict[str, list[str]]) -> str:
 
 
 @pytest.fixture(scope="module")
-def kenviz_report(minilm_finetune, tmp_path_factory) -> Path:
-    """A report.html that ``ken viz`` writes for a real MiniLM subnetwork (as tests/test_viz.py
-    makes one), its default views."""
-    base = AutoModelForSequenceClassification.from_pretrained(minilm_finetune["base"], num_labels=2)
-    config = KENConfig(keep_ratio=0.25, base_model_name_or_path=minilm_finetune["base"])
-    subnetwork = KENSubnetwork.from_weights(
-        base, minilm_finetune["model"], config, new_tensors=minilm_finetune["new"], progress=False
-    )
-    folder = tmp_path_factory.mktemp("browser") / "ken"
-    subnetwork.save_pretrained(folder)
-    out = folder.parent / "kenviz"
+def kenviz_report(minilm_subnetwork, tmp_path_factory) -> Path:
+    """A report.html that ``ken viz`` writes for a real MiniLM subnetwork (conftest.py), its
+    default views."""
+    _, folder = minilm_subnetwork
+    out = tmp_path_factory.mktemp("browser") / "kenviz"
     assert ken(["viz", str(folder), "--out", str(out)]) == 0
     return out / "report.html"
 

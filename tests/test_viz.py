@@ -11,7 +11,6 @@ import matplotlib.image
 import numpy as np
 import pytest
 import torch
-from transformers import AutoModelForSequenceClassification
 
 from ken_hf import KENConfig, KENSubnetwork
 from ken_hf.cli import main as ken
@@ -31,18 +30,6 @@ from ken_hf.viz import (
 
 EMBEDDING = "bert.embeddings.word_embeddings.weight"
 QUERY = "bert.encoder.layer.2.attention.self.query.weight"
-
-
-@pytest.fixture(scope="module")
-def minilm_subnetwork(minilm_finetune, tmp_path_factory):
-    base = AutoModelForSequenceClassification.from_pretrained(minilm_finetune["base"], num_labels=2)
-    config = KENConfig(keep_ratio=0.25, base_model_name_or_path=minilm_finetune["base"])
-    subnetwork = KENSubnetwork.from_weights(
-        base, minilm_finetune["model"], config, new_tensors=minilm_finetune["new"], progress=False
-    )
-    folder = tmp_path_factory.mktemp("viz") / "ken"
-    subnetwork.save_pretrained(folder)
-    return subnetwork, folder
 
 
 def _pixels(figure) -> np.ndarray:
