@@ -16,7 +16,7 @@ from typing import TYPE_CHECKING
 from .selection import ken_prune, ken_select, ken_select_many
 
 if TYPE_CHECKING:  # the names of ``_LAZY``, re-exported for type checkers and doc tools
-    from .callback import AutoK as AutoK
+    from .auto_k import AutoK as AutoK
     from .callback import KENCallback as KENCallback
     from .checkpoints import CheckpointError as CheckpointError
     from .config import KENConfig as KENConfig
@@ -61,7 +61,7 @@ _LAZY = {
     "AutoKENModelForQuestionAnswering": "modeling",
     "AutoKENModelForSeq2SeqLM": "modeling",
     "KENCallback": "callback",
-    "AutoK": "callback",
+    "AutoK": "auto_k",
 }
 
 __all__ = ["__version__", "ken_prune", "ken_select", "ken_select_many", *_LAZY]

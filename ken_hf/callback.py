@@ -47,8 +47,6 @@ from __future__ import annotations
 
 import dataclasses
 import inspect
-import math
-import numbers
 import time
 from collections.abc import Iterator, Mapping
 from contextlib import contextmanager
@@ -58,6 +56,7 @@ import torch
 from transformers import Trainer, TrainerCallback
 from transformers.utils import logging
 
+from .auto_k import AutoK
 from .base_source import (
     BaseSource,
     CheckpointValues,
@@ -71,7 +70,6 @@ from .config import KENConfig
 from .distributed import share_by_size
 from .errors import KENConfigError, shown
 from .hub import is_remote_id
-from .json_input import is_integer
 from .pipeline import PRUNED, select_masks
 from .sharding import full_numel, prune_sharded, sharding_of, snapshot_sharded
 from .subnetwork import KENSubnetwork, check_full_model, prune_model, select_in_process
@@ -81,67 +79,6 @@ from .viz import summary_png_if_available
 logger = logging.get_logger(__name__)
 
 PRETRAINED_SOURCES = ("auto", "checkpoint", "snapshot")
-
-
-@dataclasses.dataclass
-class AutoK:
-    """Settings of ``KENCallback``'s search for the smallest keep ratio that keeps quality.
-
-    When training ends, the callback bisects the keep ratio between ``low`` and 1: each
-    probe prunes the model, evaluates it on the Trainer's eval set and puts the fine-tuned
-    values back. A ratio is good when the metric is at most ``tolerance`` (relative) worse
-    than the unpruned model's; the smallest good ratio found is used (1 if none is). The
-    search needs an eval set, holds one more copy of the weights meanwhile, and is not
-    available with sharded training (FSDP2, DeepSpeed ZeRO-3).
-
-    Args:
-        metric: a key of ``Trainer.evaluate``'s output without its ``eval_`` prefix (e.g.
-            ``"loss"``, ``"accuracy"`` from ``compute_metrics``).
-        tolerance: the largest relative loss of quality accepted: a probe is good when
-            ``|change| <= tolerance * |unpruned value|`` in the bad direction.
-        low: the smallest keep ratio considered, in (0, 1).
-        max_evaluations: the number of probes (each one evaluation), an integer >= 1.
-        greater_is_better: whether a larger metric is better (True for accuracy, False for
-            loss).
-
-    Raises:
-        KENConfigError: a field out of its range: ``metric`` not a non-empty string,
-            ``tolerance`` not a finite number >= 0, ``low`` not in (0, 1),
-            ``max_evaluations`` not an integer >= 1, or ``greater_is_better`` not a bool.
-
-    Example:
-        ```python
-        from ken_hf import AutoK, KENCallback
-
-        search = AutoK(metric="accuracy", greater_is_better=True, tolerance=0.01)
-        trainer.add_callback(KENCallback(auto_k=search))  # the curve: callback.auto_k_curve
-        ```
-    """
-
-    metric: str = "loss"
-    tolerance: float = 0.01
-    low: float = 0.05
-    max_evaluations: int = 6
-    greater_is_better: bool = False
-
-    def __post_init__(self) -> None:
-        def number(value: object) -> bool:
-            return isinstance(value, numbers.Real) and not isinstance(value, bool)
-
-        checks = [
-            ("metric", isinstance(self.metric, str) and self.metric != "", "a non-empty string"),
-            ("tolerance", number(self.tolerance) and 0 <= self.tolerance < math.inf,
-             "a finite number >= 0"),
-            ("low", number(self.low) and 0 < self.low < 1, "in (0, 1)"),
-            ("max_evaluations", is_integer(self.max_evaluations) and self.max_evaluations >= 1,
-             "an integer >= 1"),
-            ("greater_is_better", isinstance(self.greater_is_better, bool), "True or False"),
-        ]  # fmt: skip
-        for field, valid, allowed in checks:
-            if not valid:
-                raise KENConfigError(
-                    f"AutoK.{field} must be {allowed}, got {shown(getattr(self, field))}"
-                )
 
 
 class KENCallback(TrainerCallback):
@@ -643,19 +580,15 @@ class KENCallback(TrainerCallback):
     def _search_keep_ratio(
         self, trainer: Trainer, model, before: dict, pretrained: Mapping[str, torch.Tensor]
     ) -> float:
-        """Bisection on the keep ratio; each probe prunes the model against ``pretrained``
-        and evaluates, then the fine-tuned values (a copy held meanwhile) are put back. The
-        curve is logged."""
+        """``auto_k``'s search: each probe prunes the model against ``pretrained`` and
+        evaluates, then the fine-tuned values (a copy held meanwhile) are put back."""
         search = self.auto_k
         key = f"ken_before_{search.metric}"
         if key not in before:
             raise KENConfigError(f"auto_k: metric {search.metric!r} not in {sorted(before)}")
-        reference = before[key]
         finetuned = {n: t.detach().clone() for n, t in tensors_of(model).items()}
-        low, high = search.low, 1.0
-        curve = []
-        for _ in range(search.max_evaluations):
-            ratio = (low + high) / 2
+
+        def probe(ratio: float) -> float:
             config = dataclasses.replace(self.config, k=None, keep_ratio=ratio)
             prune_model(
                 model,
@@ -669,13 +602,11 @@ class KENCallback(TrainerCallback):
             with torch.no_grad():
                 for name, tensor in tensors_of(model).items():
                     tensor.copy_(finetuned[name])
-            loss_of_quality = reference - value if search.greater_is_better else value - reference
-            good = loss_of_quality <= search.tolerance * abs(reference)
-            curve.append({"keep_ratio": ratio, search.metric: value, "within_tolerance": good})
             trainer.log({"ken_auto_k_ratio": ratio, f"ken_auto_k_{search.metric}": value})
-            low, high = (low, ratio) if good else (ratio, high)
-        self.auto_k_curve = curve
-        return high
+            return value
+
+        ratio, self.auto_k_curve = search.search(before[key], probe)
+        return ratio
 
 
 def _hub_repo_id(trainer: Trainer) -> str:
