@@ -1,17 +1,25 @@
 """The package's public names: each lazily loaded name resolves, the names type checkers and
 the API reference see (the ``TYPE_CHECKING`` imports) are exactly the lazy ones, and
-``import ken_hf`` loads no transformers."""
+``import ken_hf`` loads no transformers. The layout the docs describe is the one the import
+contracts enforce."""
 
 from __future__ import annotations
 
 import ast
+import re
 import subprocess
 import sys
 from pathlib import Path
 
 import ken_hf
 
+try:
+    import tomllib
+except ModuleNotFoundError:  # Python 3.10: pytest brings tomli
+    import tomli as tomllib
+
 INIT = Path(ken_hf.__file__)
+ROOT = INIT.parents[1]
 
 
 def _type_checking_imports() -> dict[str, str]:
@@ -43,3 +51,41 @@ def test_import_loads_no_transformers():
     code = "import sys, ken_hf; print('transformers' in sys.modules)"
     out = subprocess.run([sys.executable, "-c", code], capture_output=True, text=True, check=True)
     assert out.stdout.strip() == "False"
+
+
+def _contract_layers() -> list[list[str]]:
+    """The modules of the layers contract in pyproject.toml, bottom layer first, without
+    the ``ken_hf.`` prefix."""
+    contracts = tomllib.loads((ROOT / "pyproject.toml").read_text())["tool"]["importlinter"]
+    (layers,) = [c["layers"] for c in contracts["contracts"] if c["type"] == "layers"]
+    return [
+        [module.strip().removeprefix("ken_hf.") for module in layer.split("|")]
+        for layer in reversed(layers)
+    ]
+
+
+def test_every_module_is_in_a_layer_of_the_import_contracts():
+    layered = {module for layer in _contract_layers() for module in layer}
+    package = ROOT / "ken_hf"
+    modules = {p.stem for p in package.glob("*.py") if p.stem != "__init__"}
+    modules |= {p.name for p in package.iterdir() if (p / "__init__.py").is_file()}
+    assert modules == layered, (modules - layered, layered - modules)
+
+
+def test_the_docs_layout_names_every_module_in_the_contracts_order():
+    """docs/contributing.md's "Layout" names each module (``name.py`` or ``name/``), and
+    every module of a lower layer is first named before every module of a higher one."""
+    text = (ROOT / "docs" / "contributing.md").read_text(encoding="utf-8")
+    section = text[text.index("## Layout") :]
+    section = section[: section.index("\n## ", 1)]
+    first = {}
+    for height, layer in enumerate(_contract_layers()):
+        for module in layer:
+            found = re.search(rf"`{re.escape(module)}(\.py|/)`", section)
+            assert found, f"the docs' layout does not name {module}"
+            first[module] = (height, found.start())
+    for lower, (low, at) in first.items():
+        for higher, (high, later) in first.items():
+            if low < high:
+                assert at < later, f"the docs' layout names {higher} before {lower}, a lower layer"
+
