@@ -112,6 +112,12 @@ class CheckpointValues:
     stored: dict[str, str]
     dtypes: dict[str, torch.dtype]
     fingerprints: dict[str, str]
+    shapes: dict[str, tuple[int, ...]]
+
+    @property
+    def specs(self) -> dict[str, tuple[tuple[int, ...], torch.dtype]]:
+        """``{model tensor name: (shape, dtype)}`` of the values, known without reading them."""
+        return {name: (self.shapes[name], self.dtypes[name]) for name in self.stored}
 
     @contextmanager
     def open(
@@ -177,7 +183,7 @@ def record_checkpoint(
     with Checkpoint(source.name_or_path, revision=source.revision) as checkpoint:
         floating = [name for name, tensor in tensors.items() if tensor.is_floating_point()]
         stored = match_names(floating, checkpoint.names, prefix or checkpoint.base_model_prefix)
-        dtypes, fingerprints = {}, {}
+        dtypes, fingerprints, shapes = {}, {}, {}
         for name, stored_name in stored.items():
             value = checkpoint.read(stored_name).to(tensors[name].dtype)
             # a grown tensor (a vocabulary that gained tokens) is compared on its base's rows
@@ -188,4 +194,5 @@ def record_checkpoint(
                     f"{source.name_or_path!r}"
                 )
             dtypes[name], fingerprints[name] = value.dtype, tensor_fingerprint(value)
-    return CheckpointValues(source, stored, dtypes, fingerprints)
+            shapes[name] = tuple(value.shape)
+    return CheckpointValues(source, stored, dtypes, fingerprints, shapes)

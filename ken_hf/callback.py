@@ -45,6 +45,7 @@ that the Trainer's own ``push_to_hub`` of ``output_dir`` gives it, with the Trai
 
 from __future__ import annotations
 
+import contextlib
 import dataclasses
 import inspect
 import time
@@ -67,18 +68,21 @@ from .base_source import (
 )
 from .checkpoints import CheckpointError, new_parameters, tensors_of
 from .config import KENConfig
-from .distributed import share_by_size
 from .errors import KENConfigError, shown
 from .hub import is_remote_id
-from .pipeline import PRUNED, select_masks
+from .in_place import InPlacePrune
+from .pipeline import specs_of
+from .serialization import StoredSubnetwork, SubnetworkFileFacts
 from .sharding import full_numel, prune_sharded, sharding_of, snapshot_sharded
-from .subnetwork import KENSubnetwork, check_full_model, prune_model, select_in_process
-from .subnetwork_folder import push_subnetwork_folder, travelling_base
+from .subnetwork import KENSubnetwork, check_full_model
+from .subnetwork_folder import SubnetworkFolderWriter, push_subnetwork_folder, travelling_base
 from .viz import summary_png_if_available
 
 logger = logging.get_logger(__name__)
 
 PRETRAINED_SOURCES = ("auto", "checkpoint", "snapshot")
+# What the callback logs through the Trainer when training ends.
+SUMMARY = ("ken_reset_fraction", "ken_kept_fraction", "ken_selection_seconds")
 
 
 class KENCallback(TrainerCallback):
@@ -378,15 +382,18 @@ class KENCallback(TrainerCallback):
         return recorded, None
 
     @contextmanager
-    def _pretrained_values(self, model: torch.nn.Module) -> Iterator[Mapping[str, torch.Tensor]]:
-        """The pre-trained values for the end of training: the snapshot, or the checkpoint
-        read a tensor at a time (each on its model tensor's device)."""
+    def _pretrained_values(
+        self, model: torch.nn.Module
+    ) -> Iterator[tuple[Mapping[str, torch.Tensor], dict]]:
+        """The pre-trained values for the end of training and their ``{name: (shape,
+        dtype)}``: the snapshot, or the checkpoint read a tensor at a time (each on its
+        model tensor's device; shapes and dtypes as recorded, nothing read for them)."""
         if self.checkpoint_values is None:
-            yield self.pretrained
+            yield self.pretrained, specs_of(self.pretrained)
             return
         devices = {name: tensor.device for name, tensor in tensors_of(model).items()}
         with self.checkpoint_values.open(devices) as values:
-            yield values
+            yield values, self.checkpoint_values.specs
 
     def on_train_end(self, args, state, control, **kwargs):
         """Trainer event: run KEN on the trained model, evaluate, report and save.
@@ -414,72 +421,110 @@ class KENCallback(TrainerCallback):
         trainer = self._find_trainer()
         model = _unwrap(trainer)
         evaluate = self.evaluate and trainer.eval_dataset is not None
+        main = trainer.is_world_process_zero()
+        folder = Path(self.save_dir or Path(args.output_dir) / "ken")
         before = trainer.evaluate(metric_key_prefix="ken_before") if evaluate else {}
-        with self._pretrained_values(model) as pretrained:
-            if self.auto_k is not None:
-                ratio = self._search_keep_ratio(trainer, model, before, pretrained)
-                self.config = dataclasses.replace(self.config, k=None, keep_ratio=ratio)
+        with contextlib.ExitStack() as stack:
+            # The subnetwork file is written as the tensors are pruned; the other files
+            # once the pruned model is evaluated. The folder changes only at the end.
+            save = stack.enter_context(SubnetworkFolderWriter(folder)) if main else None
             start = time.perf_counter()
-            progress = state.is_world_process_zero and not args.disable_tqdm
-            if self._sharding:
-                self.subnetwork = prune_sharded(
+            config, model_config = self._prune(trainer, model, before, save, args, state)
+            seconds = time.perf_counter() - start
+            self.pretrained, self.checkpoint_values = {}, None
+            after = trainer.evaluate(metric_key_prefix="ken_after") if evaluate else {}
+            if save is None:  # not the main process: nothing to report
+                return
+            self.report = self._report(model, config, save.facts, seconds, before, after)
+            trainer.log({key: self.report[key] for key in SUMMARY})
+            metrics = {k: v for k, v in {**before, **after}.items() if isinstance(v, float)}
+            save.write_rest(
+                config,
+                model_config=model_config,
+                metrics=metrics,
+                report=self.report,
+                tokenizer=trainer.processing_class,
+                dataset=self.dataset,
+                picture=summary_png_if_available(save.entries),  # needs [viz]
+            )
+        logger.info(f"KEN subnetwork saved to {folder}")
+        self.subnetwork = KENSubnetwork.from_pretrained(folder)
+        self.subnetwork.metrics = metrics
+        if args.push_to_hub:
+            self.push_subnetwork(trainer, folder)
+
+    def _prune(
+        self, trainer: Trainer, model: torch.nn.Module, before: dict, save, args, state
+    ) -> tuple[KENConfig, dict | None]:
+        """Prune ``model`` in place (after the ``AutoK`` search, when given), its tensors
+        written by ``save`` (the main process's folder writer, else None) as they come.
+        Returns the subnetwork's config and the model's ``config.json`` values."""
+        progress = state.is_world_process_zero and not args.disable_tqdm
+        with self._pretrained_values(model) as (pretrained, specs):
+            if self.auto_k is not None:
+                ratio = self._search_keep_ratio(trainer, model, before, pretrained, specs)
+                self.config = dataclasses.replace(self.config, k=None, keep_ratio=ratio)
+            if self._sharding:  # the main process alone holds the subnetwork: written whole
+                subnetwork = prune_sharded(
                     model,
                     pretrained,
                     self.config,
                     new_tensors=self.new_tensors or (),
-                    main=state.is_world_process_zero,
+                    main=save is not None,
                     source=self.source,
                     progress=progress,
                 )
-            else:
-                self.subnetwork = prune_model(
-                    model,
-                    pretrained,
-                    self.config,
-                    new_tensors=self.new_tensors,
-                    progress=progress,
-                    selector=_shared_selector(),
+                if save is None:
+                    return self.config, None
+                save.write_tensors(
+                    StoredSubnetwork(subnetwork.pruned, subnetwork.whole, subnetwork.fingerprints)
                 )
-        seconds = time.perf_counter() - start
-        after = trainer.evaluate(metric_key_prefix="ken_after") if evaluate else {}
-        self.pretrained, self.checkpoint_values = {}, None
-        if self.subnetwork is None:  # sharded, not the main process: nothing to report
-            return
+                return subnetwork.config, subnetwork.model_config
+            pruning = self._in_place(model, pretrained, specs, self.config, progress)
+            records = pruning.records()
+            if save is not None:
+                save.write_tensors(records)
+            else:
+                for _ in records:  # rebuilt on this rank, written by the main process
+                    pass
+            return pruning.config, pruning.model_config
+
+    def _in_place(self, model, pretrained, specs, config: KENConfig, progress: bool):
+        return InPlacePrune(
+            model,
+            pretrained,
+            specs,
+            config,
+            source=self.source,
+            new_tensors=self.new_tensors or (),
+            progress=progress,
+        )
+
+    def _report(
+        self,
+        model: torch.nn.Module,
+        config: KENConfig,
+        facts: SubnetworkFileFacts,
+        seconds: float,
+        before: dict,
+        after: dict,
+    ) -> dict:
+        """What ``ken_report.json`` holds, from the written file's ``facts``."""
+        counts = facts.counts
+        kept_anywhere = counts["kept_values"] + counts["whole_values"] + facts.added_values
+        pruned = counts["pruned_values"]
         total = sum(full_numel(p) for p in model.parameters())
-        summary = {
-            "ken_reset_fraction": self.subnetwork.reset_fraction(total),
-            "ken_kept_fraction": self.subnetwork.kept_fraction(),
+        return {
+            "ken_reset_fraction": 1.0 - kept_anywhere / total,
+            "ken_kept_fraction": counts["kept_values"] / pruned if pruned else 1.0,
             "ken_selection_seconds": seconds,
-        }
-        trainer.log(summary)
-        self.subnetwork.metrics = {
-            key: value for key, value in {**before, **after}.items() if isinstance(value, float)
-        }
-        self.report = {
-            **summary,
-            "config": self.subnetwork.config.to_dict(),
+            "config": config.to_dict(),
             "metrics_before": before,
             "metrics_after": after,
-            "tensors": {
-                name: {"kept": pruned.positions.numel(), "values": pruned.base_numel()}
-                for name, pruned in self.subnetwork.pruned.items()
-                if not pruned.only_new_rows()
-            },
-            "stored_whole": sorted(self.subnetwork.whole),
+            "tensors": facts.per_tensor,
+            "stored_whole": list(facts.whole_names),
             "auto_k_curve": self.auto_k_curve,
         }
-        if trainer.is_world_process_zero():
-            folder = Path(self.save_dir or Path(args.output_dir) / "ken")
-            self.subnetwork.save_pretrained(
-                folder,
-                report=self.report,
-                tokenizer=trainer.processing_class,
-                dataset=self.dataset,
-                picture=summary_png_if_available(self.subnetwork),  # needs [viz]
-            )
-            logger.info(f"KEN subnetwork saved to {folder}")
-            if args.push_to_hub:
-                self.push_subnetwork(trainer, folder)
 
     def push_subnetwork(self, trainer: Trainer, folder: Path) -> str:
         """Push the saved subnetwork folder to the Trainer's Hub repository.
@@ -578,7 +623,12 @@ class KENCallback(TrainerCallback):
         )
 
     def _search_keep_ratio(
-        self, trainer: Trainer, model, before: dict, pretrained: Mapping[str, torch.Tensor]
+        self,
+        trainer: Trainer,
+        model: torch.nn.Module,
+        before: dict,
+        pretrained: Mapping[str, torch.Tensor],
+        specs: dict,
     ) -> float:
         """``auto_k``'s search: each probe prunes the model against ``pretrained`` and
         evaluates, then the fine-tuned values (a copy held meanwhile) are put back."""
@@ -590,14 +640,8 @@ class KENCallback(TrainerCallback):
 
         def probe(ratio: float) -> float:
             config = dataclasses.replace(self.config, k=None, keep_ratio=ratio)
-            prune_model(
-                model,
-                pretrained,
-                config,
-                new_tensors=self.new_tensors,
-                progress=False,
-                selector=_shared_selector(),
-            )
+            for _ in self._in_place(model, pretrained, specs, config, progress=False).records():
+                pass
             value = trainer.evaluate(metric_key_prefix="ken_probe")[f"ken_probe_{search.metric}"]
             with torch.no_grad():
                 for name, tensor in tensors_of(model).items():
@@ -646,32 +690,3 @@ def _check_sharding(
             "values; use pretrained_source='auto' or 'snapshot'"
         )
     return sharding
-
-
-def _shared_selector():
-    """``select_in_process`` when alone; with torch.distributed, each rank selects a share
-    of the pruned tensors (balanced by size) and broadcasts its masks to the others."""
-    if not (torch.distributed.is_available() and torch.distributed.is_initialized()):
-        return select_in_process
-    distributed = torch.distributed
-
-    def selector(plans, finetuned, base, config, progress):
-        rank, world = distributed.get_rank(), distributed.get_world_size()
-        pruned = [p for p in plans if p.fate == PRUNED]
-        largest_first = sorted(pruned, key=lambda p: (-finetuned[p.name].numel(), p.name))
-        shares = share_by_size([finetuned[p.name].numel() for p in largest_first], world)
-        owner = {p.name: rank for p, rank in zip(largest_first, shares, strict=True)}
-        mine = [p for p in pruned if owner[p.name] == rank]
-        masks = select_masks(mine, finetuned, base, config, progress=progress)
-        for plan in pruned:
-            tensor = finetuned[plan.name]
-            buffer = (
-                masks[plan.name].to(torch.uint8)
-                if owner[plan.name] == rank
-                else torch.empty(tensor.shape, dtype=torch.uint8, device=tensor.device)
-            )
-            distributed.broadcast(buffer, src=owner[plan.name])
-            masks[plan.name] = buffer.bool()
-        return masks
-
-    return selector

@@ -276,5 +276,5 @@ def rebuild_into(tensor: torch.Tensor, base: torch.Tensor, record: TensorRecord)
         if record.mask is None:
             tensor.copy_(base)
             return
-        kept = torch.where(record.mask.to(tensor.device), tensor, base.to(tensor.device))
-        tensor.copy_(kept)
+        # written in place (``out``): no second copy of the tensor
+        torch.where(record.mask.to(tensor.device), tensor, base.to(tensor.device), out=tensor)

@@ -36,6 +36,7 @@ import functools
 import json
 import math
 import os
+from collections.abc import Mapping
 from pathlib import Path
 from typing import TYPE_CHECKING
 
@@ -102,34 +103,45 @@ class SubnetworkFileFacts:
     """What a model card or a driver reports about a written subnetwork file, from the
     header's entries (the writer's own, or a reader's): ``counts`` (tensors and values
     pruned, of a grown tensor its base's rows; kept; stored whole), ``full_bytes`` (the same
-    tensors in full) and ``file_bytes`` (the file's size)."""
+    tensors in full), ``file_bytes`` (the file's size), ``added_values`` (the values of the
+    rows grown tensors added, stored whole) and ``per_tensor`` (``{name: {"kept", "values"}}``
+    of each pruned tensor counted in ``counts``), ``whole_names`` (the tensors stored whole)."""
 
     counts: dict[str, int]
     full_bytes: int
     file_bytes: int
+    added_values: int = 0
+    per_tensor: dict[str, dict[str, int]] = dataclasses.field(default_factory=dict)
+    whole_names: tuple[str, ...] = ()
 
     @classmethod
-    def of(cls, entries: list[dict], file_bytes: int) -> SubnetworkFileFacts:
-        # A tensor reset to the base that grew is stored for its new rows alone: not pruned.
-        pruned = [
-            e for e in entries if e["kind"] == "pruned" and not ("rows" in e and e["count"] == 0)
-        ]
-        whole = [e for e in entries if e["kind"] == "whole"]
+    def of(cls, entries: Mapping[str, dict], file_bytes: int) -> SubnetworkFileFacts:
+        """The facts of the header ``entries`` (``{name: entry}``) of a file of ``file_bytes``."""
+        per_tensor, added = {}, 0
+        for name, entry in entries.items():
+            if entry["kind"] != "pruned":
+                continue
+            shape, rows = entry["shape"], entry.get("rows")
+            width = math.prod(shape[1:])
+            if rows is not None:
+                added += (shape[0] - rows) * width
+                if entry["count"] == 0:  # reset, stored for its new rows alone: not pruned
+                    continue
+            values = rows * width if rows is not None else math.prod(shape)
+            per_tensor[name] = {"kept": entry["count"], "values": values}
+        whole = {n: e for n, e in entries.items() if e["kind"] == "whole"}
         counts = {
-            "pruned_tensors": len(pruned),
-            "pruned_values": sum(
-                e["rows"] * math.prod(e["shape"][1:]) if "rows" in e else math.prod(e["shape"])
-                for e in pruned
-            ),
-            "kept_values": sum(e["count"] for e in pruned),
+            "pruned_tensors": len(per_tensor),
+            "pruned_values": sum(t["values"] for t in per_tensor.values()),
+            "kept_values": sum(t["kept"] for t in per_tensor.values()),
             "whole_tensors": len(whole),
-            "whole_values": sum(math.prod(e["shape"]) for e in whole),
+            "whole_values": sum(math.prod(e["shape"]) for e in whole.values()),
         }
         full_bytes = sum(
             math.prod(e["shape"]) * torch.empty((), dtype=getattr(torch, e["dtype"])).itemsize
-            for e in entries
+            for e in entries.values()
         )
-        return cls(counts, full_bytes, file_bytes)
+        return cls(counts, full_bytes, file_bytes, added, per_tensor, tuple(sorted(whole)))
 
 
 def _uint8(data: bytes) -> torch.Tensor:
@@ -273,9 +285,14 @@ class SubnetworkWriter:
                 self.add_whole(name, stored.whole[name])
         self.fingerprints = stored.fingerprints
 
+    @property
+    def entries(self) -> dict[str, dict]:
+        """``{name: the header's record}`` of each tensor added so far."""
+        return self._entries
+
     def facts(self) -> SubnetworkFileFacts:
         """Counts and sizes of the file written (after the block has ended)."""
-        return SubnetworkFileFacts.of(list(self._entries.values()), self._path.stat().st_size)
+        return SubnetworkFileFacts.of(self._entries, self._path.stat().st_size)
 
     def __enter__(self) -> SubnetworkWriter:
         return self
@@ -345,7 +362,7 @@ class SubnetworkReader:
 
     def facts(self) -> SubnetworkFileFacts:
         """Counts and sizes from the header alone (no tensor is read)."""
-        entries = [self.entry(name) for name in self.names]
+        entries = {name: self.entry(name) for name in self.names}
         return SubnetworkFileFacts.of(entries, self.path.stat().st_size)
 
     def read(self, name: str) -> PrunedTensor | torch.Tensor:

@@ -20,11 +20,9 @@ import json
 import math
 import os
 import re
-import struct
 from collections.abc import Iterator
 from pathlib import Path
 
-import numpy as np
 import torch
 import xxhash
 from tqdm.auto import tqdm
@@ -42,13 +40,12 @@ from .checkpoints import (
 )
 from .config import KENConfig
 from .confined import confined_file
-from .delta_codec import BITS_DTYPES, DEFAULT_LEVEL, DEFAULT_THREADS, pack_bits, unpack_bits
-from .distributed import Inbox, Outbox, Team, share_by_size
+from .delta_codec import DEFAULT_LEVEL, DEFAULT_THREADS
+from .distributed import Team
 from .fingerprint import tensor_fingerprint
 from .hub import resolve_folder
 from .pipeline import (
     PRUNED,
-    RESET,
     WHOLE,
     TensorPlan,
     TensorRecord,
@@ -61,13 +58,10 @@ from .serialization import (
     PrunedTensor,
     SubnetworkReader,
 )
+from .shared_records import SELECTION_MEMORY, shared_records
 from .subnetwork import BaseMismatchError
 from .subnetwork_folder import MODEL_CONFIG_NAME, SUBNETWORK_FILES, open_saved, write_folder
 from .subnetwork_format import VALUE_DTYPES
-
-# Working memory of the selection, per tensor: half the library default, so that the whole
-# run stays within two copies of the largest tensor plus 1 GiB, start-up included.
-SELECTION_MEMORY = 128 * 2**20
 
 
 def _specs(checkpoint: Checkpoint) -> dict:
@@ -118,7 +112,6 @@ def prune_checkpoints(
         team.same(
             xxhash.xxh3_64_hexdigest(repr([plans, sizes, config]).encode()), "tensors or settings"
         )
-        owners = _owners(plans, sizes, team.world)
         config = dataclasses.replace(
             config,
             base_model_name_or_path=config.base_model_name_or_path or str(base),
@@ -136,41 +129,38 @@ def prune_checkpoints(
             # the tensors are freed on return, before the record is compressed or sent
             return process_tensor(plan, weight, pretrained, config, max_memory=SELECTION_MEMORY)
 
-        if not team.main:
-            _send_share([p for p in plans if owners[p.name] == team.rank], processed, team)
-            return team.broadcast(None)
         counted = {"kept": 0, "pruned": 0}
 
         def records() -> Iterator[TensorRecord]:
-            """Each tensor's record in name order (the file's order): this rank's selected
-            here, the others' received; each is freed before the next tensor is read."""
+            """Each tensor's record in name order (the file's order), on the main process;
+            each is freed before the next tensor is read."""
             with tqdm(
                 total=sum(tuned.nbytes(p.name) for p in plans),
                 desc="KEN prune",
                 unit="B",
                 unit_scale=True,
-                disable=not progress,
+                disable=not (progress and team.main),
             ) as bar:
-                # Records of the other ranks wait here while this rank selects its own; no
-                # more than the largest tensor's bytes of them.
-                inbox = Inbox(
-                    team,
-                    [owners[p.name] for p in plans if owners[p.name] != team.rank],
-                    max((tuned.nbytes(p.name) for p in plans), default=0),
-                )
-                for plan in plans:
-                    if owners[plan.name] == team.rank:
-                        inbox.check()
-                        record = processed(plan)
-                    else:
-                        record = _received(plan, tuned_specs[plan.name], inbox.get())
-                    if plan.fate == PRUNED:
+                for record in shared_records(
+                    plans,
+                    processed,
+                    tuned_specs,
+                    team=team,
+                    every_rank_receives=False,
+                    # other ranks' records wait here while this rank selects its own
+                    budget=max((tuned.nbytes(p.name) for p in plans), default=0),
+                ):
+                    if record.plan.fate == PRUNED:
                         counted["kept"] += int(torch.count_nonzero(record.mask))
                         counted["pruned"] += record.mask.numel()
+                    bar.update(tuned.nbytes(record.plan.name))
                     yield record
                     del record
-                    bar.update(tuned.nbytes(plan.name))
 
+        if not team.main:
+            for _ in records():  # this rank's share, sent to the main process
+                pass
+            return team.broadcast(None)
         facts = write_folder(
             out,
             config,
@@ -188,86 +178,6 @@ def prune_checkpoints(
                 "bytes": facts.file_bytes,
             }
         )
-
-
-def _owners(plans: list[TensorPlan], sizes: dict[str, int], world: int) -> dict[str, int]:
-    """The rank that processes each tensor. Tensors stored whole go to the main process,
-    which compresses and writes them anyway (sending them would move whole tensors); the
-    others, in name order (the order the main process writes in), each to the rank with
-    the fewest values so far, so that no rank runs far ahead of the writer."""
-    # Grown tensors too: the records other ranks send carry no added rows.
-    on_main = [p.fate == WHOLE or p.base_rows is not None for p in plans]
-    whole = [p for p, main in zip(plans, on_main, strict=True) if main]
-    shared = [p for p, main in zip(plans, on_main, strict=True) if not main]
-    load = [sum(sizes[p.name] for p in whole)] + [0] * (world - 1)
-    owners = share_by_size([sizes[p.name] for p in shared], world, load)
-    return {p.name: 0 for p in whole} | {p.name: r for p, r in zip(shared, owners, strict=True)}
-
-
-def _send_share(mine: list[TensorPlan], processed, team: Team) -> None:
-    """A rank other than the main one: process the tensors ``mine`` in name order and send
-    each record to the main process while the next is processed; an error is sent instead
-    of the record, then raised."""
-    outbox = Outbox(team)
-    for plan in mine:
-        try:
-            payload = _payload(processed(plan))
-        except Exception as error:
-            outbox.send_error(f"on tensor {plan.name!r}: {type(error).__name__}: {error}")
-            raise
-        outbox.send(payload)
-    outbox.flush()
-
-
-def _payload(record: TensorRecord) -> bytes:
-    """What the main process needs to write a ``PRUNED`` or ``RESET`` record: an 8-byte
-    length and a JSON header (fingerprint; for a pruned tensor its delta statistics, kept
-    count and array sizes), then the mask ``[numel]`` and the changed flags ``[K]`` as
-    packed bits and the differences ``[C]``' bytes: about one bit per value plus the kept
-    values' changes, never a whole tensor."""
-    header: dict = {"fingerprint": record.fingerprint}
-    arrays: list[bytes] = []
-    if record.mask is not None:
-        arrays = [
-            pack_bits(record.mask),
-            pack_bits(record.changed),
-            record.difference.numpy().tobytes(),
-        ]
-        header |= {
-            "delta": record.delta,
-            "kept": int(record.changed.numel()),
-            "sizes": [len(a) for a in arrays],
-        }
-    text = json.dumps(header).encode()
-    return b"".join([struct.pack("<Q", len(text)), text, *arrays])
-
-
-def _received(plan: TensorPlan, spec, payload: bytes) -> TensorRecord:
-    """The record ``_payload`` sent, for the writer; ``spec``: the fine-tuned tensor's
-    (shape, dtype)."""
-    shape, dtype = spec
-    (length,) = struct.unpack_from("<Q", payload)
-    header = json.loads(payload[8 : 8 + length])
-    # The writer reads only the fine-tuned tensor's shape and dtype: a stand-in, no values.
-    finetuned = torch.empty((), dtype=dtype).expand(shape)
-    if plan.fate == RESET:
-        return TensorRecord(plan, finetuned, fingerprint=header["fingerprint"])
-    start, parts = 8 + length, []
-    for size in header["sizes"]:
-        parts.append(payload[start : start + size])
-        start += size
-    mask, changed, difference = parts
-    return TensorRecord(
-        plan,
-        finetuned,
-        mask=unpack_bits(mask, math.prod(shape)).reshape(shape),
-        fingerprint=header["fingerprint"],
-        delta=header["delta"],
-        changed=unpack_bits(changed, header["kept"]),
-        difference=torch.from_numpy(np.frombuffer(difference, dtype=np.uint8).copy()).view(
-            BITS_DTYPES[dtype]
-        ),
-    )
 
 
 def apply_checkpoint(

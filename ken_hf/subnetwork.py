@@ -14,7 +14,7 @@ import math
 import os
 import tempfile
 import warnings
-from collections.abc import Callable, Collection, Iterable, Mapping
+from collections.abc import Collection, Iterable, Mapping
 from dataclasses import dataclass, field
 from pathlib import Path
 
@@ -31,7 +31,6 @@ from .hub import push_folder, resolve_folder
 from .pipeline import (
     PRUNED,
     WHOLE,
-    TensorPlan,
     TensorRecord,
     dominant_dtype,
     plan_tensors,
@@ -48,17 +47,6 @@ from .serialization import (
 )
 from .subnetwork_folder import SUBNETWORK_FILES, open_saved, travelling_base, write_folder
 from .subnetwork_format import positions_of
-
-# Selects masks for the pruned plans: (plans, fine-tuned, base, config, progress) -> masks.
-MaskSelector = Callable[
-    [list[TensorPlan], Mapping[str, torch.Tensor], Mapping[str, torch.Tensor], KENConfig, bool],
-    dict[str, torch.Tensor],
-]
-
-
-def select_in_process(plans, finetuned, base, config, progress) -> dict[str, torch.Tensor]:
-    """The default ``MaskSelector``: every mask selected in this process."""
-    return select_masks(plans, finetuned, base, config, progress=progress)
 
 
 class BaseMismatchError(KENError):
@@ -186,7 +174,6 @@ class KENSubnetwork:
         *,
         new_tensors: Collection[str] | None = None,
         progress: bool = True,
-        selector: MaskSelector = select_in_process,
     ) -> KENSubnetwork:
         """Select the subnetwork of ``finetuned`` against ``base``; neither is changed.
 
@@ -205,8 +192,6 @@ class KENSubnetwork:
             new_tensors: names of ``finetuned``'s newly initialised tensors (an empty set if
                 none is); None: found from the base's checkpoint.
             progress: show a progress bar over the rows.
-            selector: computes the masks of the pruned tensors (the training layer passes
-                one that shares the work among distributed ranks).
 
         Returns:
             The subnetwork; its config records the base checkpoint, the base dtype and the
@@ -230,7 +215,7 @@ class KENSubnetwork:
             subnetwork = KENSubnetwork.from_weights(base, tuned, KENConfig(keep_ratio=0.3))
             ```
         """
-        return _select(base, finetuned, config, new_tensors, progress, selector)[0]
+        return _select(base, finetuned, config, new_tensors, progress)[0]
 
     @classmethod
     def from_records(
@@ -283,28 +268,7 @@ class KENSubnetwork:
                 )
             elif record.fingerprint is None:
                 whole[name] = record.finetuned.detach().to("cpu", copy=True)
-        model_config = None
-        if isinstance(model, torch.nn.Module) and hasattr(model, "config"):
-            # FSDP2 subclasses the model's class on the fly: record the class it came from.
-            model_class = next(
-                c for c in type(model).__mro__ if not c.__module__.startswith("torch.distributed")
-            )
-            config = dataclasses.replace(
-                config, model_class=config.model_class or model_class.__name__
-            )
-            # What save_pretrained writes (the values that differ from the defaults, as
-            # ``ken prune`` copies them from a saved fine-tune), with the class of this
-            # model, whatever class the config was loaded with (servers pick it from here).
-            model_config = json.loads(model.config.to_json_string(use_diff=True)) | {
-                "architectures": [model_class.__name__]
-            }
-        if source is not None and not config.base_model_name_or_path:
-            config = dataclasses.replace(
-                config,
-                base_model_name_or_path=source.name_or_path,
-                base_model_revision=config.base_model_revision or source.revision,
-            )
-        config = dataclasses.replace(config, base_model_dtype=config.base_model_dtype or base_dtype)
+        config, model_config = with_provenance(config, model, source, base_dtype)
         return cls(config, pruned, whole, fingerprints, model_config)
 
     # -- what it holds ------------------------------------------------------------------
@@ -804,6 +768,39 @@ class KENSubnetwork:
             return push_folder(folder, repo_id, **push_kwargs)
 
 
+def with_provenance(
+    config: KENConfig,
+    model: Weights | None,
+    source: BaseSource | None,
+    base_dtype: str | None,
+) -> tuple[KENConfig, dict | None]:
+    """``config`` with what a subnetwork records of where it came from, where ``config``
+    does not name it: the fine-tuned model's class, the base ``source`` (checkpoint and
+    revision) and the base's dtype name (``base_dtype``); and the model's ``config.json``
+    values (None unless ``model`` is a transformers model)."""
+    model_config = None
+    if isinstance(model, torch.nn.Module) and hasattr(model, "config"):
+        # FSDP2 subclasses the model's class on the fly: record the class it came from.
+        model_class = next(
+            c for c in type(model).__mro__ if not c.__module__.startswith("torch.distributed")
+        )
+        config = dataclasses.replace(config, model_class=config.model_class or model_class.__name__)
+        # What save_pretrained writes (the values that differ from the defaults, as
+        # ``ken prune`` copies them from a saved fine-tune), with the class of this
+        # model, whatever class the config was loaded with (servers pick it from here).
+        model_config = json.loads(model.config.to_json_string(use_diff=True)) | {
+            "architectures": [model_class.__name__]
+        }
+    if source is not None and not config.base_model_name_or_path:
+        config = dataclasses.replace(
+            config,
+            base_model_name_or_path=source.name_or_path,
+            base_model_revision=config.base_model_revision or source.revision,
+        )
+    config = dataclasses.replace(config, base_model_dtype=config.base_model_dtype or base_dtype)
+    return config, model_config
+
+
 def _short_count(count: int) -> str:
     """``22713216`` -> ``"22.7M"``: a count for a one-line summary."""
     for limit, suffix in ((10**9, "B"), (10**6, "M"), (10**3, "k")):
@@ -831,7 +828,7 @@ def check_full_model(model: Weights, what: str = "the model") -> None:
         )
 
 
-def _select(base, finetuned, config, new_tensors, progress, selector):
+def _select(base, finetuned, config, new_tensors, progress):
     """The in-memory driver: plan, masks, one step per tensor. Returns the subnetwork, the
     records (in plan order) and the base's tensors by name."""
     check_full_model(finetuned, "the fine-tuned model")
@@ -858,7 +855,7 @@ def _select(base, finetuned, config, new_tensors, progress, selector):
         new_tensors=new_tensors,
         prefix=getattr(finetuned, "base_model_prefix", None) or None,
     )
-    masks = selector(plans, tuned, base_tensors, config, progress)
+    masks = select_masks(plans, tuned, base_tensors, config, progress=progress)
     records = [
         process_tensor(
             plan,
@@ -883,7 +880,6 @@ def prune_model(
     *,
     new_tensors: Collection[str] | None = None,
     progress: bool = True,
-    selector: MaskSelector = select_in_process,
 ) -> KENSubnetwork:
     """Prune ``finetuned`` in place with KEN and return its subnetwork.
 
@@ -899,7 +895,6 @@ def prune_model(
             none is); None: found from the base's checkpoint (see
             ``KENSubnetwork.from_weights``).
         progress: show a progress bar over the rows.
-        selector: computes the masks, as in ``KENSubnetwork.from_weights``.
 
     Returns:
         The subnetwork, as ``KENSubnetwork.from_weights`` returns it.
@@ -917,9 +912,7 @@ def prune_model(
         subnetwork.save_pretrained("ken/")  # finetuned_model is now the pruned model
         ```
     """
-    subnetwork, records, base_tensors = _select(
-        base, finetuned, config, new_tensors, progress, selector
-    )
+    subnetwork, records, base_tensors = _select(base, finetuned, config, new_tensors, progress)
     tuned = tensors_of(finetuned)
     for record in records:
         if record.plan.base_name:

@@ -25,7 +25,7 @@ from .checkpoints import TOKENIZER_FILES
 from .config import CONFIG_NAME, KENConfig
 from .confined import confined_file, confined_path
 from .delta_codec import DEFAULT_LEVEL, DEFAULT_THREADS
-from .errors import KENConfigError, shown
+from .errors import KENConfigError, KENError, shown
 from .hub import is_remote_id, push_folder
 from .json_input import read_json_object
 from .serialization import (
@@ -107,9 +107,70 @@ def write_folder(
         KENConfigError: ``tokenizer`` saves a file named like one of the subnetwork's.
         KENError: a pruned tensor read from a version 1 file holds no delta against the base.
     """
-    with FolderWriter(save_directory, commit=CONFIG_NAME) as out:
+    with SubnetworkFolderWriter(
+        save_directory, compression_level=compression_level, compression_threads=compression_threads
+    ) as folder:
+        folder.write_tensors(tensors)
+        folder.write_rest(
+            config,
+            model_config=model_config,
+            metrics=metrics,
+            report=report,
+            tokenizer=tokenizer,
+            processor_folder=processor_folder,
+            dataset=dataset,
+            picture=picture,
+        )
+    return folder.facts
+
+
+class SubnetworkFolderWriter:
+    """``write_folder`` in two steps, for a driver that has work to do between them (the
+    callback evaluates the pruned model after its tensors are written, and only then has
+    the metrics for the card): ``write_tensors``, then ``write_rest``, inside the block.
+    The folder changes when the block ends without an error, never before.
+
+    Args:
+        save_directory: the folder, created if needed.
+        compression_level: zstd's level (1-22).
+        compression_threads: zstd's worker threads (0: one, the same bytes everywhere).
+
+    Attributes:
+        facts: counts and sizes of the written subnetwork file (once ``write_tensors`` ran).
+        entries: ``{name: the header's record}`` of every tensor written, as
+            ``SubnetworkReader.entry`` gives it (kind, shape, dtype, kept count, delta).
+    """
+
+    def __init__(
+        self,
+        save_directory: str | os.PathLike,
+        *,
+        compression_level: int = DEFAULT_LEVEL,
+        compression_threads: int = DEFAULT_THREADS,
+    ) -> None:
+        self._out = FolderWriter(save_directory, commit=CONFIG_NAME)
+        self._level, self._threads = compression_level, compression_threads
+        self._digest: str | None = None
+        self._finished = False
+        self.facts: SubnetworkFileFacts | None = None
+        self.entries: dict[str, dict] = {}
+
+    def __enter__(self) -> SubnetworkFolderWriter:
+        self._out.__enter__()
+        return self
+
+    def __exit__(self, kind, error, traceback) -> bool | None:
+        if kind is None and not self._finished:
+            error = KENError("SubnetworkFolderWriter: the block ended before write_rest")
+            self._out.__exit__(type(error), error, None)
+            raise error
+        return self._out.__exit__(kind, error, traceback)
+
+    def write_tensors(self, tensors: StoredSubnetwork | Iterable[TensorRecord]) -> None:
+        """Write the subnetwork file: a subnetwork held in memory, or the pipeline's records
+        in name order (consumed one at a time: each can be freed once written)."""
         with SubnetworkWriter(
-            out.staged(SUBNETWORK_NAME), level=compression_level, threads=compression_threads
+            self._out.staged(SUBNETWORK_NAME), level=self._level, threads=self._threads
         ) as writer:
             if isinstance(tensors, StoredSubnetwork):
                 writer.add_stored(tensors)
@@ -117,7 +178,25 @@ def write_folder(
                 for record in tensors:
                     writer.add_record(record)
                     del record  # freed before ``tensors`` makes the next one
-        facts = writer.facts()
+        self.facts, self.entries, self._digest = writer.facts(), writer.entries, writer.digest
+
+    def write_rest(
+        self,
+        config: KENConfig,
+        *,
+        model_config: Mapping | None = None,
+        metrics: Mapping[str, float] | None = None,
+        report: dict | None = None,
+        tokenizer: object | None = None,
+        processor_folder: Path | None = None,
+        dataset: str | None = None,
+        picture: bytes | None = None,
+    ) -> None:
+        """Write the files beside the subnetwork file (``write_folder`` says which), and
+        ``ken_config.json`` last, with the subnetwork file's digest."""
+        if self.facts is None:
+            raise KENError("SubnetworkFolderWriter.write_rest: write_tensors has not run")
+        out = self._out
         if model_config is not None:
             out.write_text(MODEL_CONFIG_NAME, json.dumps(model_config, indent=2, sort_keys=True))
         processor_saved = False
@@ -132,7 +211,7 @@ def write_folder(
                     processor_saved = True
         card = model_card(
             config,
-            facts,
+            self.facts,
             metrics,
             report=report,
             dataset=dataset,
@@ -149,9 +228,9 @@ def write_folder(
             out.write_text(REPORT_NAME, json.dumps(report, indent=2) + "\n")
         else:
             out.remove_stale([REPORT_NAME])  # it described an earlier subnetwork
-        saved = dataclasses.replace(config, subnetwork_digest=writer.digest)
+        saved = dataclasses.replace(config, subnetwork_digest=self._digest)
         out.write_text(CONFIG_NAME, saved.to_json_string())
-    return facts
+        self._finished = True
 
 
 def _save_processor(processor: object, out: FolderWriter) -> None:

@@ -26,14 +26,17 @@ import difflib
 import html
 import io
 import logging
+import math
 import re
 import shutil
+from collections.abc import Mapping
 from pathlib import Path
 from typing import TYPE_CHECKING, Literal
 
 import numpy as np
 
 from .errors import KENConfigError, MissingExtraError
+from .serialization import DecodedOnAccess
 from .subnetwork import KENSubnetwork
 from .subnetwork_format import KENFormatError
 
@@ -273,29 +276,52 @@ def layer_figure(subnetwork: Source, suffix: str, max_pixels: int = 256) -> Figu
     return figure
 
 
-def summary_rows(subnetwork: KENSubnetwork) -> list[dict]:
-    """Per pruned tensor: layer (or None), kept fraction, mean |delta| kept and reset."""
+def summary_rows(subnetwork: KENSubnetwork | Mapping[str, dict]) -> list[dict]:
+    """Per pruned tensor: layer (or None), kept fraction, mean |delta| kept and reset.
+
+    ``subnetwork``: a subnetwork, or the header entries of its file (``{name: entry}``, as
+    ``SubnetworkFolderWriter.entries`` gives them while the folder is being written); nothing
+    is decoded for a subnetwork read from a file."""
     rows = []
-    for name, pruned in subnetwork.pruned.items():
+    for name, (numel, kept, delta) in _pruned_counts(subnetwork).items():
         match = _LAYER.search(name)
         rows.append(
             {
                 "name": name,
                 "layer": int(match.group(1)) if match else None,
-                "kept_fraction": pruned.positions.numel() / max(1, pruned.shape.numel()),
-                "delta_kept": pruned.delta_kept,
-                "delta_reset": pruned.delta_reset,
+                "kept_fraction": kept / max(1, numel),
+                "delta_kept": delta[0],
+                "delta_reset": delta[1],
             }
         )
     return rows
 
 
-def summary_figure(subnetwork: Source) -> Figure:
+def _pruned_counts(
+    subnetwork: KENSubnetwork | Mapping[str, dict],
+) -> dict[str, tuple[int, int, list]]:
+    """``{name: (values, kept, [delta kept, delta reset])}`` of each pruned tensor."""
+    if isinstance(subnetwork, KENSubnetwork):
+        pruned = subnetwork.pruned
+        if not isinstance(pruned, DecodedOnAccess):
+            return {
+                name: (p.shape.numel(), p.positions.numel(), [p.delta_kept, p.delta_reset])
+                for name, p in pruned.items()
+            }
+        entries = {name: pruned.entry(name) for name in pruned}
+    else:
+        entries = {name: e for name, e in subnetwork.items() if e["kind"] == "pruned"}
+    return {
+        name: (math.prod(e["shape"]), e["count"], list(e["delta"])) for name, e in entries.items()
+    }
+
+
+def summary_figure(subnetwork: Source | Mapping[str, dict]) -> Figure:
     """Kept fraction per tensor family and layer (heat map); mean |fine-tuned -
-    pre-trained| of kept against reset values, per layer."""
+    pre-trained| of kept against reset values, per layer. ``subnetwork``: as ``load``
+    takes it, or a file's header entries (see ``summary_rows``)."""
     plt = _pyplot()
-    subnetwork = load(subnetwork)
-    rows = summary_rows(subnetwork)
+    rows = summary_rows(subnetwork if isinstance(subnetwork, Mapping) else load(subnetwork))
     families = sorted({_LAYER.sub(".", r["name"]) for r in rows if r["layer"] is not None})
     others = [r for r in rows if r["layer"] is None]
     layers = sorted({r["layer"] for r in rows if r["layer"] is not None})
@@ -337,12 +363,12 @@ def summary_figure(subnetwork: Source) -> Figure:
     return figure
 
 
-def summary_png(subnetwork: Source) -> bytes:
+def summary_png(subnetwork: Source | Mapping[str, dict]) -> bytes:
     """``summary_figure`` as PNG bytes (what the model card shows)."""
     return _png(summary_figure(subnetwork))
 
 
-def summary_png_if_available(subnetwork: Source) -> bytes | None:
+def summary_png_if_available(subnetwork: Source | Mapping[str, dict]) -> bytes | None:
     """``summary_png``, or None and one logged line when matplotlib is not installed (what
     ``KENCallback`` saves beside the model card: a run never fails for want of a picture)."""
     try:
