@@ -32,7 +32,11 @@ if TYPE_CHECKING:  # the names of ``_LAZY``, re-exported for type checkers and d
     )
     from .modeling import AutoKENModelForTokenClassification as AutoKENModelForTokenClassification
     from .modeling import KENModel as KENModel
+    from .modeling import KENModelForCausalLM as KENModelForCausalLM
     from .modeling import KENModelForQuestionAnswering as KENModelForQuestionAnswering
+    from .modeling import KENModelForSeq2SeqLM as KENModelForSeq2SeqLM
+    from .modeling import KENModelForSequenceClassification as KENModelForSequenceClassification
+    from .modeling import KENModelForTokenClassification as KENModelForTokenClassification
     from .modeling import UnknownSubnetworkError as UnknownSubnetworkError
     from .serialization import KENFormatError as KENFormatError
     from .subnetwork import BaseMismatchError as BaseMismatchError
@@ -52,7 +56,11 @@ _LAZY = {
     "UnsafePathError": "errors",
     "CheckpointError": "checkpoints",
     "KENModel": "modeling",
+    "KENModelForSequenceClassification": "modeling",
+    "KENModelForCausalLM": "modeling",
+    "KENModelForTokenClassification": "modeling",
     "KENModelForQuestionAnswering": "modeling",
+    "KENModelForSeq2SeqLM": "modeling",
     "UnknownSubnetworkError": "modeling",
     "AutoKENModel": "modeling",
     "AutoKENModelForSequenceClassification": "modeling",

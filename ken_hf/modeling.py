@@ -3,9 +3,8 @@ transparently from a folder or the Hub, in the shape of PEFT's ``PeftModel``."""
 
 from __future__ import annotations
 
-import bisect
 import dataclasses
-import functools
+import inspect
 import os
 from collections.abc import Iterator
 from contextlib import AbstractContextManager, contextmanager
@@ -15,6 +14,7 @@ from typing import NoReturn
 import torch
 import transformers
 from transformers import PretrainedConfig, PreTrainedModel
+from transformers.utils import find_labels
 
 from .checkpoints import tensors_of
 from .delta_codec import host_copies
@@ -23,6 +23,53 @@ from .fingerprint import tensor_fingerprint
 from .hub import is_remote_id, resolve_file
 from .json_input import is_integer, read_json_object
 from .subnetwork import KENSubnetwork, fingerprints_of
+
+
+class _signature_of_wrapped_model:  # noqa: N801 (a decorator, named as one)
+    """The ``forward`` of the ``KENModel`` classes, as ``Trainer`` reads it.
+
+    transformers' ``Trainer`` reads the signature of ``forward`` twice: from the class
+    (``transformers.utils.find_labels`` and ``can_return_loss``: the label arguments) and
+    from the instance (``_remove_unused_columns``: the data set columns to keep). The first
+    is the task's, the second the wrapped model's. A descriptor (Python's data model) gives
+    both from the class: read from the class, the function itself; read from an instance,
+    the function bound to it, with the wrapped model's ``forward`` signature as its
+    ``__signature__``, which ``inspect.signature`` returns. Nothing is stored per instance, so
+    ``copy.deepcopy`` and pickle keep a ``KENModel`` whole, and the signature follows the
+    wrapped model's ``forward`` if that is replaced (by accelerate, say).
+    """
+
+    def __init__(self, function) -> None:
+        self.function = function
+        self.__doc__ = function.__doc__
+
+    def __get__(self, instance, owner=None):
+        if instance is None:
+            return self.function
+        return _BoundForward(self.function, instance)
+
+
+class _BoundForward:
+    """``forward`` bound to a ``KENModel``, with its wrapped model's signature."""
+
+    __slots__ = ("_function", "_owner")
+
+    def __init__(self, function, owner) -> None:
+        self._function, self._owner = function, owner
+
+    def __call__(self, *args, **kwargs):
+        return self._function(self._owner, *args, **kwargs)
+
+    @property
+    def __signature__(self) -> inspect.Signature:
+        return inspect.signature(self._owner.model.forward)
+
+    @property
+    def __name__(self) -> str:
+        return self._function.__name__
+
+    def __repr__(self) -> str:
+        return f"<bound forward of {self._owner._get_name()}>"
 
 
 class KENModel(PreTrainedModel):
@@ -37,9 +84,14 @@ class KENModel(PreTrainedModel):
     ``save_merged=True``. Several subnetworks can be loaded under names; switching writes
     only their kept values.
 
-    ``KENModel(model)`` gives a ``KENModelForQuestionAnswering`` for a question-answering
-    model (Trainer finds its label arguments by the class). Parameters that lie in a
-    memory-mapped checkpoint file are copied into memory of their own first, so that
+    ``KENModel(model)`` gives the ``KENModel`` class of the model's task, as PEFT's
+    ``PeftModelFor*``: ``KENModelForSequenceClassification``, ``KENModelForTokenClassification``,
+    ``KENModelForQuestionAnswering``, ``KENModelForCausalLM`` or ``KENModelForSeq2SeqLM``,
+    the task whose transformers Auto class (``AutoModelForQuestionAnswering``, ...) builds
+    the model's class for its config; a ``KENModel`` for any other model. ``Trainer`` finds
+    the task's label arguments on the class, and keeps the data set columns the wrapped
+    model's ``forward`` takes. CPU parameters in memory torch did not allocate (a
+    memory-mapped checkpoint file) are copied into memory of their own first, so that
     writing kept values does not copy pages one by one.
 
     Args:
@@ -73,17 +125,31 @@ class KENModel(PreTrainedModel):
     # PreTrainedModel.base_model returns the attribute of this name: the wrapped model.
     base_model_prefix = "model"
 
-    def __new__(cls, model: torch.nn.Module, **kwargs):
-        if cls is KENModel and type(model).__name__.endswith("ForQuestionAnswering"):
-            cls = KENModelForQuestionAnswering
+    def __new__(cls, model: torch.nn.Module | None = None, **kwargs):
+        # KENModel(model) is the class of the model's task (_task_class). Without a model
+        # (copy.deepcopy and pickle create the object first, then restore its state): cls.
+        if cls is KENModel and model is not None:
+            cls = _task_class(model)
         return super().__new__(cls)
 
     def __init__(self, model: torch.nn.Module, *, save_merged: bool = False) -> None:
-        # Not PreTrainedModel.__init__: the wrapped model was built, and checked, already.
+        # Not PreTrainedModel.__init__: it checks the config against the class it runs for
+        # (its attention and experts implementations: the _supports_* flags, this module's
+        # source) and writes the result into the config, which is the wrapped model's. This
+        # class holds no attention code: it would refuse "sdpa", the default, or change the
+        # wrapped model's config. The wrapped model ran those checks when it was built.
+        # What PreTrainedModel.__init__ sets (loss_type, generation_config, ...) is read from
+        # the wrapped model by __getattr__; tests/test_kenmodel_classes.py pins both.
         torch.nn.Module.__init__(self)
         self.config = model.config
         self.name_or_path = getattr(model, "name_or_path", "")
         self.main_input_name = getattr(model, "main_input_name", "input_ids")
+        # What the model's modules need, which PreTrainedModel declares on the class (so
+        # __getattr__ never reaches the wrapped model's) and makes the instance's: accelerate
+        # reads them for device maps and FSDP wrapping (_no_split_modules).
+        for name in _MODULE_ATTRIBUTES:
+            if hasattr(model, name):
+                setattr(self, name, getattr(model, name))
         self.model = model
         self.subnetworks: dict[str, KENSubnetwork] = {}
         self.active_subnetwork: str | None = None
@@ -91,15 +157,14 @@ class KENModel(PreTrainedModel):
         self._overwritten: dict[str, torch.Tensor] = {}
         _own_weights(model)
         self._base_fingerprints: dict[str, str] | None = fingerprints_of(model)
-        # Trainer keeps the dataset columns that forward's signature names: the model's own.
-        self.forward = functools.update_wrapper(_calling(model), model.forward)
 
+    @_signature_of_wrapped_model
     def forward(self, *args, labels=None, **kwargs):
         """Call the wrapped model (its hooks included) with what it is given.
 
-        Each instance's ``forward`` is the wrapped model's, with its signature (``Trainer``
-        keeps the data set columns it names); this one, on the class, names the label
-        argument, which ``Trainer`` looks up on the class.
+        Read from the class, ``forward`` names the task's label arguments (``Trainer`` finds
+        them there); read from an instance, its signature is the wrapped model's
+        ``forward``'s (``Trainer`` keeps the data set columns it names).
 
         Args:
             *args (Any): positional arguments of the wrapped model.
@@ -115,8 +180,8 @@ class KENModel(PreTrainedModel):
             kwargs["labels"] = labels
         return self.model(*args, **kwargs)
 
-    def _get_name(self) -> str:  # shown by repr()
-        return f"{type(self).__name__}[{type(self.model).__name__}]"
+    def _get_name(self) -> str:  # shown by repr(): the wrapped model's class names the task
+        return f"KENModel[{type(self.model).__name__}]"
 
     def __getattr__(self, name: str):
         try:
@@ -186,8 +251,8 @@ class KENModel(PreTrainedModel):
                 ``token``).
 
         Returns:
-            The ``KENModel`` (a ``KENModelForQuestionAnswering`` for a question-answering
-            model) with the subnetwork active.
+            The ``KENModel`` (of the class of the model's task, e.g.
+            ``KENModelForQuestionAnswering``) with the subnetwork active.
 
         Raises:
             FileNotFoundError: neither the folder nor the Hub provides the subnetwork.
@@ -784,12 +849,109 @@ class KENModel(PreTrainedModel):
         )
 
 
+class KENModelForSequenceClassification(KENModel):
+    """A ``KENModel`` of a text classification model (``AutoModelForSequenceClassification``).
+
+    ``KENModel(model)`` returns one for a model of a class that
+    ``transformers.AutoModelForSequenceClassification`` builds for its config. Its ``forward``
+    names the task's label argument, ``labels``, which ``Trainer`` looks up on the class;
+    its arguments are those of ``KENModel``.
+
+    Args:
+        model: the base text classification model.
+        save_merged: make ``save_pretrained`` save the merged model.
+
+    Example:
+        ```python
+        from transformers import AutoModelForSequenceClassification
+        from ken_hf import KENModel
+
+        base = AutoModelForSequenceClassification.from_pretrained("bert-base-uncased")
+        model = KENModel(base)
+        type(model).__name__  # "KENModelForSequenceClassification"
+        ```
+    """
+
+
+class KENModelForTokenClassification(KENModel):
+    """A ``KENModel`` of a token classification model (``AutoModelForTokenClassification``).
+
+    ``KENModel(model)`` returns one for a model of a class that
+    ``transformers.AutoModelForTokenClassification`` builds for its config. Its ``forward``
+    names the task's label argument, ``labels``; its arguments are those of ``KENModel``.
+
+    Args:
+        model: the base token classification model.
+        save_merged: make ``save_pretrained`` save the merged model.
+
+    Example:
+        ```python
+        from transformers import AutoModelForTokenClassification
+        from ken_hf import KENModel
+
+        base = AutoModelForTokenClassification.from_pretrained("bert-base-cased")
+        model = KENModel.from_pretrained(base, "me/bert-ner-ken")
+        type(model).__name__  # "KENModelForTokenClassification"
+        ```
+    """
+
+
+class KENModelForCausalLM(KENModel):
+    """A ``KENModel`` of a causal language model (``AutoModelForCausalLM``).
+
+    ``KENModel(model)`` returns one for a model of a class that
+    ``transformers.AutoModelForCausalLM`` builds for its config. Its ``forward`` names the
+    task's label argument, ``labels``; ``generate`` is the wrapped model's. Its arguments
+    are those of ``KENModel``.
+
+    Args:
+        model: the base causal language model.
+        save_merged: make ``save_pretrained`` save the merged model.
+
+    Example:
+        ```python
+        from transformers import AutoModelForCausalLM
+        from ken_hf import KENModel
+
+        base = AutoModelForCausalLM.from_pretrained("HuggingFaceTB/SmolLM2-135M")
+        model = KENModel.from_pretrained(base, "me/smollm2-ken")
+        type(model).__name__  # "KENModelForCausalLM"
+        ```
+    """
+
+
+class KENModelForSeq2SeqLM(KENModel):
+    """A ``KENModel`` of an encoder-decoder model (``AutoModelForSeq2SeqLM``).
+
+    ``KENModel(model)`` returns one for a model of a class that
+    ``transformers.AutoModelForSeq2SeqLM`` builds for its config. Its ``forward`` names the
+    task's label argument, ``labels``; ``generate`` is the wrapped model's. Its arguments
+    are those of ``KENModel``.
+
+    Args:
+        model: the base sequence-to-sequence model.
+        save_merged: make ``save_pretrained`` save the merged model.
+
+    Example:
+        ```python
+        from transformers import AutoModelForSeq2SeqLM
+        from ken_hf import KENModel
+
+        base = AutoModelForSeq2SeqLM.from_pretrained("google-t5/t5-small")
+        model = KENModel.from_pretrained(base, "me/t5-small-ken")
+        type(model).__name__  # "KENModelForSeq2SeqLM"
+        ```
+    """
+
+
 class KENModelForQuestionAnswering(KENModel):
-    """A ``KENModel`` of a question-answering model.
+    """A ``KENModel`` of a question-answering model (``AutoModelForQuestionAnswering``).
 
     Its ``forward`` names the answer span arguments, which ``Trainer`` looks up on the class
-    as this task's labels. ``KENModel(model)`` returns one for any model whose class name
-    ends in ``ForQuestionAnswering``; its arguments are those of ``KENModel``.
+    as this task's labels. ``KENModel(model)`` returns one for a model of a class that
+    ``transformers.AutoModelForQuestionAnswering`` builds for its config, or, for a model no
+    Auto class knows, whose labels ``Trainer`` finds to be the answer span; its arguments
+    are those of ``KENModel``.
 
     Args:
         model: the base question-answering model.
@@ -806,6 +968,7 @@ class KENModelForQuestionAnswering(KENModel):
         ```
     """
 
+    @_signature_of_wrapped_model
     def forward(self, *args, start_positions=None, end_positions=None, **kwargs):
         """Call the wrapped model, naming the answer span labels for ``Trainer``.
 
@@ -825,6 +988,46 @@ class KENModelForQuestionAnswering(KENModel):
         if end_positions is not None:
             kwargs["end_positions"] = end_positions
         return self.model(*args, **kwargs)
+
+
+# The class attributes of PreTrainedModel that describe its modules, which a KENModel takes
+# from its wrapped model (module class names and patterns: no "model." prefix needed).
+_MODULE_ATTRIBUTES = (
+    "_no_split_modules",
+    "_keep_in_fp32_modules",
+    "_keep_in_fp32_modules_strict",
+    "_skip_keys_device_placement",
+)
+
+
+# Each task's transformers Auto mapping (config class -> model class: what
+# AutoModelFor*.from_pretrained builds, classes registered with AutoModelFor*.register
+# included) and its KENModel class; question answering first, its labels being its own.
+_TASK_CLASSES: tuple[tuple[str, type[KENModel]], ...] = (
+    ("MODEL_FOR_QUESTION_ANSWERING_MAPPING", KENModelForQuestionAnswering),
+    ("MODEL_FOR_SEQUENCE_CLASSIFICATION_MAPPING", KENModelForSequenceClassification),
+    ("MODEL_FOR_TOKEN_CLASSIFICATION_MAPPING", KENModelForTokenClassification),
+    ("MODEL_FOR_CAUSAL_LM_MAPPING", KENModelForCausalLM),
+    ("MODEL_FOR_SEQ_TO_SEQ_CAUSAL_LM_MAPPING", KENModelForSeq2SeqLM),
+)
+
+
+def _task_class(model: torch.nn.Module) -> type[KENModel]:
+    """The ``KENModel`` class of ``model``'s task: that of the first Auto mapping whose
+    model class for the model's config ``model`` is an instance of. A model no Auto class
+    knows (remote code) whose labels ``Trainer`` finds to be an answer span (its own
+    ``find_labels``) gets ``KENModelForQuestionAnswering``; any other, ``KENModel``."""
+    config_class = type(getattr(model, "config", None))
+    for mapping, task_class in _TASK_CLASSES:
+        try:
+            model_class = getattr(transformers, mapping)[config_class]
+        except KeyError:  # no model of this task for this config
+            continue
+        if isinstance(model, model_class):  # a class, or a tuple of classes
+            return task_class
+    if {"start_positions", "end_positions"} <= set(find_labels(type(model))):
+        return KENModelForQuestionAnswering
+    return KENModel
 
 
 # The name a subnetwork gets when none is given, as PEFT names its first adapter.
@@ -874,55 +1077,24 @@ def _not_for_ken(method: str, instead: str) -> KENError:
     )
 
 
-def _calling(model: torch.nn.Module):
-    """A function that calls ``model`` (its hooks included) with what it is given."""
-
-    def call(*args, **kwargs):
-        return model(*args, **kwargs)
-
-    return call
-
-
 def _own_weights(model: torch.nn.Module) -> None:
-    """Give every CPU parameter that lies in a memory-mapped file memory of its own.
-    transformers maps checkpoint files into memory when the dtype needs no conversion;
-    writing kept values into such a mapping copies it page by page on write, which is
-    slower than one copy up front. Parameters already in memory of their own (converted
-    to another dtype, or on an accelerator) are left as they are. Tied parameters stay
-    tied (same Parameter object)."""
-    mapped = _file_mappings()
+    """Give every CPU parameter in memory torch did not allocate memory of its own.
+    transformers maps checkpoint files into memory when the dtype needs no conversion (the
+    tensors safetensors makes of such a mapping, as ``torch.frombuffer`` does, have a
+    storage torch cannot resize: ``UntypedStorage.resizable()`` is False); writing kept
+    values into such a mapping copies it page by page on write, which is slower than one
+    copy up front. Parameters in torch's own memory (converted to another dtype, or on an
+    accelerator) are left as they are; memory of another library (a numpy array, the
+    copies made here) is copied too, once more, which is safe. Tied parameters stay tied
+    (same Parameter object)."""
     parameters = [
-        p for p in model.parameters() if p.device.type == "cpu" and _in_mapping(p, mapped)
+        p
+        for p in model.parameters()
+        if p.device.type == "cpu" and not p.untyped_storage().resizable()
     ]
     copies = host_copies([p.data for p in parameters])
     for parameter, copy in zip(parameters, copies, strict=True):
         parameter.data = copy
-
-
-def _file_mappings() -> list[tuple[int, int]] | None:
-    """Sorted ``(start, end)`` addresses of this process's mappings of files (Linux's
-    ``/proc/self/maps``: an inode other than 0); None where that cannot be read."""
-    try:
-        lines = Path("/proc/self/maps").read_text().splitlines()
-    except OSError:
-        return None
-    ranges = []
-    for line in lines:
-        fields = line.split()
-        if len(fields) >= 5 and fields[4] != "0":
-            start, end = fields[0].split("-")
-            ranges.append((int(start, 16), int(end, 16)))
-    return sorted(ranges)
-
-
-def _in_mapping(tensor: torch.Tensor, mapped: list[tuple[int, int]] | None) -> bool:
-    """Whether ``tensor``'s memory lies in one of the ``mapped`` ranges (True when they are
-    unknown: copying is always safe)."""
-    if mapped is None:
-        return True
-    address = tensor.data_ptr()
-    index = bisect.bisect_right(mapped, (address, float("inf"))) - 1
-    return index >= 0 and mapped[index][0] <= address < mapped[index][1]
 
 
 # transformers 5 names the loading dtype ``dtype``; 4.x ``torch_dtype``.
@@ -997,8 +1169,8 @@ class AutoKENModel:
                 base: its ``config.json`` and its weights are fetched with it.
 
         Returns:
-            A ``KENModel`` (a ``KENModelForQuestionAnswering`` for a question-answering
-            model) with the subnetwork active.
+            A ``KENModel`` (of the class of the model's task, e.g.
+            ``KENModelForCausalLM``) with the subnetwork active.
 
         Raises:
             FileNotFoundError: the subnetwork, or the base's ``config.json`` (the message
