@@ -1,40 +1,25 @@
 """``KENCallback``: KEN at the end of any transformers ``Trainer`` run.
 
-Memory: where the pre-trained values come from is ``pretrained_source``.
+The callback reacts to two events and leaves the work to the modules that own it:
 
-- ``"checkpoint"``: no copy is held during training. When training begins, every tensor of
-  the checkpoint the model was loaded from (found by ``locate_base``) is read once, a
-  tensor at a time, compared bit for bit with the model's and fingerprinted; when training
-  ends, the values are read again from the memory-mapped checkpoint a tensor at a time,
-  each checked against its fingerprint (a file changed meanwhile raises an error naming the
-  tensor) and moved to the model tensor's device. The ranks of one machine share the page
-  cache. Each tensor is read and checked four times at the end (locating, plan, step,
-  rebuild; once more for ``ken_delta`` and ``largest_delta``), from the page cache, and
-  pre-trained tensors are held one at a time.
-- ``"snapshot"``: a copy of every parameter is taken when training begins, on the CPU by
-  default (``snapshot_device``): as much host memory as the weights take (90 MB for
-  MiniLM, 540 MB for SmolLM2-135M in fp32, 28 GB for a 7B model in fp32), on every rank.
-- ``"auto"`` (the default): the checkpoint when the model still holds exactly its weights,
-  else the snapshot (a model built from a config, or changed after loading, or a checkpoint
-  lacking a tensor that ``new_tensors`` does not name); the log says which, and why
-  (``logger.info``, or a warning when it falls back to the snapshot).
+- training begins: the base checkpoint is found and the pre-trained values are held or
+  recorded (``ken_hf.pretrained_values``: ``pretrained_source`` and what each costs);
+- training ends: the ``AutoK`` search when given (``ken_hf.auto_k``), then KEN in place, a
+  tensor at a time (``ken_hf.in_place``), each record written to the subnetwork file as it
+  comes (``SubnetworkFolderWriter``); the pruned model is evaluated, and the card, report
+  and ``ken_config.json`` complete the folder. Host memory at the end: one tensor's work at
+  a time (``benchmarks/bench_callback_memory.py``). ``auto_k`` holds one more copy of the
+  weights (the fine-tuned values, put back after each probe) while it searches.
 
-A run resumed from a checkpoint always takes the pre-trained values from the base
-checkpoint (the model holds trained values), so that KEN resets to them, not to the
-resumed ones: read when training ends, or held from its start with ``"snapshot"``.
-``auto_k`` holds one more copy of the weights (the fine-tuned values, put back after each
-probe) while it searches.
-
-Distributed runs (DDP, e.g. ``accelerate launch --num_processes 2``): the tensors are
-shared out among the ranks, each selects its share, and the masks are broadcast, so every
-rank ends with identical weights; only the main process writes files.
+Distributed runs (DDP, e.g. ``accelerate launch --num_processes 2``): the ranks share the
+selection (``ken_hf.shared_records``), every rank ends with identical weights, and only the
+main process writes files.
 
 Sharded runs (FSDP2, DeepSpeed ZeRO-3; see ``ken_hf.sharding``): full tensors are gathered
 one at a time; the main process alone keeps the snapshot (one full copy of the weights on
 its host: ``pretrained_source="checkpoint"`` is refused there, and a resumed run reads the
-base checkpoint as above), selects, and scatters each rebuilt tensor back into every
-rank's shard. FSDP version 1 is refused (use ``fsdp_version: 2``), and so is ``auto_k``
-with sharding.
+base checkpoint), selects, and scatters each rebuilt tensor back into every rank's shard.
+FSDP version 1 is refused (use ``fsdp_version: 2``), and so is ``auto_k`` with sharding.
 
 The Hub: with ``TrainingArguments(push_to_hub=True)`` the saved subnetwork folder (report,
 model card and the Trainer's tokenizer or processor included) is pushed when training ends
@@ -49,8 +34,7 @@ import contextlib
 import dataclasses
 import inspect
 import time
-from collections.abc import Iterator, Mapping
-from contextlib import contextmanager
+from collections.abc import Mapping
 from pathlib import Path
 
 import torch
@@ -58,20 +42,12 @@ from transformers import Trainer, TrainerCallback
 from transformers.utils import logging
 
 from .auto_k import AutoK
-from .base_source import (
-    BaseSource,
-    CheckpointValues,
-    base_rows_of,
-    cannot_tell,
-    locate_base,
-    record_checkpoint,
-)
-from .checkpoints import CheckpointError, new_parameters, tensors_of
+from .checkpoints import tensors_of
 from .config import KENConfig
 from .errors import KENConfigError, shown
 from .hub import is_remote_id
 from .in_place import InPlacePrune
-from .pipeline import specs_of
+from .pretrained_values import PRETRAINED_SOURCES, PretrainedValues
 from .serialization import StoredSubnetwork, SubnetworkFileFacts
 from .sharding import full_numel, prune_sharded, sharding_of, snapshot_sharded
 from .subnetwork import KENSubnetwork, check_full_model
@@ -80,7 +56,6 @@ from .viz import summary_png_if_available
 
 logger = logging.get_logger(__name__)
 
-PRETRAINED_SOURCES = ("auto", "checkpoint", "snapshot")
 # What the callback logs through the Trainer when training ends.
 SUMMARY = ("ken_reset_fraction", "ken_kept_fraction", "ken_selection_seconds")
 
@@ -128,8 +103,10 @@ class KENCallback(TrainerCallback):
 
     Attributes:
         config: the ``KENConfig`` in use (its base recorded when training begins).
-        subnetwork: the ``KENSubnetwork`` once training ended (None before, and on ranks
-            other than the main one in sharded runs).
+        subnetwork: the ``KENSubnetwork`` once training ended, as read back from the saved
+            folder (None before, and on ranks other than the main one).
+        pretrained_values: the ``PretrainedValues`` held between the two events (None
+            before training begins and once training ended).
         report: what ``ken_report.json`` holds: kept and reset shares, selection time,
             metrics before and after, per-tensor counts.
         auto_k_curve: the ``AutoK`` probes: keep ratio, metric, whether within tolerance.
@@ -192,12 +169,9 @@ class KENCallback(TrainerCallback):
         self.auto_k = auto_k
         self.pretrained_source = pretrained_source
         self.snapshot_device = torch.device(snapshot_device)
-        # The pre-trained values during training: a snapshot, or where to read them.
-        self.pretrained: dict[str, torch.Tensor] = {}
-        self.checkpoint_values: CheckpointValues | None = None
-        self._reasons: list[str] = []  # why each candidate checkpoint was not the base
         self.new_tensors = None if new_tensors is None else set(new_tensors)
-        self.source: BaseSource | None = None
+        # The pre-trained values during training: a snapshot, or where to read them.
+        self.pretrained_values: PretrainedValues | None = None
         self.subnetwork: KENSubnetwork | None = None
         self.report: dict = {}
         self.auto_k_curve: list[dict] = []
@@ -256,144 +230,35 @@ class KENCallback(TrainerCallback):
         check_full_model(model, "KENCallback: the Trainer's model")
         self._sharding = _check_sharding(trainer, model, self.auto_k, self.pretrained_source)
         main = trainer.is_world_process_zero()
-        self.pretrained, self.checkpoint_values = {}, None
         resumed = state.global_step > 0  # the model holds trained values already
-        if resumed:
-            self._find_resumed_base(model)
-        elif self._sharding:
-            self.pretrained = snapshot_sharded(model, self.snapshot_device, main=main)
-            if main:
-                self._find_base(model, self.pretrained)
-                logger.info(
-                    f"KENCallback: the pre-trained values are a snapshot held on "
-                    f"{self.snapshot_device} by the main process ({self._sharding} sharding)"
-                )
-        else:
-            self._find_base(model, tensors_of(model))
-        if self.source is not None:
-            if self.new_tensors is None:
-                self.new_tensors = set(self.source.missing)
+        snapshot = None
+        if self._sharding and not resumed:
+            snapshot = snapshot_sharded(model, self.snapshot_device, main=main)
+            logger.info(
+                f"KENCallback: the pre-trained values are a snapshot held on "
+                f"{self.snapshot_device} by the main process ({self._sharding} sharding)"
+            )
+        if snapshot is not None and not main:  # the main process alone selects
+            self.pretrained_values = PretrainedValues(None, frozenset(self.new_tensors or ()))
+            return
+        self.pretrained_values = PretrainedValues.find(
+            model,
+            self.config,
+            policy=self.pretrained_source,
+            snapshot_device=self.snapshot_device,
+            new_tensors=self.new_tensors,
+            resumed=resumed,
+            snapshot=snapshot,
+        )
+        source = self.pretrained_values.source
+        if source is not None:
             self.config = dataclasses.replace(
                 self.config,
-                base_model_name_or_path=self.source.name_or_path,
-                base_model_revision=self.source.revision,
+                base_model_name_or_path=source.name_or_path,
+                base_model_revision=source.revision,
             )
         if args.push_to_hub:  # the push would refuse at the end: say so now, on every rank
             self._check_hub_base(trainer)
-        if resumed or not self._sharding:
-            self._hold_pretrained(model, resumed=resumed)
-
-    def _find_base(self, model: torch.nn.Module, tensors: Mapping[str, torch.Tensor]) -> None:
-        """``self.source``: the checkpoint holding ``tensors`` (the model's pre-trained
-        values), or an error when it is unknown and no ``new_tensors`` were named."""
-        if self.source is None:
-            self.source, self._reasons = locate_base(model, model, self.config, tensors)
-            if self.source is None and self.new_tensors is None:
-                floating = [n for n, t in tensors.items() if t.is_floating_point()]
-                raise cannot_tell(model, floating, self._reasons)
-
-    def _find_resumed_base(self, model: torch.nn.Module) -> None:
-        """``self.source`` of a resumed run: the base checkpoint named by the config or the
-        model (its tensors cannot be compared with the model's, which are trained); the
-        tensors it lacks are the newly initialised ones."""
-        candidates = [self.config.base_model_name_or_path, getattr(model, "name_or_path", "")]
-        name = next((c for c in candidates if c), None)
-        if name is None:
-            raise KENConfigError(
-                "KENCallback: a resumed run reads the pre-trained values from the base "
-                "checkpoint; the model names none: set KENConfig.base_model_name_or_path"
-            )
-        revision = self.config.base_model_revision or getattr(model.config, "_commit_hash", None)
-        missing = new_parameters(model, name, revision=revision)
-        self.source = BaseSource(name, revision, frozenset(missing))
-
-    def _hold_pretrained(self, model: torch.nn.Module, *, resumed: bool) -> None:
-        """Decide where the pre-trained values will come from (``pretrained_source``) and
-        log it: ``self.checkpoint_values`` (read when training ends) or ``self.pretrained``
-        (a snapshot, taken now)."""
-        tensors = tensors_of(model)
-        if self.pretrained_source == "snapshot" and not resumed:
-            recorded, why_not = None, "pretrained_source='snapshot'"
-        else:
-            recorded, why_not = self._checked_checkpoint(model, tensors, resumed=resumed)
-        if recorded is None:
-            if resumed or self.pretrained_source == "checkpoint":
-                raise KENConfigError(
-                    f"KENCallback: the pre-trained values cannot be read from a checkpoint: "
-                    f"{why_not}"
-                    + ("" if resumed else "; pretrained_source='auto' or 'snapshot' holds a copy")
-                )
-            if self.source is not None:  # grown tensors: the rows the base has
-                prefix = getattr(model, "base_model_prefix", None) or None
-                tensors = base_rows_of(self.source, tensors, prefix)
-            self.pretrained = {
-                name: t.detach().to(self.snapshot_device, copy=True) for name, t in tensors.items()
-            }
-            log = logger.info if self.pretrained_source == "snapshot" else logger.warning
-            log(
-                f"KENCallback: the pre-trained values are a snapshot held on "
-                f"{self.snapshot_device} during training ({why_not})"
-            )
-        elif self.pretrained_source == "snapshot":  # resumed: held from the start, as asked
-            with recorded.open() as values:
-                self.pretrained = {
-                    name: value.to(self.snapshot_device) for name, value in values.items()
-                }
-            logger.info(
-                f"KENCallback: the pre-trained values are read from the base checkpoint "
-                f"{self.source.name_or_path!r} and held on {self.snapshot_device}"
-            )
-        else:
-            self.checkpoint_values = recorded
-            logger.info(
-                f"KENCallback: the pre-trained values will be read from the checkpoint "
-                f"{self.source.name_or_path!r} when training ends, a tensor at a time (no copy "
-                "held during training"
-                + ("" if resumed else "; every tensor equals the model's")
-                + ")"
-            )
-
-    def _checked_checkpoint(
-        self, model: torch.nn.Module, tensors: Mapping[str, torch.Tensor], *, resumed: bool
-    ) -> tuple[CheckpointValues | None, str | None]:
-        """The located checkpoint recorded as the pre-trained values of ``tensors`` (each
-        compared with the model's unless ``resumed``), or None and why it cannot be."""
-        if self.source is None:
-            return None, "no checkpoint holds the model's weights (" + (
-                "; ".join(self._reasons) or "none is named"
-            ) + ")"
-        try:
-            recorded = record_checkpoint(
-                self.source,
-                tensors,
-                prefix=getattr(model, "base_model_prefix", None) or None,
-                compare=not resumed,
-            )
-        except (CheckpointError, OSError) as error:
-            return None, str(error)
-        for name, tensor in tensors.items():
-            # a tensor the checkpoint lacks would be stored whole, not pruned against its start
-            if tensor.is_floating_point() and name not in recorded.stored:
-                if name not in (self.new_tensors or ()):
-                    return None, (
-                        f"checkpoint {self.source.name_or_path!r} lacks tensor {name!r}, which "
-                        "is not among new_tensors"
-                    )
-        return recorded, None
-
-    @contextmanager
-    def _pretrained_values(
-        self, model: torch.nn.Module
-    ) -> Iterator[tuple[Mapping[str, torch.Tensor], dict]]:
-        """The pre-trained values for the end of training and their ``{name: (shape,
-        dtype)}``: the snapshot, or the checkpoint read a tensor at a time (each on its
-        model tensor's device; shapes and dtypes as recorded, nothing read for them)."""
-        if self.checkpoint_values is None:
-            yield self.pretrained, specs_of(self.pretrained)
-            return
-        devices = {name: tensor.device for name, tensor in tensors_of(model).items()}
-        with self.checkpoint_values.open(devices) as values:
-            yield values, self.checkpoint_values.specs
 
     def on_train_end(self, args, state, control, **kwargs):
         """Trainer event: run KEN on the trained model, evaluate, report and save.
@@ -431,7 +296,7 @@ class KENCallback(TrainerCallback):
             start = time.perf_counter()
             config, model_config = self._prune(trainer, model, before, save, args, state)
             seconds = time.perf_counter() - start
-            self.pretrained, self.checkpoint_values = {}, None
+            self.pretrained_values = None  # let go: the model is pruned
             after = trainer.evaluate(metric_key_prefix="ken_after") if evaluate else {}
             if save is None:  # not the main process: nothing to report
                 return
@@ -460,7 +325,8 @@ class KENCallback(TrainerCallback):
         written by ``save`` (the main process's folder writer, else None) as they come.
         Returns the subnetwork's config and the model's ``config.json`` values."""
         progress = state.is_world_process_zero and not args.disable_tqdm
-        with self._pretrained_values(model) as (pretrained, specs):
+        values = self.pretrained_values
+        with values.open(model) as (pretrained, specs):
             if self.auto_k is not None:
                 ratio = self._search_keep_ratio(trainer, model, before, pretrained, specs)
                 self.config = dataclasses.replace(self.config, k=None, keep_ratio=ratio)
@@ -469,9 +335,9 @@ class KENCallback(TrainerCallback):
                     model,
                     pretrained,
                     self.config,
-                    new_tensors=self.new_tensors or (),
+                    new_tensors=values.new_tensors,
                     main=save is not None,
-                    source=self.source,
+                    source=values.source,
                     progress=progress,
                 )
                 if save is None:
@@ -495,8 +361,8 @@ class KENCallback(TrainerCallback):
             pretrained,
             specs,
             config,
-            source=self.source,
-            new_tensors=self.new_tensors or (),
+            source=self.pretrained_values.source,
+            new_tensors=self.pretrained_values.new_tensors,
             progress=progress,
         )
 

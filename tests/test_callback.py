@@ -245,16 +245,16 @@ class _Holdings(TrainerCallback):
         self.ken, self.steps = ken, []
 
     def on_step_end(self, args, state, control, **kwargs):
-        snapshot = self.ken.pretrained
-        values = sum(t.numel() for t in snapshot.values())
-        self.steps.append((len(snapshot), values, self.ken.checkpoint_values is not None))
+        held = self.ken.pretrained_values
+        values = sum(t.numel() for t in held.snapshot.values())
+        self.steps.append((len(held.snapshot), values, held.checkpoint is not None))
 
 
 def test_a_model_loaded_from_a_checkpoint_is_read_from_it_when_training_ends(
     tmp_path, splits, caplog
 ):
     """No copy held during training, and the same bytes as the snapshot gives."""
-    caplog.set_level(logging.INFO, logger="ken_hf.callback")
+    caplog.set_level(logging.INFO, logger="ken_hf")
     results = {}
     for source in ("auto", "snapshot"):
         ken = KENCallback(
@@ -267,7 +267,7 @@ def test_a_model_loaded_from_a_checkpoint_is_read_from_it_when_training_ends(
     ken, steps, folder, weights = results["auto"]
     assert steps == [(0, 0, True)] * 3  # nothing held, the checkpoint to be read
     assert f"read from the checkpoint {str(minilm_path())!r} when training ends" in caplog.text
-    assert ken.pretrained == {} and ken.checkpoint_values is None  # let go at the end
+    assert ken.pretrained_values is None  # let go at the end
     _, snapshot_steps, snapshot_folder, snapshot_weights = results["snapshot"]
     parameters = sum(p.numel() for p in _pretrained().values())
     assert all(held[1] >= parameters and not held[2] for held in snapshot_steps)
@@ -309,7 +309,11 @@ def test_weights_changed_after_loading_fall_back_to_a_snapshot_and_say_so(tmp_pa
     holdings = _Holdings(ken)
     trainer = _train(tmp_path / "auto", splits, [ken, holdings], model=model(), max_steps=2)
     assert all(held[0] > 0 and not held[2] for held in holdings.steps)
-    warned = [r for r in caplog.records if r.name == "ken_hf.callback" and r.levelname == "WARNING"]
+    warned = [
+        r
+        for r in caplog.records
+        if r.name == "ken_hf.pretrained_values" and r.levelname == "WARNING"
+    ]
     assert len(warned) == 1 and "snapshot held on cpu" in warned[0].getMessage()
     assert f"tensor {changed!r} of the model differs" in warned[0].getMessage()
     reset = ~ken.subnetwork.mask(changed)
@@ -345,7 +349,7 @@ def test_a_checkpoint_changed_during_training_stops_with_the_tensor_named(tmp_pa
     ken = KENCallback(keep_ratio=0.5, target_modules=LAYERS_0_1, evaluate=False)
     with pytest.raises(ValueError, match=rf"tensor 'bert\.{overwritten}'.*no longer what it was"):
         _train(tmp_path, splits, [ken, Overwrite()], model=model, max_steps=1)
-    assert ken.checkpoint_values is not None  # it was to be read from the checkpoint
+    assert ken.pretrained_values.checkpoint is not None  # it was to be read from it
 
 
 @pytest.mark.parametrize(
