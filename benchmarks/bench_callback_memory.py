@@ -12,7 +12,11 @@ seconds the callback took when training began (snapshot, or reading and checking
 checkpoint) and when it ended (selection, reset, save). A run without the callback gives
 the training's own figures. The subnetwork files of the two modes must be byte-identical.
 
-    python benchmarks/bench_callback_memory.py [--steps 3]
+The goal: KEN at the end adds at most 2 x the largest tensor + 256 MiB over the RSS of the
+last step. With ``--before REV``, the callback of git revision REV (unpacked into a
+temporary folder) runs beside this checkout's, mode by mode, in the same run.
+
+    python benchmarks/bench_callback_memory.py [--steps 3] [--before REV]
 
 Prints a table and writes benchmarks/results/bench_callback_memory.json.
 """
@@ -92,6 +96,7 @@ def child(mode: str, steps: int, out: Path) -> dict:
     torch.manual_seed(0)
     model = AutoModelForCausalLM.from_pretrained(path)
     figures["parameter_bytes"] = sum(p.numel() * p.element_size() for p in model.parameters())
+    figures["largest_tensor_bytes"] = max(p.numel() * p.element_size() for p in model.parameters())
     callbacks = [Clock(before=True)]
     ken = None
     if mode != "no callback":
@@ -131,11 +136,15 @@ def child(mode: str, steps: int, out: Path) -> dict:
     return figures
 
 
-def measure(mode: str, steps: int) -> dict:
+def measure(mode: str, steps: int, code: Path | None = None) -> dict:
+    """One run in a fresh process; ``code``: a folder whose ``ken_hf`` it imports."""
+    env = dict(os.environ)
+    if code is not None:
+        env["PYTHONPATH"] = os.pathsep.join(filter(None, [str(code), env.get("PYTHONPATH")]))
     with tempfile.TemporaryDirectory() as scratch:
         command = [sys.executable, __file__, "--child", mode, "--steps", str(steps)]
         out = subprocess.run(
-            [*command, "--out", scratch], capture_output=True, text=True, check=False
+            [*command, "--out", scratch], capture_output=True, text=True, check=False, env=env
         )
     if out.returncode:
         raise RuntimeError(out.stderr[-3000:])
@@ -147,6 +156,9 @@ def main() -> None:
     parser.add_argument("--steps", type=int, default=3, help="training steps (default 3)")
     parser.add_argument("--child", choices=MODES, help=argparse.SUPPRESS)
     parser.add_argument("--out", type=Path, help=argparse.SUPPRESS)
+    parser.add_argument(
+        "--before", metavar="REV", help="also run the callback of this git revision (default: no)"
+    )
     args = parser.parse_args()
     if args.child:
         print(json.dumps(child(args.child, args.steps, args.out)))
@@ -154,15 +166,36 @@ def main() -> None:
     from ken_hf.experiments.assets import smollm2_path
 
     smollm2_path()  # converted once, outside the measured runs
-    runs = {}
-    for mode in MODES:
-        start = time.perf_counter()
-        runs[mode] = measure(mode, args.steps)
-        print(f"{mode}: {time.perf_counter() - start:.0f} s", file=sys.stderr)
-    digests = {runs[mode]["subnetwork_sha256"] for mode in ("snapshot", "checkpoint")}
+    with tempfile.TemporaryDirectory() as before_code:
+        codes: dict[str, Path | None] = {"now": None}
+        if args.before:
+            archive = subprocess.run(
+                ["git", "archive", args.before, "ken_hf"], capture_output=True, check=True
+            ).stdout
+            subprocess.run(["tar", "-x", "-C", before_code], input=archive, check=True)
+            codes = {f"before ({args.before})": Path(before_code), **codes}
+        runs: dict[str, dict] = {}
+        for mode in MODES:
+            for code, folder in codes.items():
+                if mode == "no callback" and folder is not None:
+                    continue  # no ken-hf code runs
+                key = mode if mode == "no callback" else f"{mode}, {code}"
+                start = time.perf_counter()
+                runs[key] = measure(mode, args.steps, folder) | {"mode": mode, "code": code}
+                print(f"{key}: {time.perf_counter() - start:.0f} s", file=sys.stderr)
+    for code in codes:
+        digests = {runs[f"{m}, {code}"]["subnetwork_sha256"] for m in ("snapshot", "checkpoint")}
+        if len(digests) != 1:
+            raise SystemExit(f"{code}: the two modes wrote different subnetworks")
+    digests = {run["subnetwork_sha256"] for run in runs.values() if "subnetwork_sha256" in run}
+    largest = runs["no callback"]["largest_tensor_bytes"]
+    goal = 2 * largest + 256 * 2**20
+    for run in runs.values():
+        run["end_added_bytes"] = run["peak_end"] - run["rss_last_step"]
+        run["end_goal_met"] = run["end_added_bytes"] <= goal
     results = {
         "machine": {
-            "cpus": runs["snapshot"]["torch_threads"],
+            "cpus": runs["no callback"]["torch_threads"],
             "processor": _cpu_model(),
             "memory_bytes": os.sysconf("SC_PAGE_SIZE") * os.sysconf("SC_PHYS_PAGES"),
             "platform": platform.platform(),
@@ -170,24 +203,28 @@ def main() -> None:
         "model": "SmolLM2-135M-Instruct, float32",
         "steps": args.steps,
         "keep_ratio": 0.5,
+        "end_goal_bytes": goal,
         "subnetworks_identical": len(digests) == 1,
         "runs": runs,
     }
-    gib = 2**30
+    gib, mib = 2**30, 2**20
     RESULTS.mkdir(exist_ok=True)
     (RESULTS / "bench_callback_memory.json").write_text(json.dumps(results, indent=2) + "\n")
-    weights = runs["snapshot"]["parameter_bytes"]
+    weights = runs["no callback"]["parameter_bytes"]
     machine = results["machine"]
-    print(f"\nSmolLM2-135M float32 ({weights / 2**20:.0f} MiB of parameters), {args.steps} "
-          f"AdamW steps on the CPU, KEN keep 50 %; subnetworks byte-identical: "
-          f"{results['subnetworks_identical']}; {machine['processor']}, {machine['cpus']} "
-          f"threads, {machine['memory_bytes'] / gib:.0f} GiB")  # fmt: skip
-    print("| pre-trained values | peak RSS, training | peak RSS, KEN at the end | RSS at the "
-          "last step | train begin | train end |")  # fmt: skip
-    print("|---|---|---|---|---|---|")
-    for mode, run in runs.items():
-        print(f"| {mode} | {run['peak_training'] / gib:.2f} GiB | {run['peak_end'] / gib:.2f} "
-              f"GiB | {run['rss_last_step'] / gib:.2f} GiB | {run['begin_seconds']:.2f} s "
+    print(f"\nSmolLM2-135M float32 ({weights / mib:.0f} MiB of parameters, largest tensor "
+          f"{largest / mib:.0f} MiB), {args.steps} AdamW steps on the CPU, KEN keep 50 %; "
+          f"subnetworks byte-identical: {results['subnetworks_identical']}; "
+          f"{machine['processor']}, {machine['cpus']} threads, "
+          f"{machine['memory_bytes'] / gib:.0f} GiB")  # fmt: skip
+    print(f"goal: the end adds at most 2 x largest tensor + 256 MiB = {goal / mib:.0f} MiB")
+    print("| run | peak RSS, training | RSS at the last step | peak RSS, KEN at the end | "
+          "added by the end | goal met | train begin | train end |")  # fmt: skip
+    print("|---|---|---|---|---|---|---|---|")
+    for key, run in runs.items():
+        print(f"| {key} | {run['peak_training'] / gib:.2f} GiB | {run['rss_last_step'] / gib:.2f} "
+              f"GiB | {run['peak_end'] / gib:.2f} GiB | {run['end_added_bytes'] / mib:.0f} MiB "
+              f"| {'yes' if run['end_goal_met'] else 'no'} | {run['begin_seconds']:.2f} s "
               f"| {run['end_seconds']:.1f} s |")  # fmt: skip
 
 

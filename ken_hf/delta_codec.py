@@ -42,13 +42,28 @@ def bit_difference(
 ) -> tuple[torch.Tensor, torch.Tensor]:
     """For ``finetuned`` and ``base`` values ``[K]`` of one dtype: ``changed``, bool ``[K]``
     (the bit pattern differs), and ``difference``, integers ``[C]`` (C = changed count):
-    the zigzag-coded difference of the two bit patterns where they differ."""
+    the zigzag-coded difference of the two bit patterns where they differ. Worked in place
+    on one new array besides the result: about two copies of ``[C]`` at the peak."""
     tuned_bits = bits_of(finetuned.contiguous())
     base_bits = bits_of(base.to(finetuned.device).contiguous())
     changed = tuned_bits != base_bits
-    difference = torch.masked_select(tuned_bits, changed) - torch.masked_select(base_bits, changed)
-    width = difference.element_size() * 8
-    return changed, (difference << 1) ^ (difference >> (width - 1))  # zigzag (wraps)
+    difference = masked_values(tuned_bits, changed)
+    difference -= masked_values(base_bits, changed)  # wraps, as it should
+    sign = difference >> (difference.element_size() * 8 - 1)
+    difference <<= 1
+    difference ^= sign  # zigzag
+    return changed, difference
+
+
+def masked_values(flat: torch.Tensor, mask: torch.Tensor, block: int = 2**22) -> torch.Tensor:
+    """``flat[mask]`` for 1-D tensors, in blocks: selecting by a bool mask builds an int64
+    helper as long as the mask (8 bytes per value), so whole tensors would pay that."""
+    mask = mask.to(flat.device)
+    pieces = [
+        torch.masked_select(flat[start : start + block], mask[start : start + block])
+        for start in range(0, flat.numel(), block)
+    ]
+    return torch.cat(pieces) if pieces else flat[:0].clone()
 
 
 def add_bit_difference(base: torch.Tensor, difference: torch.Tensor) -> torch.Tensor:

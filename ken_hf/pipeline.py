@@ -25,13 +25,12 @@ import torch
 
 from .checkpoints import LazyTensors, match_names
 from .config import KENConfig
-from .delta_codec import bit_difference
+from .delta_codec import BITS_DTYPES, bit_difference
 from .errors import KENError
 from .fingerprint import tensor_fingerprint
 from .safetensors_io import FLOAT_DTYPES
 from .selection import select_by_rule
 from .selection.rows import DEFAULT_MAX_MEMORY
-from .subnetwork_format import masked_values
 
 PRUNED, WHOLE, RESET = "pruned", "whole", "reset"
 # (shape, dtype) of a tensor, known before it is read.
@@ -234,10 +233,40 @@ def process_tensor(
             [plan], {plan.name: finetuned}, {plan.base_name: base}, config, max_memory=max_memory
         )[plan.name]
     delta = delta_statistics(finetuned, base, mask)
-    flat_mask = mask.reshape(-1)
-    kept = masked_values(finetuned.reshape(-1), flat_mask).cpu()
-    changed, difference = bit_difference(kept, masked_values(base.reshape(-1), flat_mask).cpu())
+    kept, changed, difference = kept_changes(finetuned, base, mask)
     return TensorRecord(plan, finetuned, mask, fingerprint, delta, kept, changed, difference, added)
+
+
+def kept_changes(
+    finetuned: torch.Tensor, base: torch.Tensor, mask: torch.Tensor, *, block: int = 2**22
+) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor]:
+    """The kept values of one tensor and how they differ from the base's, on the CPU:
+    ``kept`` ``[K]`` (the fine-tuned values where ``mask``, bool of the tensors' shape, is
+    set), and ``bit_difference``'s ``changed`` ``[K]`` and ``difference`` ``[C]``.
+
+    Made ``block`` values at a time into arrays allocated once: memory stays at the results
+    and one block's work, where whole-tensor selections would build int64 helpers as long
+    as the tensor and several temporaries as long as the kept values."""
+    flat, base_flat = finetuned.reshape(-1), base.reshape(-1)
+    flat_mask = mask.reshape(-1).to(flat.device)
+    count = int(torch.count_nonzero(flat_mask))
+    kept = torch.empty(count, dtype=flat.dtype)
+    changed = torch.empty(count, dtype=torch.bool)
+    difference = torch.empty(count, dtype=BITS_DTYPES[flat.dtype])
+    taken = changes = 0
+    for start in range(0, flat.numel(), block):
+        piece = slice(start, start + block)
+        values = torch.masked_select(flat[piece], flat_mask[piece]).cpu()
+        base_values = torch.masked_select(base_flat[piece].to(flat.device), flat_mask[piece])
+        piece_changed, piece_difference = bit_difference(values, base_values.cpu())
+        kept[taken : taken + values.numel()] = values
+        changed[taken : taken + values.numel()] = piece_changed
+        difference[changes : changes + piece_difference.numel()] = piece_difference
+        taken, changes = taken + values.numel(), changes + piece_difference.numel()
+    difference = difference[:changes]
+    if 2 * changes < count:  # most kept values unchanged: not K slots for C values
+        difference = difference.clone()
+    return kept, changed, difference
 
 
 def delta_statistics(

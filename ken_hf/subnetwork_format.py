@@ -161,17 +161,6 @@ def checksum(tensor: torch.Tensor, shape: list[int]) -> str:
     return hasher.hexdigest()
 
 
-def masked_values(flat: torch.Tensor, mask: torch.Tensor, block: int = 2**22) -> torch.Tensor:
-    """``flat[mask]`` for 1-D tensors, in blocks: selecting by a bool mask builds an int64
-    helper as long as the mask (8 bytes per value), so whole tensors would pay that."""
-    mask = mask.to(flat.device)
-    pieces = [
-        torch.masked_select(flat[start : start + block], mask[start : start + block])
-        for start in range(0, flat.numel(), block)
-    ]
-    return torch.cat(pieces) if pieces else flat[:0].clone()
-
-
 def positions_of(bits: np.ndarray) -> torch.Tensor:
     """int64 positions of the set entries of a bool array (all set: keep ratio 1, a range
     written without a search)."""
