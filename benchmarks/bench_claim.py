@@ -29,9 +29,9 @@ import torch
 from transformers import TrainerCallback
 
 from ken_hf import KENConfig, prune_model
-from ken_hf.checkpoints import new_parameters
 from ken_hf.experiments.demo import fine_tune_with_ken
 from ken_hf.experiments.run_settings import DemoSettings
+from ken_hf.storage.checkpoints import new_parameters
 
 RESULTS = Path(__file__).resolve().parent / "results"
 RATIOS = (0.1, 0.2, 0.3, 0.4, 0.5, 0.6, 0.7, 0.8, 0.9)

@@ -38,10 +38,10 @@ from ken_hf import (  # noqa: E402
     KENModel,
     KENSubnetwork,
 )
-from ken_hf.checkpoints import new_parameters  # noqa: E402
 from ken_hf.config import CONFIG_NAME  # noqa: E402
 from ken_hf.experiments.finetune import load_tokenizer, model_source  # noqa: E402
-from ken_hf.serialization import SUBNETWORK_NAME  # noqa: E402
+from ken_hf.storage.checkpoints import new_parameters  # noqa: E402
+from ken_hf.storage.subnetwork_file import SUBNETWORK_NAME  # noqa: E402
 
 RESULTS = Path(__file__).resolve().parent / "results"
 KEEP = (0.25, 0.5, 1.0)

@@ -30,9 +30,7 @@ from peft import LoraConfig, TaskType, get_peft_model
 from transformers import AutoModelForSequenceClassification
 
 from ken_hf import AutoKENModelForSequenceClassification, KENConfig, KENModel, KENSubnetwork
-from ken_hf.checkpoints import new_parameters
 from ken_hf.config import CONFIG_NAME
-from ken_hf.delta_codec import pack_bits, to_planes
 from ken_hf.experiments.assets import cache_dir
 from ken_hf.experiments.finetune import (
     build_trainer,
@@ -42,9 +40,11 @@ from ken_hf.experiments.finetune import (
     new_classifier,
 )
 from ken_hf.experiments.run_settings import FineTuneSettings
-from ken_hf.safetensors_io import SafetensorsWriter
-from ken_hf.serialization import SUBNETWORK_NAME
-from ken_hf.subnetwork_format import FORMAT, checksum, index_dtype, smaller_encoding
+from ken_hf.storage.checkpoints import new_parameters
+from ken_hf.storage.delta_codec import pack_bits, to_planes
+from ken_hf.storage.format import FORMAT, checksum, index_dtype, smaller_encoding
+from ken_hf.storage.safetensors_io import SafetensorsWriter
+from ken_hf.storage.subnetwork_file import SUBNETWORK_NAME
 
 RESULTS = Path(__file__).resolve().parent / "results"
 BUDGETS = ({"keep_ratio": 0.25}, {"keep_ratio": 0.5}, {"keep_ratio": 0.75},

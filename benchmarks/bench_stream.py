@@ -39,10 +39,10 @@ from pathlib import Path
 import torch
 from transformers import LlamaConfig, LlamaForCausalLM
 
-from ken_hf.atomic_files import FolderWriter
 from ken_hf.experiments.assets import cache_dir
-from ken_hf.safetensors_io import SafetensorsFile, ShardedWriter
-from ken_hf.serialization import SUBNETWORK_NAME
+from ken_hf.storage.safetensors_io import SafetensorsFile, ShardedWriter
+from ken_hf.storage.subnetwork_file import SUBNETWORK_NAME
+from ken_hf.utils.atomic_files import FolderWriter
 
 RESULTS = Path(__file__).resolve().parent / "results"
 SHAPES = {
@@ -82,7 +82,8 @@ print(json.dumps({{"peak_rss": peak, "seconds": seconds, "cpu_seconds": cpu}}))
 # What `ken prune` holds before its first tensor: imports, the model class it looks up, the
 # selection's kernels warmed up. The projection scales what lies above this.
 _IMPORTS_ONLY = (
-    "import torch, transformers, ken_hf.cli, ken_hf.streaming; transformers.LlamaForCausalLM; "
+    "import torch, transformers, ken_hf.cli, ken_hf.making.from_checkpoints; "
+    "transformers.LlamaForCausalLM; "
     "from ken_hf.selection import ken_select; ken_select(torch.randn(4, 64), 8)"
 )
 _CLI = "from ken_hf.cli import main; assert main({args!r}) == 0"

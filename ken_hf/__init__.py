@@ -18,7 +18,6 @@ from .selection import ken_prune, ken_select, ken_select_many
 if TYPE_CHECKING:  # the names of ``_LAZY``, re-exported for type checkers and doc tools
     from .auto_k import AutoK as AutoK
     from .callback import KENCallback as KENCallback
-    from .checkpoints import CheckpointError as CheckpointError
     from .config import KENConfig as KENConfig
     from .errors import KENConfigError as KENConfigError
     from .errors import KENError as KENError
@@ -38,7 +37,8 @@ if TYPE_CHECKING:  # the names of ``_LAZY``, re-exported for type checkers and d
     from .modeling import KENModelForSequenceClassification as KENModelForSequenceClassification
     from .modeling import KENModelForTokenClassification as KENModelForTokenClassification
     from .modeling import UnknownSubnetworkError as UnknownSubnetworkError
-    from .serialization import KENFormatError as KENFormatError
+    from .storage.checkpoints import CheckpointError as CheckpointError
+    from .storage.subnetwork_file import KENFormatError as KENFormatError
     from .subnetwork import BaseMismatchError as BaseMismatchError
     from .subnetwork import KENSubnetwork as KENSubnetwork
     from .subnetwork import prune_model as prune_model
@@ -50,11 +50,11 @@ _LAZY = {
     "KENSubnetwork": "subnetwork",
     "prune_model": "subnetwork",
     "BaseMismatchError": "subnetwork",
-    "KENFormatError": "serialization",
+    "KENFormatError": "storage.subnetwork_file",
     "KENError": "errors",
     "KENConfigError": "errors",
     "UnsafePathError": "errors",
-    "CheckpointError": "checkpoints",
+    "CheckpointError": "storage.checkpoints",
     "KENModel": "modeling",
     "KENModelForSequenceClassification": "modeling",
     "KENModelForCausalLM": "modeling",

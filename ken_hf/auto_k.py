@@ -10,7 +10,7 @@ import numbers
 from collections.abc import Callable
 
 from .errors import KENConfigError, shown
-from .json_input import is_integer
+from .utils.json_input import is_integer
 
 
 @dataclasses.dataclass

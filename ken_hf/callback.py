@@ -3,19 +3,19 @@
 The callback reacts to two events and leaves the work to the modules that own it:
 
 - training begins: the base checkpoint is found and the pre-trained values are held or
-  recorded (``ken_hf.pretrained_values``: ``pretrained_source`` and what each costs);
+  recorded (``ken_hf.making.pretrained_values``: ``pretrained_source`` and what each costs);
 - training ends: the ``AutoK`` search when given (``ken_hf.auto_k``), then KEN in place, a
-  tensor at a time (``ken_hf.in_place``), each record written to the subnetwork file as it
+  tensor at a time (``ken_hf.making.in_place``), each record written to the subnetwork file as it
   comes (``SubnetworkFolderWriter``); the pruned model is evaluated, and the card, report
   and ``ken_config.json`` complete the folder. Host memory at the end: one tensor's work at
   a time (``benchmarks/bench_callback_memory.py``). ``auto_k`` holds one more copy of the
   weights (the fine-tuned values, put back after each probe) while it searches.
 
 Distributed runs (DDP, e.g. ``accelerate launch --num_processes 2``): the ranks share the
-selection (``ken_hf.shared_records``), every rank ends with identical weights, and only the
+selection (``ken_hf.making.shared_records``), every rank ends with identical weights, and only the
 main process writes files.
 
-Sharded runs (FSDP2, DeepSpeed ZeRO-3; see ``ken_hf.sharding``): full tensors are gathered
+Sharded runs (FSDP2, DeepSpeed ZeRO-3; see ``ken_hf.making.sharded``): full tensors are gathered
 one at a time; the main process alone keeps the snapshot (one full copy of the weights on
 its host: ``pretrained_source="checkpoint"`` is refused there, and a resumed run reads the
 base checkpoint), selects, and scatters each rebuilt tensor back into every rank's shard.
@@ -42,16 +42,16 @@ from transformers import Trainer, TrainerCallback
 from transformers.utils import logging
 
 from .auto_k import AutoK
-from .checkpoints import tensors_of
 from .config import KENConfig
 from .errors import KENConfigError, shown
-from .hub import is_remote_id
-from .in_place import InPlacePrune
-from .pretrained_values import PRETRAINED_SOURCES, PretrainedValues
-from .serialization import StoredSubnetwork, SubnetworkFileFacts
-from .sharding import full_numel, prune_sharded, sharding_of, snapshot_sharded
+from .making.in_place import InPlacePrune
+from .making.pretrained_values import PRETRAINED_SOURCES, PretrainedValues
+from .making.sharded import full_numel, prune_sharded, sharding_of, snapshot_sharded
+from .storage.checkpoints import tensors_of
+from .storage.folder import SubnetworkFolderWriter, push_subnetwork_folder, travelling_base
+from .storage.subnetwork_file import StoredSubnetwork, SubnetworkFileFacts
 from .subnetwork import KENSubnetwork, check_full_model
-from .subnetwork_folder import SubnetworkFolderWriter, push_subnetwork_folder, travelling_base
+from .utils.hub import is_remote_id
 from .viz import summary_png_if_available
 
 logger = logging.get_logger(__name__)

@@ -265,8 +265,8 @@ def _compare(args: argparse.Namespace) -> int:
 
 def _prune(args: argparse.Namespace) -> int:
     from .config import KENConfig
-    from .distributed import launched_group
-    from .streaming import prune_checkpoints
+    from .making.distributed import launched_group
+    from .making.from_checkpoints import prune_checkpoints
 
     config = KENConfig(
         k=args.k,
@@ -299,7 +299,7 @@ def _prune(args: argparse.Namespace) -> int:
 
 
 def _apply(args: argparse.Namespace) -> int:
-    from .streaming import apply_checkpoint
+    from .making.from_checkpoints import apply_checkpoint
 
     result = apply_checkpoint(
         args.base,
@@ -316,7 +316,7 @@ def _apply(args: argparse.Namespace) -> int:
 
 
 def _inspect(args: argparse.Namespace) -> int:
-    from .streaming import inspect_subnetwork
+    from .making.from_checkpoints import inspect_subnetwork
 
     info = inspect_subnetwork(args.path, subfolder=args.subfolder, revision=args.revision)
     if args.json:
@@ -361,7 +361,7 @@ def _viz(args: argparse.Namespace) -> int:
 def _push(args: argparse.Namespace) -> int:
     from pathlib import Path
 
-    from .subnetwork_folder import push_subnetwork_folder
+    from .storage.folder import push_subnetwork_folder
 
     folder = Path(args.folder)
     if not folder.is_dir():
@@ -476,8 +476,8 @@ def _add_compare(commands, options: bool = True) -> None:
 
 
 def _add_prune(commands) -> None:
-    from .delta_codec import DEFAULT_LEVEL, DEFAULT_THREADS
     from .selection.rules import RULES
+    from .storage.delta_codec import DEFAULT_LEVEL, DEFAULT_THREADS
 
     prune = commands.add_parser(
         "prune",

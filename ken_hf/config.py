@@ -13,11 +13,11 @@ import warnings
 from dataclasses import asdict, dataclass, field, fields
 from pathlib import Path
 
-from .atomic_files import write_text_atomic
 from .errors import KENConfigError, shown
-from .hub import resolve_file
-from .json_input import is_integer, read_json_object
 from .selection.rules import check_rule
+from .utils.atomic_files import write_text_atomic
+from .utils.hub import resolve_file
+from .utils.json_input import is_integer, read_json_object
 
 CONFIG_NAME = "ken_config.json"
 REQUIRED_KEYS = ("k", "keep_ratio", "base_model_name_or_path")

@@ -16,13 +16,13 @@ import transformers
 from transformers import PretrainedConfig, PreTrainedModel
 from transformers.utils import find_labels
 
-from .checkpoints import tensors_of
-from .delta_codec import host_copies
 from .errors import KENConfigError, KENError, UnsafePathError, shown
-from .fingerprint import tensor_fingerprint
-from .hub import is_remote_id, resolve_file
-from .json_input import is_integer, read_json_object
+from .storage.checkpoints import tensors_of
+from .storage.delta_codec import host_copies
 from .subnetwork import KENSubnetwork, fingerprints_of
+from .utils.fingerprint import tensor_fingerprint
+from .utils.hub import is_remote_id, resolve_file
+from .utils.json_input import is_integer, read_json_object
 
 
 class _signature_of_wrapped_model:  # noqa: N801 (a decorator, named as one)

@@ -1,7 +1,7 @@
 """``KENSubnetwork``: which positions of which tensors KEN kept, and their fine-tuned values;
 and the in-memory driver of the pipeline (``from_weights``, ``prune_model``).
 
-The data flows one way: weights -> plan and masks (``ken_hf.pipeline``) -> subnetwork ->
+The data flows one way: weights -> plan and masks (``ken_hf.making.plan``) -> subnetwork ->
 file. A subnetwork can be saved, pushed to the Hub, applied to a base model and taken off
 it again, leaving the base exactly as it was.
 """
@@ -21,14 +21,10 @@ from pathlib import Path
 import numpy as np
 import torch
 
-from .base_source import BaseSource, Weights, cannot_tell, locate_base
-from .checkpoints import read_model_config, tensors_of
 from .config import KENConfig
-from .delta_codec import DEFAULT_LEVEL, DEFAULT_THREADS, bits_of
 from .errors import KENConfigError, KENError, shown
-from .fingerprint import tensor_fingerprint
-from .hub import push_folder, resolve_folder
-from .pipeline import (
+from .making.base_source import BaseSource, Weights, cannot_tell, locate_base
+from .making.plan import (
     PRUNED,
     WHOLE,
     TensorRecord,
@@ -39,14 +35,18 @@ from .pipeline import (
     select_masks,
     specs_of,
 )
-from .serialization import (
+from .storage.checkpoints import read_model_config, tensors_of
+from .storage.delta_codec import DEFAULT_LEVEL, DEFAULT_THREADS, bits_of
+from .storage.folder import SUBNETWORK_FILES, open_saved, travelling_base, write_folder
+from .storage.format import positions_of
+from .storage.subnetwork_file import (
     DecodedOnAccess,
     PrunedTensor,
     StoredSubnetwork,
     open_subnetwork,
 )
-from .subnetwork_folder import SUBNETWORK_FILES, open_saved, travelling_base, write_folder
-from .subnetwork_format import positions_of
+from .utils.fingerprint import tensor_fingerprint
+from .utils.hub import push_folder, resolve_folder
 
 
 class BaseMismatchError(KENError):
@@ -178,13 +178,13 @@ class KENSubnetwork:
         """Select the subnetwork of ``finetuned`` against ``base``; neither is changed.
 
         Every floating-point tensor of ``finetuned`` is pruned, stored whole or reset, as
-        ``config`` says (``ken_hf.pipeline`` plans it). The base checkpoint is recorded and
+        ``config`` says (``ken_hf.making.plan`` plans it). The base checkpoint is recorded and
         the newly initialised tensors (stored whole) are found by locating the checkpoint
         ``base`` came from (``locate_base``); ``new_tensors`` names them instead.
 
         Args:
             base: the pre-trained model, or its state dict ``{name: tensor}`` (such as
-                ``ken_hf.checkpoints.LazyTensors``, read a tensor at a time).
+                ``ken_hf.storage.checkpoints.LazyTensors``, read a tensor at a time).
             finetuned: the fully fine-tuned model (or its state dict), of the base's
                 architecture; a tensor may have grown along its first dimension (a
                 vocabulary that gained tokens), at most twofold.
@@ -227,7 +227,7 @@ class KENSubnetwork:
         source: BaseSource | None = None,
         base_dtype: str | None = None,
     ) -> KENSubnetwork:
-        """Build a subnetwork from the records of ``ken_hf.pipeline``'s per-tensor step.
+        """Build a subnetwork from the records of ``ken_hf.making.plan``'s per-tensor step.
 
         The building block of ``from_weights`` and the streaming path; most code calls
         those instead. ``config`` gets the base ``source``, its dtype and the model's class
@@ -502,7 +502,7 @@ class KENSubnetwork:
 
         Args:
             parameters: ``{name: tensor}``: the model's tensors
-                (``ken_hf.checkpoints.tensors_of(model)``).
+                (``ken_hf.storage.checkpoints.tensors_of(model)``).
 
         Raises:
             BaseMismatchError: naming the first tensor that ``parameters`` lacks or holds

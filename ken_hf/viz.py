@@ -36,9 +36,9 @@ from typing import TYPE_CHECKING, Literal
 import numpy as np
 
 from .errors import KENConfigError, MissingExtraError
-from .serialization import DecodedOnAccess
+from .storage.format import KENFormatError
+from .storage.subnetwork_file import DecodedOnAccess
 from .subnetwork import KENSubnetwork
-from .subnetwork_format import KENFormatError
 
 if TYPE_CHECKING:
     from matplotlib.figure import Figure
@@ -493,7 +493,7 @@ def _write_pages(
 ) -> Path:
     """Write each section's PNG and ``report.html`` into ``out``; on failure, remove the
     folders this call created (never one that existed before)."""
-    from .atomic_files import write_bytes_atomic, write_text_atomic
+    from .utils.atomic_files import write_bytes_atomic, write_text_atomic
 
     created = next((p for p in reversed([out, *out.parents]) if not p.exists()), None)
     try:

@@ -53,9 +53,9 @@ from transformers import (
 )
 
 from ken_hf import AutoKENModelForSequenceClassification, KENConfig, prune_model
-from ken_hf.checkpoints import new_parameters
 from ken_hf.experiments.assets import minilm_path
 from ken_hf.experiments.tasks import movie_review_splits
+from ken_hf.storage.checkpoints import new_parameters
 
 
 def parse_args(argv: Sequence[str] | None = None) -> argparse.Namespace:

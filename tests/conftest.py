@@ -71,9 +71,9 @@ def minilm_finetune(tmp_path_factory):
         TrainingArguments,
     )
 
-    from ken_hf.checkpoints import new_parameters
     from ken_hf.experiments.assets import minilm_path
     from ken_hf.experiments.tasks import movie_review_splits
+    from ken_hf.storage.checkpoints import new_parameters
 
     base = str(minilm_path())
     tokenizer = AutoTokenizer.from_pretrained(base)

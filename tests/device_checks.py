@@ -9,7 +9,7 @@ import torch
 from transformers import TrainerCallback
 
 from ken_hf import KENSubnetwork, ken_select_many
-from ken_hf.checkpoints import tensors_of
+from ken_hf.storage.checkpoints import tensors_of
 
 
 class KeepFineTuned(TrainerCallback):

@@ -4,7 +4,7 @@ opens each hostile folder in a process of its own, under a memory limit and a ti
 
 Rewriting (``KenFile``): an attacker recomputes every checksum and digest, so a rewritten
 file differs from a valid one only in what a case changes: each array's checksum
-(``ken_hf.subnetwork_format.checksum``), the ``digest`` of the ``ken`` document (xxh3 of its
+(``ken_hf.storage.format.checksum``), the ``digest`` of the ``ken`` document (xxh3 of its
 text) and ``subnetwork_digest`` in the folder's ``ken_config.json`` are written to match.
 
 Running (``Runner`` here, ``serve`` in the runner process): importing torch and transformers
@@ -232,7 +232,7 @@ def array_checksum(data: bytes, shape) -> str:
     import numpy as np
     import torch
 
-    from ken_hf.subnetwork_format import checksum
+    from ken_hf.storage.format import checksum
 
     return checksum(torch.from_numpy(np.frombuffer(data, dtype=np.uint8).copy()), shape)
 
@@ -395,7 +395,7 @@ def serve(bases_json: str) -> None:
 
     import fake_hub  # noqa: F401
     import ken_hf.cli  # noqa: F401
-    import ken_hf.streaming  # noqa: F401
+    import ken_hf.making.from_checkpoints  # noqa: F401
     import ken_hf.viz  # noqa: F401
 
     transformers.logging.set_verbosity_error()

@@ -285,9 +285,9 @@ def test_weights_changed_after_loading_fall_back_to_a_snapshot_and_say_so(tmp_pa
     check at train begin finds it; ``auto`` takes a snapshot (the values training began
     from) and warns, ``checkpoint`` refuses. A model built from its config (random weights,
     new tensors named) takes a snapshot as well."""
-    from ken_hf.base_source import locate_base
-    from ken_hf.checkpoints import tensors_of
     from ken_hf.config import KENConfig
+    from ken_hf.making.base_source import locate_base
+    from ken_hf.storage.checkpoints import tensors_of
 
     changed = "bert.encoder.layer.0.attention.self.query.bias"
 
@@ -312,7 +312,7 @@ def test_weights_changed_after_loading_fall_back_to_a_snapshot_and_say_so(tmp_pa
     warned = [
         r
         for r in caplog.records
-        if r.name == "ken_hf.pretrained_values" and r.levelname == "WARNING"
+        if r.name == "ken_hf.making.pretrained_values" and r.levelname == "WARNING"
     ]
     assert len(warned) == 1 and "snapshot held on cpu" in warned[0].getMessage()
     assert f"tensor {changed!r} of the model differs" in warned[0].getMessage()
@@ -491,9 +491,9 @@ from torch.distributed.fsdp import fully_shard
 from transformers import AutoModelForSequenceClassification
 from ken_hf import KENConfig, prune_model
 from ken_hf.experiments.assets import minilm_path
-from ken_hf.fingerprint import tensor_fingerprint
-from ken_hf.checkpoints import new_parameters
-from ken_hf.sharding import gathered, prune_sharded, sharding_of, snapshot_sharded
+from ken_hf.utils.fingerprint import tensor_fingerprint
+from ken_hf.storage.checkpoints import new_parameters
+from ken_hf.making.sharded import gathered, prune_sharded, sharding_of, snapshot_sharded
 dist.init_process_group("gloo")
 rank, out = dist.get_rank(), sys.argv[1]
 mesh = init_device_mesh("cpu", (dist.get_world_size(),))
@@ -578,7 +578,7 @@ from transformers import (AutoModelForSequenceClassification, AutoTokenizer,
     DataCollatorWithPadding, Trainer, TrainerCallback, TrainingArguments)
 from ken_hf import KENCallback
 from ken_hf.experiments.assets import minilm_path
-from ken_hf.fingerprint import tensor_fingerprint
+from ken_hf.utils.fingerprint import tensor_fingerprint
 from ken_hf.experiments.tasks import movie_review_splits
 out = sys.argv[1]
 tokenizer = AutoTokenizer.from_pretrained(minilm_path())
@@ -655,9 +655,9 @@ def _single_process_selection(out: Path):
     from safetensors.torch import load_file
 
     from ken_hf import KENConfig, prune_model
-    from ken_hf.checkpoints import new_parameters
-    from ken_hf.fingerprint import tensor_fingerprint
-    from ken_hf.serialization import SUBNETWORK_NAME, read_subnetwork
+    from ken_hf.storage.checkpoints import new_parameters
+    from ken_hf.storage.subnetwork_file import SUBNETWORK_NAME, read_subnetwork
+    from ken_hf.utils.fingerprint import tensor_fingerprint
 
     finetuned = AutoModelForSequenceClassification.from_pretrained(minilm_path(), num_labels=2)
     missing, unexpected = finetuned.load_state_dict(

@@ -15,7 +15,7 @@ from transformers import BertConfig, BertModel, GPT2Config, GPT2Model
 
 from ken_hf import KENConfig
 from ken_hf.cli import main as ken
-from ken_hf.streaming import prune_checkpoints
+from ken_hf.making.from_checkpoints import prune_checkpoints
 
 OFFLINE_HUB_ID = "ken-hf-tests/no-such-repository"
 KEN_EXECUTABLE = Path(sys.executable).with_name("ken")
@@ -202,7 +202,7 @@ def test_viz_removes_the_folders_it_created_when_writing_fails(folders, tmp_path
     def fail(*_):
         raise OSError("disk full")
 
-    monkeypatch.setattr("ken_hf.atomic_files.write_text_atomic", fail)
+    monkeypatch.setattr("ken_hf.utils.atomic_files.write_text_atomic", fail)
     out = tmp_path / "new" / "out"
     assert ken(["viz", str(folders["ken"]), "--out", str(out)]) == 2
     assert not (tmp_path / "new").exists()

@@ -26,9 +26,9 @@ from ken_hf import (
     KENConfig,
     prune_model,
 )
-from ken_hf.checkpoints import tensors_of
 from ken_hf.cli import main
-from ken_hf.serialization import SUBNETWORK_NAME
+from ken_hf.storage.checkpoints import tensors_of
+from ken_hf.storage.subnetwork_file import SUBNETWORK_NAME
 
 TARGETS = ["layer.0.attention.self.query", "layer.1.output.dense", "layer.2.intermediate.dense"]
 

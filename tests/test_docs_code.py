@@ -61,9 +61,9 @@ import torch
 
 from fake_hub import FakeHub, huggingface_hub_at
 from ken_hf import KENConfig, KENSubnetwork
-from ken_hf.checkpoints import tensors_of
 from ken_hf.config import CONFIG_NAME
-from ken_hf.serialization import SUBNETWORK_NAME
+from ken_hf.storage.checkpoints import tensors_of
+from ken_hf.storage.subnetwork_file import SUBNETWORK_NAME
 
 ROOT = Path(__file__).resolve().parents[1]
 MAX_LENGTH = 32

@@ -13,7 +13,7 @@ from transformers import AutoModelForSequenceClassification
 
 from ken_hf import AutoKENModelForSequenceClassification, KENConfig, KENModel, prune_model
 from ken_hf.cli import main
-from ken_hf.delta_codec import (
+from ken_hf.storage.delta_codec import (
     bit_difference,
     compress,
     decompress,
@@ -21,7 +21,7 @@ from ken_hf.delta_codec import (
     host_copies,
     to_planes,
 )
-from ken_hf.serialization import SUBNETWORK_NAME, PrunedTensor, SubnetworkReader
+from ken_hf.storage.subnetwork_file import SUBNETWORK_NAME, PrunedTensor, SubnetworkReader
 
 V1 = Path(__file__).parent / "data" / "v1"  # a base, its fine-tune and a version 1 subnetwork
 NEW = {"classifier.weight", "classifier.bias"}

@@ -48,7 +48,7 @@ from transformers import AutoModelForSequenceClassification
 from ken_hf import KENConfig, KENModel, KENSubnetwork
 from ken_hf.errors import KENError
 from ken_hf.experiments.assets import minilm_path
-from ken_hf.streaming import inspect_subnetwork
+from ken_hf.making.from_checkpoints import inspect_subnetwork
 
 # -- settings ------------------------------------------------------------------------------
 # `make test`: EXAMPLES per test, derandomized (the same examples on every run, no database).

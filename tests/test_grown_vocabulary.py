@@ -33,8 +33,8 @@ from ken_hf import (
 )
 from ken_hf.cli import main
 from ken_hf.experiments.assets import minilm_path, movie_reviews, smollm2_path
-from ken_hf.pipeline import PlanError
-from ken_hf.serialization import SUBNETWORK_NAME, SubnetworkReader
+from ken_hf.making.plan import PlanError
+from ken_hf.storage.subnetwork_file import SUBNETWORK_NAME, SubnetworkReader
 
 NEW_TOKENS = {"additional_special_tokens": ["<|user|>", "<|assistant|>"]}
 HEAD = {"classifier.weight", "classifier.bias"}

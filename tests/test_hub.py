@@ -11,7 +11,7 @@ from transformers import AutoModelForSequenceClassification
 from fake_hub import FakeHub, hub_process, run_against_hub
 from ken_hf import KENConfig, KENSubnetwork
 from ken_hf.config import CONFIG_NAME
-from ken_hf.serialization import SUBNETWORK_NAME, read_subnetwork
+from ken_hf.storage.subnetwork_file import SUBNETWORK_NAME, read_subnetwork
 
 BASE_HUB_ID = "sentence-transformers/all-MiniLM-L6-v2"  # the packaged base's id on the Hub
 

@@ -23,9 +23,9 @@ import yaml
 
 from fake_hub import FakeHub, huggingface_hub_at, run_against_hub
 from ken_hf import KENCallback, KENConfig
-from ken_hf.card import model_card
 from ken_hf.config import CONFIG_NAME
-from ken_hf.serialization import SUBNETWORK_NAME, SubnetworkReader
+from ken_hf.storage.card import model_card
+from ken_hf.storage.subnetwork_file import SUBNETWORK_NAME, SubnetworkReader
 
 REPO = "me/minilm-run"
 BRANCH = "ken-run"
@@ -316,7 +316,7 @@ def test_a_local_folder_takes_subfolder_too(run, capsys):
 
     from ken_hf import AutoKENModelForSequenceClassification, KENModel, KENSubnetwork
     from ken_hf.cli import main as ken
-    from ken_hf.streaming import inspect_subnetwork
+    from ken_hf.making.from_checkpoints import inspect_subnetwork
 
     root = run["folder"].parent
     model = AutoKENModelForSequenceClassification.from_pretrained(root, subfolder="ken")

@@ -65,15 +65,23 @@ def _contract_layers() -> list[list[str]]:
 
 
 def test_every_module_is_in_a_layer_of_the_import_contracts():
+    """Each module of ``ken_hf`` is in a layer: a subpackage as a whole when the contracts
+    name it (``selection``), else each of its modules (``storage.card``)."""
     layered = {module for layer in _contract_layers() for module in layer}
     package = ROOT / "ken_hf"
     modules = {p.stem for p in package.glob("*.py") if p.stem != "__init__"}
-    modules |= {p.name for p in package.iterdir() if (p / "__init__.py").is_file()}
+    for subpackage in (p for p in package.iterdir() if (p / "__init__.py").is_file()):
+        if subpackage.name in layered:
+            modules.add(subpackage.name)
+        else:
+            modules |= {f"{subpackage.name}.{p.stem}" for p in subpackage.glob("*.py")}
+            modules.discard(f"{subpackage.name}.__init__")
     assert modules == layered, (modules - layered, layered - modules)
 
 
 def test_the_docs_layout_names_every_module_in_the_contracts_order():
-    """docs/contributing.md's "Layout" names each module (``name.py`` or ``name/``), and
+    """docs/contributing.md's "Layout" names each module (``name.py``, ``package/name.py`` or
+    ``name/``), and
     every module of a lower layer is first named before every module of a higher one."""
     text = (ROOT / "docs" / "contributing.md").read_text(encoding="utf-8")
     section = text[text.index("## Layout") :]
@@ -81,7 +89,8 @@ def test_the_docs_layout_names_every_module_in_the_contracts_order():
     first = {}
     for height, layer in enumerate(_contract_layers()):
         for module in layer:
-            found = re.search(rf"`{re.escape(module)}(\.py|/)`", section)
+            path = module.replace(".", "/")
+            found = re.search(rf"`{re.escape(path)}(\.py|/)`", section)
             assert found, f"the docs' layout does not name {module}"
             first[module] = (height, found.start())
     for lower, (low, at) in first.items():

@@ -37,12 +37,12 @@ from ken_hf import (
     KENSubnetwork,
     prune_model,
 )
-from ken_hf.card import card_metadata
 from ken_hf.cli import build_parser
 from ken_hf.cli import main as ken
 from ken_hf.config import CONFIG_NAME
 from ken_hf.modeling import UnknownSubnetworkError
-from ken_hf.serialization import SUBNETWORK_NAME
+from ken_hf.storage.card import card_metadata
+from ken_hf.storage.subnetwork_file import SUBNETWORK_NAME
 
 BASE_HUB_ID = "sentence-transformers/all-MiniLM-L6-v2"  # the packaged MiniLM's Hub id
 

@@ -15,7 +15,7 @@ import torch
 from transformers import AutoModelForSequenceClassification
 
 from ken_hf import AutoKENModelForSequenceClassification, KENSubnetwork
-from ken_hf.checkpoints import tensors_of
+from ken_hf.storage.checkpoints import tensors_of
 
 RECIPE = Path(__file__).resolve().parents[1] / "recipes" / "accelerate_loop.py"
 KEEP_RATIO = 0.5

@@ -14,12 +14,12 @@ from safetensors.torch import load_file
 from transformers import AutoModelForSequenceClassification
 
 from ken_hf import KENConfig, KENSubnetwork, prune_model
-from ken_hf.base_source import locate_base, record_checkpoint
-from ken_hf.checkpoints import LazyTensors, tensors_of
+from ken_hf.making.base_source import locate_base, record_checkpoint
+from ken_hf.making.from_checkpoints import prune_checkpoints
 from ken_hf.selection import RULES, ken_select_many, select_by_rule
 from ken_hf.selection.ken import BACKEND_VARIABLE
 from ken_hf.selection.rows import as_rows
-from ken_hf.streaming import prune_checkpoints
+from ken_hf.storage.checkpoints import LazyTensors, tensors_of
 
 # Two layers only, to keep selection quick; everything else goes back to pre-trained.
 LAYERS_0_1 = r"bert\.encoder\.layer\.[01]\..*"
@@ -150,7 +150,7 @@ def test_ken_delta_in_chunks_equals_ken_on_the_whole_changes():
 def test_a_lazy_base_is_read_once_per_tensor_or_never(rule):
     """Through ``select_masks`` (the drivers' path): the rules that look at the pre-trained
     values read each tensor once, the others not at all."""
-    from ken_hf.pipeline import plan_tensors, select_masks, specs_of
+    from ken_hf.making.plan import plan_tensors, select_masks, specs_of
 
     torch.manual_seed(2)
     base = {f"layer{i}.weight": torch.randn(32, 48) for i in range(4)}

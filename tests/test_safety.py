@@ -25,7 +25,7 @@ from ken_hf import (
     prune_model,
 )
 from ken_hf.cli import main
-from ken_hf.serialization import SUBNETWORK_NAME
+from ken_hf.storage.subnetwork_file import SUBNETWORK_NAME
 
 TARGETS = ["layer.0.attention.self.query", "layer.1.output.dense"]
 
@@ -182,9 +182,9 @@ def test_the_three_drivers_write_the_same_file(minilm_finetune, finetuned_folder
     from torch.distributed.device_mesh import init_device_mesh
     from torch.distributed.fsdp import fully_shard
 
-    from ken_hf.base_source import locate_base
-    from ken_hf.checkpoints import tensors_of
-    from ken_hf.sharding import prune_sharded
+    from ken_hf.making.base_source import locate_base
+    from ken_hf.making.sharded import prune_sharded
+    from ken_hf.storage.checkpoints import tensors_of
 
     base_path, config = minilm_finetune["base"], KENConfig(keep_ratio=0.5, target_modules=TARGETS)
     tuned = _base(str(finetuned_folder))

@@ -18,7 +18,7 @@ from transformers import AutoModelForCausalLM, AutoModelForSequenceClassificatio
 
 from ken_hf import AutoKENModelForSequenceClassification, KENConfig, KENSubnetwork
 from ken_hf.cli import main
-from ken_hf.serialization import SUBNETWORK_NAME, read_subnetwork
+from ken_hf.storage.subnetwork_file import SUBNETWORK_NAME, read_subnetwork
 
 
 @pytest.fixture(scope="module")
@@ -218,7 +218,7 @@ def test_llama_base_against_its_sequence_classifier_in_bf16(tmp_path):
 
 
 def test_share_by_size_balances_every_prefix():
-    from ken_hf.distributed import share_by_size
+    from ken_hf.making.distributed import share_by_size
 
     sizes = [5, 1, 1, 1, 1, 1, 4, 2, 2]
     loads = [0, 0]
@@ -258,7 +258,7 @@ def test_prune_on_two_processes_writes_the_bytes_of_one(checkpoints):
 # or it was given another keep ratio ("settings").
 _FAILING_RANK = """
 import os, sys
-import ken_hf.streaming as streaming
+import ken_hf.making.from_checkpoints as streaming
 from ken_hf.cli import main
 
 def fail(*args, **kwargs):

@@ -14,9 +14,9 @@ import xxhash
 from transformers import AutoModelForSequenceClassification
 
 from ken_hf import KENConfig, KENFormatError, KENModel, KENSubnetwork
-from ken_hf.delta_codec import pack_bits, unpack_bits
 from ken_hf.experiments.assets import minilm_path
-from ken_hf.serialization import SUBNETWORK_NAME, read_subnetwork
+from ken_hf.storage.delta_codec import pack_bits, unpack_bits
+from ken_hf.storage.subnetwork_file import SUBNETWORK_NAME, read_subnetwork
 
 V1 = Path(__file__).parent / "data" / "v1"  # a base, its fine-tune and a version 1 subnetwork
 
@@ -217,7 +217,7 @@ def test_interrupted_save_leaves_the_previous_folder_intact(small_subnetworks, m
         writer.add_whole("partial", torch.zeros(3))
         raise KeyboardInterrupt
 
-    monkeypatch.setattr("ken_hf.serialization.SubnetworkWriter.add_stored", crash)
+    monkeypatch.setattr("ken_hf.storage.subnetwork_file.SubnetworkWriter.add_stored", crash)
     with pytest.raises(KeyboardInterrupt):
         subnetwork.save_pretrained(folder)
     assert {p.name: p.read_bytes() for p in folder.iterdir()} == before

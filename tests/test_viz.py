@@ -14,7 +14,7 @@ import torch
 
 from ken_hf import KENConfig, KENSubnetwork
 from ken_hf.cli import main as ken
-from ken_hf.subnetwork_format import PrunedTensor
+from ken_hf.storage.format import PrunedTensor
 from ken_hf.viz import (
     kept_neighbours,
     layer_figure,

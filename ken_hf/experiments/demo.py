@@ -15,8 +15,8 @@ from transformers.utils import logging as transformers_logging
 
 from ..callback import KENCallback
 from ..modeling import AutoKENModelForSequenceClassification
-from ..serialization import SUBNETWORK_NAME
-from ..subnetwork_folder import PROCESSOR_FILES
+from ..storage.folder import PROCESSOR_FILES
+from ..storage.subnetwork_file import SUBNETWORK_NAME
 from .finetune import build_trainer, load_splits, load_tokenizer, new_classifier
 from .run_settings import DemoSettings
 

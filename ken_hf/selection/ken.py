@@ -148,7 +148,8 @@ def ken_select_many(
         max_memory: bytes of working memory, beyond input and output, per chunk of rows.
         progress: show a tqdm progress bar over the rows.
         minus: ``{name: tensor}`` of the same names and shapes as ``weights`` (a mapping
-            that may read each tensor on access, such as ``ken_hf.checkpoints.LazyTensors``).
+            that may read each tensor on access, such as
+            ``ken_hf.storage.checkpoints.LazyTensors``).
             KEN then selects on ``weights - minus`` in float32, formed a chunk of rows at a
             time, so that no copy of the whole differences is held; each tensor of ``minus``
             is fetched once.
@@ -306,7 +307,7 @@ def _compiled_kernels():
         return None
     if _compiled_module is None and not _compiled_failed:
         try:
-            from . import compiled
+            from ..selection import compiled
         except ImportError as error:
             if choice == "compiled":
                 raise

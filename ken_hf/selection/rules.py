@@ -12,7 +12,7 @@ parameters): the rules read them detached.
 
 Memory: ``ken_delta`` forms the changes a chunk of rows at a time (the chunks ``ken`` selects
 on, within ``max_memory``), and ``largest_delta`` a tensor at a time, so neither holds a
-model-sized copy; ``pretrained`` may be a lazy mapping (``ken_hf.checkpoints.LazyTensors``)
+model-sized copy; ``pretrained`` may be a lazy mapping (``ken_hf.storage.checkpoints.LazyTensors``)
 whose tensors are read on access: each is read once per rule call.
 """
 

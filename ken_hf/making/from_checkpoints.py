@@ -7,7 +7,7 @@ writes base + subnetwork as a plain sharded checkpoint for servers that do not k
 
 Memory: at most the two versions of one tensor, its mask (one byte per value), its kept
 values and the selection's working memory (``max_memory``) at a time. Under a distributed
-launcher (``ken_hf.distributed``) each rank holds that for its own tensors, and the main
+launcher (``ken_hf.making.distributed``) each rank holds that for its own tensors, and the main
 process also holds the other ranks' records waiting to be written: at most the bytes of the
 largest tensor (a record is about one bit per value plus the kept values' changes).
 """
@@ -27,8 +27,8 @@ import torch
 import xxhash
 from tqdm.auto import tqdm
 
-from .atomic_files import FolderWriter
-from .checkpoints import (
+from ..config import KENConfig
+from ..storage.checkpoints import (
     INDEX_NAME,
     TOKENIZER_FILES,
     WEIGHTS_NAME,
@@ -38,13 +38,21 @@ from .checkpoints import (
     read_json,
     read_model_config,
 )
-from .config import KENConfig
-from .confined import confined_file
-from .delta_codec import DEFAULT_LEVEL, DEFAULT_THREADS
+from ..storage.delta_codec import DEFAULT_LEVEL, DEFAULT_THREADS
+from ..storage.folder import MODEL_CONFIG_NAME, SUBNETWORK_FILES, open_saved, write_folder
+from ..storage.format import VALUE_DTYPES
+from ..storage.safetensors_io import ShardedWriter
+from ..storage.subnetwork_file import (
+    PrunedTensor,
+    SubnetworkReader,
+)
+from ..subnetwork import BaseMismatchError
+from ..utils.atomic_files import FolderWriter
+from ..utils.confined import confined_file
+from ..utils.fingerprint import tensor_fingerprint
+from ..utils.hub import resolve_folder
 from .distributed import Team
-from .fingerprint import tensor_fingerprint
-from .hub import resolve_folder
-from .pipeline import (
+from .plan import (
     PRUNED,
     WHOLE,
     TensorPlan,
@@ -53,15 +61,7 @@ from .pipeline import (
     plan_tensors,
     process_tensor,
 )
-from .safetensors_io import ShardedWriter
-from .serialization import (
-    PrunedTensor,
-    SubnetworkReader,
-)
 from .shared_records import SELECTION_MEMORY, shared_records
-from .subnetwork import BaseMismatchError
-from .subnetwork_folder import MODEL_CONFIG_NAME, SUBNETWORK_FILES, open_saved, write_folder
-from .subnetwork_format import VALUE_DTYPES
 
 
 def _specs(checkpoint: Checkpoint) -> dict:
@@ -85,13 +85,13 @@ def prune_checkpoints(
     write it into the folder ``out`` (as ``KENSubnetwork.save_pretrained`` does: other files
     there are never touched; a failed run leaves what was there as it was).
 
-    The pipeline's plan (``ken_hf.pipeline``) is made from the headers, so every check
+    The pipeline's plan (``ken_hf.making.plan``) is made from the headers, so every check
     (names in common, shapes, dtypes) runs before any selection; tensors only in the
     fine-tune are stored whole. ``compression_level`` / ``compression_threads``: as in
     ``KENSubnetwork.save_pretrained``. Returns counts and sizes of what was written.
 
     In a joined torch.distributed group (``ken prune`` under torchrun or ``accelerate
-    launch``: ``ken_hf.distributed``), every rank reads the headers and plans, the tensors
+    launch``: ``ken_hf.making.distributed``), every rank reads the headers and plans, the tensors
     are shared out by size, each rank reads and selects its share, and the main process
     (rank 0) receives the other ranks' records in name order, as small arrays (mask and
     changed flags as bits, the kept values' differences, fingerprints: no whole tensor), and

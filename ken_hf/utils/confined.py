@@ -14,7 +14,7 @@ import os
 import re
 from pathlib import Path
 
-from .errors import UnsafePathError
+from ..errors import UnsafePathError
 
 _CACHE_ENTRY = re.compile(r"(models|datasets|spaces)--.+")
 

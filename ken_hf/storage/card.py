@@ -12,11 +12,11 @@ from typing import TYPE_CHECKING
 from huggingface_hub import EvalResult, ModelCardData, try_to_load_from_cache
 from huggingface_hub.repocard import metadata_load
 
-from .hub import is_hub_id
-from .serialization import SubnetworkFileFacts
+from ..utils.hub import is_hub_id
+from .subnetwork_file import SubnetworkFileFacts
 
 if TYPE_CHECKING:
-    from .config import KENConfig
+    from ..config import KENConfig
 
 # Suffix of a transformers class -> (the AutoKENModel class that loads it, its Hub task).
 _AUTO_CLASSES = {

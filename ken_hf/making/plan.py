@@ -1,10 +1,12 @@
 """One way through for every tensor: a plan (what happens to each tensor, decided from names,
 shapes and dtypes alone, before any work) and a step (one tensor pair in, one record out).
 
-Three drivers call them and differ only in where tensors come from and where records go:
-``KENSubnetwork.from_weights`` (a model or state dict in memory), ``prune_checkpoints``
-(memory-mapped checkpoints, ``ken_hf.streaming``) and ``prune_sharded`` (tensors gathered
-from FSDP2 / ZeRO-3 shards, ``ken_hf.sharding``). Every rule and edge case lives here, once:
+Four drivers call them and differ only in where tensors come from and where records go:
+``KENSubnetwork.from_weights`` (a model or state dict in memory), ``InPlacePrune`` (a model
+in training, a tensor at a time: ``ken_hf.making.in_place``), ``prune_checkpoints``
+(memory-mapped checkpoints, ``ken_hf.making.from_checkpoints``) and ``prune_sharded``
+(tensors gathered from FSDP2 / ZeRO-3 shards, ``ken_hf.making.sharded``). Every rule and
+edge case lives here, once:
 
 - KEN sees the floating-point tensors of the fine-tuned model's state: its parameters and
   its persistent buffers (tied tensors once); integer tensors are left to the base.
@@ -23,14 +25,14 @@ from dataclasses import dataclass
 
 import torch
 
-from .checkpoints import LazyTensors, match_names
-from .config import KENConfig
-from .delta_codec import BITS_DTYPES, bit_difference
-from .errors import KENError
-from .fingerprint import tensor_fingerprint
-from .safetensors_io import FLOAT_DTYPES
-from .selection import select_by_rule
-from .selection.rows import DEFAULT_MAX_MEMORY
+from ..config import KENConfig
+from ..errors import KENError
+from ..selection import select_by_rule
+from ..selection.rows import DEFAULT_MAX_MEMORY
+from ..storage.checkpoints import LazyTensors, match_names
+from ..storage.delta_codec import BITS_DTYPES, bit_difference
+from ..storage.safetensors_io import FLOAT_DTYPES
+from ..utils.fingerprint import tensor_fingerprint
 
 PRUNED, WHOLE, RESET = "pruned", "whole", "reset"
 # (shape, dtype) of a tensor, known before it is read.
@@ -78,7 +80,7 @@ class TensorRecord:
         kept: ``[K]`` the fine-tuned values at the kept positions, on the CPU (``PRUNED``).
         changed: bool ``[K]``: kept values whose bits differ from the base's (``PRUNED``).
         difference: integers ``[C]``: their zigzag-coded bit-pattern differences from the
-            base (``PRUNED``; see ``ken_hf.delta_codec.bit_difference``).
+            base (``PRUNED``; see ``ken_hf.storage.delta_codec.bit_difference``).
         added: ``[rows - base_rows, ...]`` the rows a grown tensor has beyond the base's,
             on the CPU (``plan.base_rows`` set; ``finetuned`` and ``mask`` then cover the
             base's rows only).

@@ -19,16 +19,16 @@ from collections.abc import Iterable, Mapping
 from pathlib import Path
 from typing import TYPE_CHECKING
 
-from .atomic_files import FolderWriter, previous_version
+from ..config import CONFIG_NAME, KENConfig
+from ..errors import KENConfigError, KENError, shown
+from ..utils.atomic_files import FolderWriter, previous_version
+from ..utils.confined import confined_file, confined_path
+from ..utils.hub import is_remote_id, push_folder
+from ..utils.json_input import read_json_object
 from .card import card_metadata, model_card
 from .checkpoints import TOKENIZER_FILES
-from .config import CONFIG_NAME, KENConfig
-from .confined import confined_file, confined_path
 from .delta_codec import DEFAULT_LEVEL, DEFAULT_THREADS
-from .errors import KENConfigError, KENError, shown
-from .hub import is_remote_id, push_folder
-from .json_input import read_json_object
-from .serialization import (
+from .subnetwork_file import (
     SUBNETWORK_NAME,
     KENFormatError,
     StoredSubnetwork,
@@ -38,7 +38,7 @@ from .serialization import (
 )
 
 if TYPE_CHECKING:
-    from .pipeline import TensorRecord
+    from ..making.plan import TensorRecord
 
 MODEL_CONFIG_NAME = "config.json"
 REPORT_NAME = "ken_report.json"
@@ -362,7 +362,7 @@ def push_subnetwork_folder(
             when the folder records a local path as its base.
         remedy: how the caller passes ``base_model_name_or_path``, said in the refusal.
         argument: the caller's name for ``base_model_name_or_path``, said in the refusal.
-        **push_kwargs: what ``ken_hf.hub.push_folder`` takes (``private``, ``token``,
+        **push_kwargs: what ``ken_hf.utils.hub.push_folder`` takes (``private``, ``token``,
             ``revision``, ``path_in_repo``, ``commit_message``).
 
     Returns:

@@ -27,7 +27,7 @@ from dataclasses import dataclass
 import torch
 import torch.distributed as dist
 
-from .errors import KENConfigError
+from ..errors import KENConfigError
 
 # Set by torchrun and accelerate launch (and by torch.distributed.run on every machine).
 LAUNCHER_VARIABLES = ("WORLD_SIZE", "RANK", "LOCAL_RANK", "MASTER_ADDR", "MASTER_PORT")

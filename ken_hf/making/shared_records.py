@@ -23,9 +23,9 @@ from collections.abc import Callable, Iterator, Mapping, Sequence
 import numpy as np
 import torch
 
-from .delta_codec import BITS_DTYPES, pack_bits, unpack_bits
+from ..storage.delta_codec import BITS_DTYPES, pack_bits, unpack_bits
 from .distributed import Inbox, Outbox, Team, share_by_size
-from .pipeline import RESET, WHOLE, TensorPlan, TensorRecord, TensorSpec
+from .plan import RESET, WHOLE, TensorPlan, TensorRecord, TensorSpec
 
 # Working memory of the selection, per tensor: half the library default, so that a streamed
 # run stays within two copies of the largest tensor and a fixed allowance.

@@ -9,7 +9,7 @@ Version 2 (written; version 1 is still read, see ``format_v1``), one safetensors
   value's bits differ from the base's, zstd-compressed (kept values equal to the base cost
   nothing more);
 - ``pruned.<name>.difference``: the changed values as the zigzag-coded difference of their
-  bit patterns from the base's, in byte planes, zstd-compressed (``ken_hf.delta_codec``):
+  bit patterns from the base's, in byte planes, zstd-compressed (``ken_hf.storage.delta_codec``):
   lossless in every float dtype;
 - ``whole.<name>``: a tensor stored whole, as it is or, where that is smaller, its byte
   planes zstd-compressed.
@@ -44,6 +44,9 @@ import numpy as np
 import torch
 import xxhash
 
+from ..errors import KENError
+from ..utils.json_input import parse_json
+from ..utils.lazy_tensors import LazyTensors
 from . import format_v1
 from .delta_codec import (
     BITS_DTYPES,
@@ -56,11 +59,7 @@ from .delta_codec import (
     to_planes,
     unpack_bits,
 )
-from .errors import KENError
-from .json_input import parse_json
-from .lazy_tensors import LazyTensors
-from .safetensors_io import SafetensorsError, SafetensorsFile, SafetensorsWriter
-from .subnetwork_format import (
+from .format import (
     FORMAT,
     SUBNETWORK_NAME,
     VALUE_DTYPES,
@@ -73,10 +72,11 @@ from .subnetwork_format import (
     positions_of,
     smaller_encoding,
 )
-from .subnetwork_schema import MAX_SUBNETWORK_HEADER, check_document
+from .safetensors_io import SafetensorsError, SafetensorsFile, SafetensorsWriter
+from .schema import MAX_SUBNETWORK_HEADER, check_document
 
 if TYPE_CHECKING:
-    from .pipeline import TensorRecord
+    from ..making.plan import TensorRecord
 
 FORMAT_VERSION = "2"
 # Version 2 plus tensors grown along their first dimension (``rows``, ``added``): written

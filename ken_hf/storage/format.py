@@ -12,8 +12,8 @@ import numpy as np
 import torch
 import xxhash
 
+from ..errors import KENError
 from .delta_codec import add_bit_difference, bit_difference
-from .errors import KENError
 from .safetensors_io import FLOAT_DTYPES
 
 FORMAT = "ken-hf-subnetwork"
@@ -57,7 +57,7 @@ class PrunedTensor:
             only ``values`` are known, as read from a version 1 file).
         difference: integers ``[C]`` (C = changed count, same width as the dtype): the
             zigzag-coded difference of the fine-tuned from the base bit patterns of the
-            changed kept values (``ken_hf.delta_codec.bit_difference``).
+            changed kept values (``ken_hf.storage.delta_codec.bit_difference``).
         delta_kept, delta_reset: mean |fine-tuned - pre-trained| over the kept and over the
             reset positions, measured when the subnetwork was made (None if unknown).
         base_rows: for a tensor that grew along its first dimension (a vocabulary that

@@ -14,10 +14,10 @@ import re
 
 import torch
 
-from .errors import shown
-from .json_input import is_integer
+from ..errors import shown
+from ..utils.json_input import is_integer
+from .format import VALUE_DTYPES, KENFormatError, index_dtype
 from .safetensors_io import MAX_RANK, SafetensorsFile
-from .subnetwork_format import VALUE_DTYPES, KENFormatError, index_dtype
 
 # Far beyond any real tensor (the largest embeddings hold about 2**32 values); it keeps
 # every size computed from a declared shape inside int64.

@@ -7,7 +7,7 @@ subnetwork rebuilds into the model (kept values fine-tuned, the rest pre-trained
 hands the record on, to the folder writer on the main process; nothing is held from one
 tensor to the next. Each pre-trained tensor is read once.
 
-Under torch.distributed (DDP), the ranks share the selection (``ken_hf.shared_records``):
+Under torch.distributed (DDP), the ranks share the selection (``ken_hf.making.shared_records``):
 each selects its share and every rank receives every record, so that all end with the
 same weights.
 """
@@ -19,11 +19,12 @@ from collections.abc import Collection, Iterator, Mapping
 import torch
 from tqdm.auto import tqdm
 
+from ..config import KENConfig
+from ..storage.checkpoints import tensors_of
+from ..subnetwork import with_provenance
 from .base_source import BaseSource
-from .checkpoints import tensors_of
-from .config import KENConfig
 from .distributed import Team
-from .pipeline import (
+from .plan import (
     WHOLE,
     TensorPlan,
     TensorRecord,
@@ -35,7 +36,6 @@ from .pipeline import (
     specs_of,
 )
 from .shared_records import SELECTION_MEMORY, shared_records
-from .subnetwork import with_provenance
 
 
 class InPlacePrune:
@@ -44,7 +44,7 @@ class InPlacePrune:
     Args:
         model: the fine-tuned model; its weights are overwritten as ``records()`` runs.
         pretrained: ``{model tensor name: pre-trained tensor}`` (a snapshot, or
-            ``ken_hf.checkpoints.LazyTensors`` reading a checkpoint on access), cut to the
+            ``ken_hf.storage.checkpoints.LazyTensors`` reading a checkpoint on access), cut to the
             base's rows for a tensor that grew since.
         base_specs: ``{name: (shape, dtype)}`` of ``pretrained``, known without reading it.
         config: what to keep and where.

@@ -26,9 +26,9 @@ from pathlib import Path
 import numpy as np
 import torch
 
-from .atomic_files import FolderWriter, staging_file
-from .errors import KENConfigError, KENError, shown
-from .json_input import parse_json
+from ..errors import KENConfigError, KENError, shown
+from ..utils.atomic_files import FolderWriter, staging_file
+from ..utils.json_input import parse_json
 
 # torch dtype <-> safetensors dtype name: the one table of the package.
 SAFETENSORS_DTYPES = {

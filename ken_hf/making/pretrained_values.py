@@ -19,7 +19,7 @@ hold once training has begun. ``PretrainedValues.find`` decides when training be
 A run resumed from a checkpoint always takes the pre-trained values from the base
 checkpoint (the model holds trained values): read when training ends, or held from its
 start with ``"snapshot"``. Sharded runs hold a snapshot on the main process
-(``ken_hf.sharding.snapshot_sharded``).
+(``ken_hf.making.sharded.snapshot_sharded``).
 """
 
 from __future__ import annotations
@@ -31,6 +31,9 @@ from dataclasses import dataclass, field
 
 import torch
 
+from ..config import KENConfig
+from ..errors import KENConfigError
+from ..storage.checkpoints import CheckpointError, new_parameters, tensors_of
 from .base_source import (
     BaseSource,
     CheckpointValues,
@@ -39,10 +42,7 @@ from .base_source import (
     locate_base,
     record_checkpoint,
 )
-from .checkpoints import CheckpointError, new_parameters, tensors_of
-from .config import KENConfig
-from .errors import KENConfigError
-from .pipeline import TensorSpec, specs_of
+from .plan import TensorSpec, specs_of
 
 logger = logging.getLogger(__name__)
 

@@ -18,11 +18,11 @@ from contextlib import contextmanager
 import torch
 from tqdm.auto import tqdm
 
+from ..config import KENConfig
+from ..storage.checkpoints import tensors_of
+from ..subnetwork import KENSubnetwork
 from .base_source import BaseSource
-from .checkpoints import tensors_of
-from .config import KENConfig
-from .pipeline import WHOLE, dominant_dtype, plan_tensors, process_tensor, rebuild_into, specs_of
-from .subnetwork import KENSubnetwork
+from .plan import WHOLE, dominant_dtype, plan_tensors, process_tensor, rebuild_into, specs_of
 
 
 def sharding_of(model: torch.nn.Module) -> str | None:

@@ -20,7 +20,9 @@ from dataclasses import dataclass
 
 import torch
 
-from .checkpoints import (
+from ..config import KENConfig
+from ..errors import KENConfigError
+from ..storage.checkpoints import (
     Checkpoint,
     CheckpointError,
     LazyTensors,
@@ -30,9 +32,7 @@ from .checkpoints import (
     rows_like,
     tensors_of,
 )
-from .config import KENConfig
-from .errors import KENConfigError
-from .fingerprint import tensor_fingerprint
+from ..utils.fingerprint import tensor_fingerprint
 
 Weights = torch.nn.Module | Mapping[str, torch.Tensor]
 

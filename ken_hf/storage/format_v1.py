@@ -11,7 +11,7 @@ from __future__ import annotations
 import numpy as np
 import torch
 
-from .subnetwork_format import EntryCheck, PrunedTensor, positions_of
+from .format import EntryCheck, PrunedTensor, positions_of
 
 
 def read_entry(check: EntryCheck, entry) -> PrunedTensor | torch.Tensor:

@@ -18,8 +18,8 @@ from collections.abc import Iterable, Iterator
 from contextlib import contextmanager
 from pathlib import Path
 
+from ..errors import UnsafePathError
 from .confined import check_name
-from .errors import UnsafePathError
 
 _PREVIOUS = ".{name}.previous"
 

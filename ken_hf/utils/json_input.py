@@ -7,7 +7,7 @@ import json
 import os
 from pathlib import Path
 
-from .errors import KENError
+from ..errors import KENError
 
 # Deeper than any document ken-hf or transformers writes (config.json nests 3-4 levels).
 MAX_DEPTH = 32

@@ -16,11 +16,11 @@ from pathlib import Path
 
 import torch
 
-from .confined import confined_file, confined_path
-from .errors import KENError
-from .hub import resolve_folder
-from .json_input import read_json_object
-from .lazy_tensors import LazyTensors
+from ..errors import KENError
+from ..utils.confined import confined_file, confined_path
+from ..utils.hub import resolve_folder
+from ..utils.json_input import read_json_object
+from ..utils.lazy_tensors import LazyTensors
 from .safetensors_io import SafetensorsError, SafetensorsFile
 
 INDEX_NAME = "model.safetensors.index.json"

@@ -13,8 +13,8 @@ from pathlib import Path, PurePosixPath
 
 from huggingface_hub import HfApi, hf_hub_download, snapshot_download
 
+from ..errors import UnsafePathError
 from .confined import confined_file, confined_folder
-from .errors import UnsafePathError
 
 
 def is_hub_id(name_or_path: str | os.PathLike) -> bool:
