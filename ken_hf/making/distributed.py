@@ -107,6 +107,9 @@ def launched_group(device: str) -> Iterator[Launch]:
     previous = signal.signal(signal.SIGTERM, _stopped)
     try:
         yield Launch(device, rank, size)
+        # Every rank done with its messages before any tears the group down: gloo aborts
+        # a process whose peer destroys the group while its own work is still in flight.
+        dist.barrier()
     finally:
         signal.signal(signal.SIGTERM, previous)
         dist.destroy_process_group()
