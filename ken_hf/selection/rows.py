@@ -26,21 +26,27 @@ def check_k(k: object, name: str = "k") -> int:
     return int(k)
 
 
-def check_finite(weight: torch.Tensor, name: str) -> None:
-    """Raise ``KENError`` naming ``name`` unless ``weight`` is floating point and finite."""
+def check_finite(weight: torch.Tensor, name: str, *, block: int = 2**22) -> None:
+    """Raise ``KENError`` naming ``name`` unless ``weight`` is floating point and finite.
+
+    Checked ``block`` values at a time: a whole-tensor check builds a bool tensor as long as
+    ``weight`` (and for bfloat16 a float32 copy), five times a bf16 tensor's own bytes."""
     if not weight.is_floating_point():
         raise KENError(
             f"tensor {name!r} has dtype {weight.dtype}; KEN selects on floating-point tensors"
         )
-    if weight.device.type == "cpu" and weight.dtype in _NUMPY_FLOATS:
-        # numpy, one thread: as fast as torch here, and free of thread hand-offs (which cost
-        # whole scheduler slices on a busy machine) for each of a model's many small tensors.
-        finite = bool(np.isfinite(weight.detach().numpy()).all())
-    else:
-        finite = bool(torch.isfinite(weight).all())
-    if not finite:
-        bad = int((~torch.isfinite(weight)).sum())
-        raise KENError(f"tensor {name!r} holds {bad} NaN/Inf value(s); KEN cannot select on it")
+    flat = weight.detach().reshape(-1)
+    # numpy, one thread: as fast as torch here, and free of thread hand-offs (which cost
+    # whole scheduler slices on a busy machine) for each of a model's many small tensors.
+    in_numpy = flat.device.type == "cpu" and flat.dtype in _NUMPY_FLOATS
+    for start in range(0, flat.numel(), block):
+        piece = flat[start : start + block]
+        finite = np.isfinite(piece.numpy()).all() if in_numpy else torch.isfinite(piece).all()
+        if not bool(finite):
+            bad = int((~torch.isfinite(weight)).sum())
+            raise KENError(
+                f"tensor {name!r} holds {bad} NaN/Inf value(s); KEN cannot select on it"
+            )
 
 
 def check_same_shape(pretrained: torch.Tensor, finetuned: torch.Tensor, name: str) -> None:
