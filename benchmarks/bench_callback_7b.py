@@ -46,7 +46,7 @@ def main() -> None:
     from transformers import LlamaForCausalLM, Trainer, TrainingArguments
 
     from ken_hf import KENCallback
-    from ken_hf.checkpoints import Checkpoint
+    from ken_hf.storage.checkpoints import Checkpoint
     from ken_hf.experiments.assets import cache_dir
 
     folder = cache_dir() / "bench-llama-7b"

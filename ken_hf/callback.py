@@ -48,9 +48,10 @@ from .making.in_place import InPlacePrune
 from .making.pretrained_values import PRETRAINED_SOURCES, PretrainedValues
 from .making.sharded import full_numel, prune_sharded, sharding_of, snapshot_sharded
 from .storage.checkpoints import tensors_of
-from .storage.folder import SubnetworkFolderWriter, push_subnetwork_folder, travelling_base
+from .storage.folder import SubnetworkFolderWriter
 from .storage.subnetwork_file import StoredSubnetwork, SubnetworkFileFacts
 from .subnetwork import KENSubnetwork, check_full_model
+from .trainer_push import check_pushed_base, push_to_trainer_repo
 from .utils.hub import is_remote_id
 from .viz import summary_png_if_available
 
@@ -258,7 +259,7 @@ class KENCallback(TrainerCallback):
                 base_model_revision=source.revision,
             )
         if args.push_to_hub:  # the push would refuse at the end: say so now, on every rank
-            self._check_hub_base(trainer)
+            check_pushed_base(trainer, self.config.base_model_name_or_path, self.hub_base_model)
 
     def on_train_end(self, args, state, control, **kwargs):
         """Trainer event: run KEN on the trained model, evaluate, report and save.
@@ -294,7 +295,8 @@ class KENCallback(TrainerCallback):
             # once the pruned model is evaluated. The folder changes only at the end.
             save = stack.enter_context(SubnetworkFolderWriter(folder)) if main else None
             start = time.perf_counter()
-            config, model_config = self._prune(trainer, model, before, save, args, state)
+            progress = main and not args.disable_tqdm
+            config, model_config = self._prune(trainer, model, before, save, progress)
             seconds = time.perf_counter() - start
             self.pretrained_values = None  # let go: the model is pruned
             after = trainer.evaluate(metric_key_prefix="ken_after") if evaluate else {}
@@ -319,12 +321,16 @@ class KENCallback(TrainerCallback):
             self.push_subnetwork(trainer, folder)
 
     def _prune(
-        self, trainer: Trainer, model: torch.nn.Module, before: dict, save, args, state
+        self,
+        trainer: Trainer,
+        model: torch.nn.Module,
+        before: dict,
+        save: SubnetworkFolderWriter | None,
+        progress: bool,
     ) -> tuple[KENConfig, dict | None]:
         """Prune ``model`` in place (after the ``AutoK`` search, when given), its tensors
         written by ``save`` (the main process's folder writer, else None) as they come.
         Returns the subnetwork's config and the model's ``config.json`` values."""
-        progress = state.is_world_process_zero and not args.disable_tqdm
         values = self.pretrained_values
         with values.open(model) as (pretrained, specs):
             if self.auto_k is not None:
@@ -355,7 +361,15 @@ class KENCallback(TrainerCallback):
                     pass
             return pruning.config, pruning.model_config
 
-    def _in_place(self, model, pretrained, specs, config: KENConfig, progress: bool):
+    def _in_place(
+        self,
+        model: torch.nn.Module,
+        pretrained: Mapping[str, torch.Tensor],
+        specs: dict,
+        config: KENConfig,
+        progress: bool,
+    ) -> InPlacePrune:
+        """KEN in place on ``model`` with ``config``, against the values held for it."""
         return InPlacePrune(
             model,
             pretrained,
@@ -422,54 +436,9 @@ class KENCallback(TrainerCallback):
             url = callback.push_subnetwork(trainer, Path(trainer.args.output_dir) / "ken")
             ```
         """
-        args = trainer.args
-        repo_id = _hub_repo_id(trainer)
-        self._check_hub_base(trainer, KENConfig.from_pretrained(folder))
-        try:
-            path_in_repo = folder.resolve().relative_to(Path(args.output_dir).resolve()).as_posix()
-        except ValueError:  # save_dir outside output_dir
-            path_in_repo = "ken"
-        revision = args.hub_revision  # a TrainingArguments field since transformers 4.51
-        in_flight = getattr(trainer, "push_in_progress", None)
-        if in_flight is not None:
-            in_flight.wait_until_done()
-        try:
-            url = push_subnetwork_folder(
-                folder,
-                repo_id,
-                base_model_name_or_path=self.hub_base_model,
-                private=args.hub_private_repo,
-                token=args.hub_token,
-                revision=revision,
-                path_in_repo=path_in_repo,
-                commit_message="KEN subnetwork, end of training",
-            )
-        except Exception as error:  # network, permissions, unknown branch: all reported alike
-            again = (
-                f"ken push {folder} {repo_id} --subfolder {path_in_repo}"
-                + (f" --revision {revision}" if revision else "")
-                + (f" --base-model {self.hub_base_model}" if self.hub_base_model else "")
-            )
-            raise OSError(
-                f"KENCallback: pushing the subnetwork to {repo_id} (subfolder {path_in_repo}) "
-                f"failed: {error}. The subnetwork is saved and safe in {folder}; push it "
-                f"again with: {again}"
-            ) from error
-        logger.info(f"KEN subnetwork pushed to {repo_id}/{path_in_repo}: {url}")
-        return url
+        return push_to_trainer_repo(trainer, folder, self.hub_base_model)
 
     # -- helpers --------------------------------------------------------------------------
-    def _check_hub_base(self, trainer: Trainer, config: KENConfig | None = None) -> None:
-        """Refuse a push whose base (``config``'s, by default the one in use) is a local path
-        when no ``hub_base_model`` names its Hub id (``travelling_base``)."""
-        travelling_base(
-            (config or self.config).base_model_name_or_path,
-            self.hub_base_model,
-            repo_id=_hub_repo_id(trainer),
-            remedy="KENCallback(..., hub_base_model='owner/name'), the base's Hub id",
-            argument="hub_base_model",
-        )
-
     def _find_trainer(self) -> Trainer:
         """The Trainer whose event we are handling: callbacks are not handed it, so ``bind``
         names it, or the calling frames are searched for the Trainer holding this callback."""
@@ -517,16 +486,6 @@ class KENCallback(TrainerCallback):
 
         ratio, self.auto_k_curve = search.search(before[key], probe)
         return ratio
-
-
-def _hub_repo_id(trainer: Trainer) -> str:
-    """The repository the Trainer pushes to, as its own ``push_to_hub`` names it."""
-    args = trainer.args
-    return (
-        getattr(trainer, "hub_model_id", None)
-        or args.hub_model_id
-        or Path(args.output_dir).absolute().name
-    )
 
 
 def _unwrap(trainer: Trainer) -> torch.nn.Module:
