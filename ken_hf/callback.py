@@ -44,6 +44,7 @@ from transformers.utils import logging
 from .auto_k import AutoK
 from .config import KENConfig
 from .errors import KENConfigError, shown
+from .making.distributed import Team
 from .making.in_place import InPlacePrune
 from .making.pretrained_values import PRETRAINED_SOURCES, PretrainedValues
 from .making.sharded import full_numel, prune_sharded, sharding_of, snapshot_sharded
@@ -178,6 +179,7 @@ class KENCallback(TrainerCallback):
         self.auto_k_curve: list[dict] = []
         self._trainer: Trainer | None = None
         self._sharding: str | None = None
+        self._team: Team | None = None
 
     def bind(self, trainer: Trainer) -> KENCallback:
         """Name the Trainer this callback runs in.
@@ -232,6 +234,7 @@ class KENCallback(TrainerCallback):
         self._sharding = _check_sharding(trainer, model, self.auto_k, self.pretrained_source)
         main = trainer.is_world_process_zero()
         resumed = state.global_step > 0  # the model holds trained values already
+        self._team = None  # this run's processes, joined when training ends
         snapshot = None
         if self._sharding and not resumed:
             snapshot = snapshot_sharded(model, self.snapshot_device, main=main)
@@ -369,7 +372,10 @@ class KENCallback(TrainerCallback):
         config: KENConfig,
         progress: bool,
     ) -> InPlacePrune:
-        """KEN in place on ``model`` with ``config``, against the values held for it."""
+        """KEN in place on ``model`` with ``config``, against the values held for it (the
+        team of processes made once per run: with NCCL it is a gloo group of its own)."""
+        if self._team is None:
+            self._team = Team.current()
         return InPlacePrune(
             model,
             pretrained,
@@ -378,6 +384,7 @@ class KENCallback(TrainerCallback):
             source=self.pretrained_values.source,
             new_tensors=self.pretrained_values.new_tensors,
             progress=progress,
+            team=self._team,
         )
 
     def _report(

@@ -51,6 +51,9 @@ class InPlacePrune:
         source: the checkpoint the base was loaded from, recorded as the base.
         new_tensors: names of the newly initialised tensors (stored whole).
         progress: show a progress bar over the tensors' bytes.
+        team: the processes that share the selection (default: ``Team.current()``, the
+            joined torch.distributed group or this process alone); every one of them must
+            run ``records()``.
 
     Attributes:
         plans: every floating-point tensor's plan, in name order.
@@ -71,7 +74,9 @@ class InPlacePrune:
         source: BaseSource | None = None,
         new_tensors: Collection[str] = (),
         progress: bool = False,
+        team: Team | None = None,
     ) -> None:
+        self._team = team if team is not None else Team.current()
         self._tensors = tensors_of(model)
         self._pretrained = pretrained
         self._progress = progress
@@ -99,7 +104,7 @@ class InPlacePrune:
                 matches what was recorded.
             RankFailedError: another rank failed.
         """
-        team = Team.current()
+        team = self._team
         held: dict[str, torch.Tensor | None] = {}  # the base tensor just read, for rebuilding
 
         def process(plan: TensorPlan) -> TensorRecord:
