@@ -46,8 +46,8 @@ def main() -> None:
     from transformers import LlamaForCausalLM, Trainer, TrainingArguments
 
     from ken_hf import KENCallback
-    from ken_hf.storage.checkpoints import Checkpoint
     from ken_hf.experiments.assets import cache_dir
+    from ken_hf.storage.checkpoints import Checkpoint
 
     folder = cache_dir() / "bench-llama-7b"
     pair = write_pair(folder, SHAPES["7b"])
