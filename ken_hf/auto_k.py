@@ -1,15 +1,19 @@
 """``AutoK``: the search for the smallest keep ratio whose metric stays within a tolerance
 of the unpruned model's (bisection on the keep ratio; ``KENCallback(auto_k=...)`` runs it
-when training ends, with its own probe: prune, evaluate, put the fine-tuned values back)."""
+when training ends: ``AutoK.run`` probes by pruning, evaluating and putting the fine-tuned
+values back)."""
 
 from __future__ import annotations
 
 import dataclasses
 import math
 import numbers
-from collections.abc import Callable
+from collections.abc import Callable, Mapping
+
+import torch
 
 from .errors import KENConfigError, shown
+from .storage.checkpoints import tensors_of
 from .utils.json_input import is_integer
 
 
@@ -73,9 +77,7 @@ class AutoK:
                     f"AutoK.{field} must be {allowed}, got {shown(getattr(self, field))}"
                 )
 
-    def search(
-        self, reference: float, probe: Callable[[float], float]
-    ) -> tuple[float, list[dict]]:
+    def search(self, reference: float, probe: Callable[[float], float]) -> tuple[float, list[dict]]:
         """Bisect the keep ratio between ``low`` and 1 with ``max_evaluations`` probes.
 
         Args:
@@ -98,3 +100,43 @@ class AutoK:
             curve.append({"keep_ratio": ratio, self.metric: value, "within_tolerance": good})
             low, high = (low, ratio) if good else (ratio, high)
         return high, curve
+
+    def run(
+        self,
+        trainer: object,
+        model: torch.nn.Module,
+        before: Mapping[str, float],
+        prune: Callable[[float], None],
+    ) -> tuple[float, list[dict]]:
+        """The search when training ends: each probe prunes ``model`` in place, evaluates it
+        on the Trainer's eval set (metrics ``ken_probe_*``), logs ``ken_auto_k_ratio`` and
+        ``ken_auto_k_<metric>``, and puts the fine-tuned values back (a copy of every weight
+        is held meanwhile).
+
+        Args:
+            trainer: the ``transformers.Trainer`` (its ``evaluate`` and ``log``).
+            model: the unwrapped model the Trainer trained.
+            before: the unpruned model's metrics (``ken_before_*``).
+            prune: prunes ``model`` in place at a keep ratio.
+
+        Returns:
+            As ``search``.
+
+        Raises:
+            KENConfigError: ``metric`` is not among the evaluation's metrics.
+        """
+        key = f"ken_before_{self.metric}"
+        if key not in before:
+            raise KENConfigError(f"auto_k: metric {self.metric!r} not in {sorted(before)}")
+        finetuned = {name: t.detach().clone() for name, t in tensors_of(model).items()}
+
+        def probe(ratio: float) -> float:
+            prune(ratio)
+            value = trainer.evaluate(metric_key_prefix="ken_probe")[f"ken_probe_{self.metric}"]
+            with torch.no_grad():
+                for name, tensor in tensors_of(model).items():
+                    tensor.copy_(finetuned[name])
+            trainer.log({"ken_auto_k_ratio": ratio, f"ken_auto_k_{self.metric}": value})
+            return value
+
+        return self.search(before[key], probe)

@@ -43,17 +43,20 @@ from transformers.utils import logging
 
 from .auto_k import AutoK
 from .config import KENConfig
-from .errors import KENConfigError, shown
+from .errors import KENConfigError
 from .making.distributed import Team
 from .making.in_place import InPlacePrune
-from .making.pretrained_values import PRETRAINED_SOURCES, PretrainedValues
-from .making.sharded import full_numel, prune_sharded, sharding_of, snapshot_sharded
-from .storage.checkpoints import tensors_of
-from .storage.folder import SubnetworkFolderWriter
-from .storage.subnetwork_file import StoredSubnetwork, SubnetworkFileFacts
+from .making.pretrained_values import PretrainedValues, check_policy
+from .making.sharded import (
+    check_sharded_training,
+    full_numel,
+    prune_sharded,
+    snapshot_sharded,
+)
+from .storage.folder import SubnetworkFolderWriter, training_report
+from .storage.subnetwork_file import StoredSubnetwork
 from .subnetwork import KENSubnetwork, check_full_model
-from .trainer_push import check_pushed_base, push_to_trainer_repo
-from .utils.hub import is_remote_id
+from .trainer_push import check_hub_base_model, check_pushed_base, push_to_trainer_repo
 from .viz import summary_png_if_available
 
 logger = logging.get_logger(__name__)
@@ -153,16 +156,8 @@ class KENCallback(TrainerCallback):
             config = KENConfig(k=k, keep_ratio=keep_ratio, **config_fields)
         elif k is not None or keep_ratio is not None or config_fields:
             raise KENConfigError("give either a KENConfig or its fields, not both")
-        if pretrained_source not in PRETRAINED_SOURCES:
-            raise KENConfigError(
-                f"pretrained_source={pretrained_source!r}: choose one of "
-                + ", ".join(PRETRAINED_SOURCES)
-            )
-        if hub_base_model is not None and not is_remote_id(hub_base_model):
-            raise KENConfigError(
-                f"hub_base_model={shown(hub_base_model)} is not a Hub id ('owner/name', and no "
-                "local path of that name): give the Hub id of the base"
-            )
+        check_policy(pretrained_source)
+        check_hub_base_model(hub_base_model)
         self.config = config
         self.save_dir = save_dir
         self.dataset = dataset
@@ -231,7 +226,9 @@ class KENCallback(TrainerCallback):
         trainer = self._find_trainer()
         model = _unwrap(trainer)
         check_full_model(model, "KENCallback: the Trainer's model")
-        self._sharding = _check_sharding(trainer, model, self.auto_k, self.pretrained_source)
+        self._sharding = check_sharded_training(
+            trainer, model, auto_k=self.auto_k is not None, pretrained_source=self.pretrained_source
+        )
         main = trainer.is_world_process_zero()
         resumed = state.global_step > 0  # the model holds trained values already
         self._team = None  # this run's processes, joined when training ends
@@ -305,7 +302,15 @@ class KENCallback(TrainerCallback):
             after = trainer.evaluate(metric_key_prefix="ken_after") if evaluate else {}
             if save is None:  # not the main process: nothing to report
                 return
-            self.report = self._report(model, config, save.facts, seconds, before, after)
+            self.report = training_report(
+                save.facts,
+                config,
+                total_values=sum(full_numel(p) for p in model.parameters()),
+                seconds=seconds,
+                before=before,
+                after=after,
+                auto_k_curve=self.auto_k_curve,
+            )
             trainer.log({key: self.report[key] for key in SUMMARY})
             metrics = {k: v for k, v in {**before, **after}.items() if isinstance(v, float)}
             save.write_rest(
@@ -337,7 +342,13 @@ class KENCallback(TrainerCallback):
         values = self.pretrained_values
         with values.open(model) as (pretrained, specs):
             if self.auto_k is not None:
-                ratio = self._search_keep_ratio(trainer, model, before, pretrained, specs)
+
+                def prune(ratio: float) -> None:
+                    config = dataclasses.replace(self.config, k=None, keep_ratio=ratio)
+                    for _ in self._in_place(model, pretrained, specs, config, False).records():
+                        pass
+
+                ratio, self.auto_k_curve = self.auto_k.run(trainer, model, before, prune)
                 self.config = dataclasses.replace(self.config, k=None, keep_ratio=ratio)
             if self._sharding:  # the main process alone holds the subnetwork: written whole
                 subnetwork = prune_sharded(
@@ -386,32 +397,6 @@ class KENCallback(TrainerCallback):
             progress=progress,
             team=self._team,
         )
-
-    def _report(
-        self,
-        model: torch.nn.Module,
-        config: KENConfig,
-        facts: SubnetworkFileFacts,
-        seconds: float,
-        before: dict,
-        after: dict,
-    ) -> dict:
-        """What ``ken_report.json`` holds, from the written file's ``facts``."""
-        counts = facts.counts
-        kept_anywhere = counts["kept_values"] + counts["whole_values"] + facts.added_values
-        pruned = counts["pruned_values"]
-        total = sum(full_numel(p) for p in model.parameters())
-        return {
-            "ken_reset_fraction": 1.0 - kept_anywhere / total,
-            "ken_kept_fraction": counts["kept_values"] / pruned if pruned else 1.0,
-            "ken_selection_seconds": seconds,
-            "config": config.to_dict(),
-            "metrics_before": before,
-            "metrics_after": after,
-            "tensors": facts.per_tensor,
-            "stored_whole": list(facts.whole_names),
-            "auto_k_curve": self.auto_k_curve,
-        }
 
     def push_subnetwork(self, trainer: Trainer, folder: Path) -> str:
         """Push the saved subnetwork folder to the Trainer's Hub repository.
@@ -464,61 +449,6 @@ class KENCallback(TrainerCallback):
             "callback.bind(trainer) after building the Trainer"
         )
 
-    def _search_keep_ratio(
-        self,
-        trainer: Trainer,
-        model: torch.nn.Module,
-        before: dict,
-        pretrained: Mapping[str, torch.Tensor],
-        specs: dict,
-    ) -> float:
-        """``auto_k``'s search: each probe prunes the model against ``pretrained`` and
-        evaluates, then the fine-tuned values (a copy held meanwhile) are put back."""
-        search = self.auto_k
-        key = f"ken_before_{search.metric}"
-        if key not in before:
-            raise KENConfigError(f"auto_k: metric {search.metric!r} not in {sorted(before)}")
-        finetuned = {n: t.detach().clone() for n, t in tensors_of(model).items()}
-
-        def probe(ratio: float) -> float:
-            config = dataclasses.replace(self.config, k=None, keep_ratio=ratio)
-            for _ in self._in_place(model, pretrained, specs, config, progress=False).records():
-                pass
-            value = trainer.evaluate(metric_key_prefix="ken_probe")[f"ken_probe_{search.metric}"]
-            with torch.no_grad():
-                for name, tensor in tensors_of(model).items():
-                    tensor.copy_(finetuned[name])
-            trainer.log({"ken_auto_k_ratio": ratio, f"ken_auto_k_{search.metric}": value})
-            return value
-
-        ratio, self.auto_k_curve = search.search(before[key], probe)
-        return ratio
-
 
 def _unwrap(trainer: Trainer) -> torch.nn.Module:
     return trainer.accelerator.unwrap_model(trainer.model, keep_torch_compile=False)
-
-
-def _check_sharding(
-    trainer: Trainer, model: torch.nn.Module, auto_k, pretrained_source: str = "auto"
-) -> str | None:
-    """The model's sharding (``sharding_of``); FSDP version 1, and ``auto_k`` or
-    ``pretrained_source="checkpoint"`` with any sharding, are refused with the reason."""
-    sharding = sharding_of(model)
-    if getattr(trainer, "is_fsdp_enabled", False) and sharding is None:
-        raise NotImplementedError(
-            "KENCallback needs FSDP2 (fsdp_version: 2 in the FSDP config): FSDP version 1 "
-            "shards flattened groups of parameters, and KEN selects per parameter row"
-        )
-    if sharding and auto_k is not None:
-        raise NotImplementedError(
-            f"KENCallback: auto_k is not available with sharded training ({sharding}); give "
-            "k or keep_ratio"
-        )
-    if sharding and pretrained_source == "checkpoint":
-        raise NotImplementedError(
-            f"KENCallback: pretrained_source='checkpoint' is not available with sharded "
-            f"training ({sharding}) yet: the main process holds a snapshot of the pre-trained "
-            "values; use pretrained_source='auto' or 'snapshot'"
-        )
-    return sharding

@@ -162,9 +162,7 @@ def _finetune_arguments(parser: argparse.ArgumentParser, defaults) -> None:
         default=defaults.dataset,
         help=f"Hub id or folder with text/label columns (default: {PACKAGED_DATASET}, packaged)",
     )
-    parser.add_argument(
-        "--metric", default=defaults.metric, help="evaluate metric name or Hub id"
-    )
+    parser.add_argument("--metric", default=defaults.metric, help="evaluate metric name or Hub id")
     parser.add_argument(
         "--train-size",
         type=_positive_int,

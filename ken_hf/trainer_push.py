@@ -13,7 +13,9 @@ from pathlib import Path
 from transformers import Trainer
 
 from .config import KENConfig
+from .errors import KENConfigError, shown
 from .storage.folder import push_subnetwork_folder, travelling_base
+from .utils.hub import is_remote_id
 
 logger = logging.getLogger(__name__)
 
@@ -26,6 +28,15 @@ def trainer_repo_id(trainer: Trainer) -> str:
         or args.hub_model_id
         or Path(args.output_dir).absolute().name
     )
+
+
+def check_hub_base_model(hub_base_model: str | None) -> None:
+    """Refuse a ``hub_base_model`` that is not a Hub id (``KENConfigError``)."""
+    if hub_base_model is not None and not is_remote_id(hub_base_model):
+        raise KENConfigError(
+            f"hub_base_model={shown(hub_base_model)} is not a Hub id ('owner/name', and no "
+            "local path of that name): give the Hub id of the base"
+        )
 
 
 def check_pushed_base(trainer: Trainer, base: str | None, hub_base_model: str | None) -> None:

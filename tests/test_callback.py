@@ -32,10 +32,11 @@ from ken_hf import (
     KENCallback,
     KENConfigError,
 )
-from ken_hf.callback import AutoK, _check_sharding
+from ken_hf.callback import AutoK
 from ken_hf.experiments.assets import minilm_path, movie_reviews, smollm2_path
 from ken_hf.experiments.metrics import classification_metrics
 from ken_hf.experiments.tasks import movie_review_splits
+from ken_hf.making.sharded import check_sharded_training
 
 # The argument's name since transformers 5.x; older releases call it gradient_checkpointing.
 CHECKPOINTING = (
@@ -457,12 +458,17 @@ def test_auto_k_accepts_the_edges_of_its_ranges():
 
 
 def test_fsdp_version_1_and_auto_k_or_checkpoint_with_sharding_are_refused_clearly(tmp_path):
+    def check(trainer, model, auto_k=False, pretrained_source="auto"):
+        return check_sharded_training(
+            trainer, model, auto_k=auto_k, pretrained_source=pretrained_source
+        )
+
     class FSDP1Trainer:
         is_fsdp_enabled = True  # but no DTensor parameter: flattened FSDP1 shards
 
     with pytest.raises(NotImplementedError, match="FSDP2"):
-        _check_sharding(FSDP1Trainer(), torch.nn.Linear(2, 2), None)
-    assert _check_sharding(object(), torch.nn.Linear(2, 2), AutoK()) is None  # not sharded
+        check(FSDP1Trainer(), torch.nn.Linear(2, 2))
+    assert check(object(), torch.nn.Linear(2, 2), auto_k=True) is None  # not sharded
 
     # Really sharded: fully_shard on a one-process gloo group makes every parameter a DTensor.
     import torch.distributed as dist
@@ -474,12 +480,12 @@ def test_fsdp_version_1_and_auto_k_or_checkpoint_with_sharding_are_refused_clear
     try:
         model = torch.nn.Sequential(torch.nn.Linear(4, 4), torch.nn.Linear(4, 2))
         fully_shard(model, mesh=init_device_mesh("cpu", (1,)))
-        assert _check_sharding(object(), model, None) == "fsdp2"
+        assert check(object(), model) == "fsdp2"
         with pytest.raises(NotImplementedError, match=r"auto_k .*sharded training \(fsdp2\)"):
-            _check_sharding(object(), model, AutoK())
+            check(object(), model, auto_k=True)
         with pytest.raises(NotImplementedError, match=r"'checkpoint' .*sharded training"):
-            _check_sharding(object(), model, None, "checkpoint")
-        assert _check_sharding(object(), model, None, "auto") == "fsdp2"  # a snapshot
+            check(object(), model, pretrained_source="checkpoint")
+        assert check(object(), model, pretrained_source="auto") == "fsdp2"  # a snapshot
     finally:
         dist.destroy_process_group()
 

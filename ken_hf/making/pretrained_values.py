@@ -49,6 +49,15 @@ logger = logging.getLogger(__name__)
 PRETRAINED_SOURCES = ("auto", "checkpoint", "snapshot")
 
 
+def check_policy(policy: str) -> None:
+    """Refuse a ``pretrained_source`` other than one of ``PRETRAINED_SOURCES``
+    (``KENConfigError``)."""
+    if policy not in PRETRAINED_SOURCES:
+        raise KENConfigError(
+            f"pretrained_source={policy!r}: choose one of " + ", ".join(PRETRAINED_SOURCES)
+        )
+
+
 @dataclass
 class PretrainedValues:
     """The pre-trained values of a model in training, and the checkpoint they are from.

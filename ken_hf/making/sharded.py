@@ -36,6 +36,36 @@ def sharding_of(model: torch.nn.Module) -> str | None:
     return None
 
 
+def check_sharded_training(
+    trainer: object, model: torch.nn.Module, *, auto_k: bool, pretrained_source: str
+) -> str | None:
+    """The sharding of a Trainer's ``model`` (``sharding_of``), for ``KENCallback``.
+
+    Raises:
+        NotImplementedError: FSDP version 1 (the Trainer's ``is_fsdp_enabled`` with no
+            FSDP2 parameter), or ``auto_k`` or ``pretrained_source="checkpoint"`` with any
+            sharding, with the reason.
+    """
+    sharding = sharding_of(model)
+    if getattr(trainer, "is_fsdp_enabled", False) and sharding is None:
+        raise NotImplementedError(
+            "KENCallback needs FSDP2 (fsdp_version: 2 in the FSDP config): FSDP version 1 "
+            "shards flattened groups of parameters, and KEN selects per parameter row"
+        )
+    if sharding and auto_k:
+        raise NotImplementedError(
+            f"KENCallback: auto_k is not available with sharded training ({sharding}); give "
+            "k or keep_ratio"
+        )
+    if sharding and pretrained_source == "checkpoint":
+        raise NotImplementedError(
+            f"KENCallback: pretrained_source='checkpoint' is not available with sharded "
+            f"training ({sharding}) yet: the main process holds a snapshot of the pre-trained "
+            "values; use pretrained_source='auto' or 'snapshot'"
+        )
+    return sharding
+
+
 def _is_dtensor(tensor: torch.Tensor) -> bool:
     from torch.distributed.tensor import DTensor
 

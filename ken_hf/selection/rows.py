@@ -44,9 +44,7 @@ def check_finite(weight: torch.Tensor, name: str, *, block: int = 2**22) -> None
         finite = np.isfinite(piece.numpy()).all() if in_numpy else torch.isfinite(piece).all()
         if not bool(finite):
             bad = int((~torch.isfinite(weight)).sum())
-            raise KENError(
-                f"tensor {name!r} holds {bad} NaN/Inf value(s); KEN cannot select on it"
-            )
+            raise KENError(f"tensor {name!r} holds {bad} NaN/Inf value(s); KEN cannot select on it")
 
 
 def check_same_shape(pretrained: torch.Tensor, finetuned: torch.Tensor, name: str) -> None:

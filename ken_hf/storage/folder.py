@@ -233,6 +233,36 @@ class SubnetworkFolderWriter:
         self._finished = True
 
 
+def training_report(
+    facts: SubnetworkFileFacts,
+    config: KENConfig,
+    *,
+    total_values: int,
+    seconds: float,
+    before: Mapping[str, float],
+    after: Mapping[str, float],
+    auto_k_curve: list[dict],
+) -> dict:
+    """What ``ken_report.json`` holds at the end of a training run, from the written file's
+    ``facts``: the reset and kept shares (of ``total_values``, the model's parameter
+    values, and of the pruned tensors' values), the selection's ``seconds``, the config, the
+    metrics ``before`` and ``after`` KEN, per-tensor counts and the ``AutoK`` probes."""
+    counts = facts.counts
+    kept_anywhere = counts["kept_values"] + counts["whole_values"] + facts.added_values
+    pruned = counts["pruned_values"]
+    return {
+        "ken_reset_fraction": 1.0 - kept_anywhere / total_values,
+        "ken_kept_fraction": counts["kept_values"] / pruned if pruned else 1.0,
+        "ken_selection_seconds": seconds,
+        "config": config.to_dict(),
+        "metrics_before": dict(before),
+        "metrics_after": dict(after),
+        "tensors": facts.per_tensor,
+        "stored_whole": list(facts.whole_names),
+        "auto_k_curve": auto_k_curve,
+    }
+
+
 def _save_processor(processor: object, out: FolderWriter) -> None:
     """Save ``processor`` (a tokenizer or processor) through its ``save_pretrained`` and
     stage its files in ``out``; a file named like one of ken-hf's own is an error."""
