@@ -10,7 +10,6 @@ from __future__ import annotations
 
 import dataclasses
 import json
-import math
 import os
 import tempfile
 import warnings
@@ -38,11 +37,12 @@ from .making.plan import (
 from .storage.checkpoints import read_model_config, tensors_of
 from .storage.delta_codec import DEFAULT_LEVEL, DEFAULT_THREADS, bits_of
 from .storage.folder import SUBNETWORK_FILES, open_saved, travelling_base, write_folder
-from .storage.format import positions_of
+from .storage.format import VALUE_DTYPES, positions_of
 from .storage.subnetwork_file import (
     DecodedOnAccess,
     PrunedTensor,
     StoredSubnetwork,
+    SubnetworkFileFacts,
     open_subnetwork,
 )
 from .utils.fingerprint import tensor_fingerprint
@@ -76,6 +76,16 @@ def fingerprints_of(weights: Weights) -> dict[str, str]:
         for name, t in tensors_of(weights).items()
         if t.is_floating_point()
     }
+
+
+def _entry_of(tensor: PrunedTensor | torch.Tensor) -> dict:
+    """The header entry fields ``KENSubnetwork.entries`` gives for a tensor in memory."""
+    entry = {"shape": list(tensor.shape), "dtype": str(tensor.dtype).removeprefix("torch.")}
+    if not isinstance(tensor, PrunedTensor):
+        return {"kind": "whole", **entry}
+    rows = {} if tensor.base_rows is None else {"rows": tensor.base_rows}
+    delta = [tensor.delta_kept, tensor.delta_reset]
+    return {"kind": "pruned", **entry, "count": tensor.positions.numel(), "delta": delta, **rows}
 
 
 def _flat(parameter: torch.Tensor) -> torch.Tensor:
@@ -331,31 +341,19 @@ class KENSubnetwork:
             print(counts["kept_values"] / counts["pruned_values"])  # == kept_fraction()
             ```
         """
-        pruned_tensors = pruned_values = kept = 0
-        for name in self.pruned:
-            if isinstance(self.pruned, DecodedOnAccess):  # the header says: nothing decoded
-                entry = self.pruned.entry(name)
-                shape, count, rows = entry["shape"], entry["count"], entry.get("rows")
-            else:
-                tensor = self.pruned[name]
-                shape, count, rows = tensor.shape, tensor.positions.numel(), tensor.base_rows
-            if rows is not None and count == 0:  # reset, stored for its new rows alone
-                continue
-            pruned_tensors += 1
-            pruned_values += math.prod(shape) if rows is None else rows * math.prod(shape[1:])
-            kept += count
-        return {
-            "pruned_tensors": pruned_tensors,
-            "pruned_values": pruned_values,
-            "kept_values": kept,
-            "whole_tensors": len(self.whole),
-            "whole_values": sum(
-                math.prod(self.whole.spec(name)[0])
-                if isinstance(self.whole, DecodedOnAccess)
-                else self.whole[name].numel()
-                for name in self.whole
-            ),
-        }
+        return SubnetworkFileFacts.of(self.entries(), 0).counts
+
+    def entries(self) -> dict[str, dict]:
+        """``{name: entry}`` of every tensor as a subnetwork file's header describes it
+        (``kind``, ``shape``, ``dtype``; for a pruned tensor ``count``, ``delta`` and, when it
+        grew, the base's ``rows``): read from the header for a subnetwork read from a file
+        (nothing decoded), made from the tensors for one in memory."""
+        entries = {}
+        for table in (self.pruned, self.whole):
+            for name in table:  # names only: nothing decoded
+                on_file = isinstance(table, DecodedOnAccess)
+                entries[name] = table.entry(name) if on_file else _entry_of(table[name])
+        return entries
 
     def stored_bytes(self) -> int | None:
         """Size of the subnetwork file it was read from.
@@ -485,14 +483,10 @@ class KENSubnetwork:
             ``{name: (shape, dtype)}`` of the pruned and whole tensors (a grown tensor with
             its grown shape), as declared in the file header for one read from a file.
         """
-        specs = {}
-        for table in (self.pruned, self.whole):
-            for name in table:
-                if isinstance(table, DecodedOnAccess):
-                    specs[name] = table.spec(name)
-                else:
-                    specs[name] = (torch.Size(table[name].shape), table[name].dtype)
-        return specs
+        return {
+            name: (torch.Size(entry["shape"]), VALUE_DTYPES[entry["dtype"]])
+            for name, entry in self.entries().items()
+        }
 
     def check_fits(self, parameters: Mapping[str, torch.Tensor]) -> None:
         """Check that a model has every tensor the subnetwork writes, in shape and dtype.

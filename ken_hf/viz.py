@@ -37,7 +37,6 @@ import numpy as np
 
 from .errors import KENConfigError, MissingExtraError
 from .storage.format import KENFormatError
-from .storage.subnetwork_file import DecodedOnAccess
 from .subnetwork import KENSubnetwork
 
 if TYPE_CHECKING:
@@ -282,38 +281,22 @@ def summary_rows(subnetwork: KENSubnetwork | Mapping[str, dict]) -> list[dict]:
     ``subnetwork``: a subnetwork, or the header entries of its file (``{name: entry}``, as
     ``SubnetworkFolderWriter.entries`` gives them while the folder is being written); nothing
     is decoded for a subnetwork read from a file."""
+    entries = subnetwork.entries() if isinstance(subnetwork, KENSubnetwork) else subnetwork
     rows = []
-    for name, (numel, kept, delta) in _pruned_counts(subnetwork).items():
+    for name, entry in entries.items():
+        if entry["kind"] != "pruned":
+            continue
         match = _LAYER.search(name)
         rows.append(
             {
                 "name": name,
                 "layer": int(match.group(1)) if match else None,
-                "kept_fraction": kept / max(1, numel),
-                "delta_kept": delta[0],
-                "delta_reset": delta[1],
+                "kept_fraction": entry["count"] / max(1, math.prod(entry["shape"])),
+                "delta_kept": entry["delta"][0],
+                "delta_reset": entry["delta"][1],
             }
         )
     return rows
-
-
-def _pruned_counts(
-    subnetwork: KENSubnetwork | Mapping[str, dict],
-) -> dict[str, tuple[int, int, list]]:
-    """``{name: (values, kept, [delta kept, delta reset])}`` of each pruned tensor."""
-    if isinstance(subnetwork, KENSubnetwork):
-        pruned = subnetwork.pruned
-        if not isinstance(pruned, DecodedOnAccess):
-            return {
-                name: (p.shape.numel(), p.positions.numel(), [p.delta_kept, p.delta_reset])
-                for name, p in pruned.items()
-            }
-        entries = {name: pruned.entry(name) for name in pruned}
-    else:
-        entries = {name: e for name, e in subnetwork.items() if e["kind"] == "pruned"}
-    return {
-        name: (math.prod(e["shape"]), e["count"], list(e["delta"])) for name, e in entries.items()
-    }
 
 
 def summary_figure(subnetwork: Source | Mapping[str, dict]) -> Figure:

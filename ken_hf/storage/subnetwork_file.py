@@ -62,7 +62,6 @@ from .delta_codec import (
 from .format import (
     FORMAT,
     SUBNETWORK_NAME,
-    VALUE_DTYPES,
     EntryCheck,
     KENFormatError,
     PrunedTensor,
@@ -392,8 +391,8 @@ class SubnetworkReader:
 
 class DecodedOnAccess(LazyTensors):
     """Tensors of a subnetwork file open in ``reader``, each read, validated and decoded the
-    first time it is asked for, then kept. ``spec(name)`` gives a tensor's declared shape
-    and dtype without decoding it, so that they can be checked against a base first."""
+    first time it is asked for, then kept. ``entry(name)`` gives a tensor's header record
+    without decoding it, so that its shape and dtype can be checked against a base first."""
 
     def __init__(self, reader: SubnetworkReader, names: list[str]) -> None:
         super().__init__(functools.cache(reader.read), names)
@@ -407,10 +406,6 @@ class DecodedOnAccess(LazyTensors):
     def entry(self, name: str) -> dict:
         """The header's (validated) record of tensor ``name``."""
         return self._reader.entry(name)
-
-    def spec(self, name: str) -> tuple[torch.Size, torch.dtype]:
-        entry = self._reader.entry(name)
-        return torch.Size(entry["shape"]), VALUE_DTYPES[entry["dtype"]]
 
 
 def open_subnetwork(reader: SubnetworkReader) -> StoredSubnetwork:
