@@ -234,33 +234,43 @@ def process_tensor(
         mask = select_masks(
             [plan], {plan.name: finetuned}, {plan.base_name: base}, config, max_memory=max_memory
         )[plan.name]
-    delta = delta_statistics(finetuned, base, mask)
-    kept, changed, difference = kept_changes(finetuned, base, mask)
+    kept, changed, difference, delta = kept_changes(finetuned, base, mask)
     return TensorRecord(plan, finetuned, mask, fingerprint, delta, kept, changed, difference, added)
 
 
 def kept_changes(
-    finetuned: torch.Tensor, base: torch.Tensor, mask: torch.Tensor, *, block: int = 2**22
-) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor]:
+    finetuned: torch.Tensor, base: torch.Tensor, mask: torch.Tensor, *, block: int = 2**20
+) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor, list[float | None]]:
     """The kept values of one tensor and how they differ from the base's, on the CPU:
     ``kept`` ``[K]`` (the fine-tuned values where ``mask``, bool of the tensors' shape, is
-    set), and ``bit_difference``'s ``changed`` ``[K]`` and ``difference`` ``[C]``.
+    set), ``bit_difference``'s ``changed`` ``[K]`` and ``difference`` ``[C]``, and the
+    delta statistics ``[mean |fine-tuned - pre-trained| over the kept positions, ... over
+    the reset ones]`` (None where there are none).
 
-    Made ``block`` values at a time into arrays allocated once: memory stays at the results
-    and one block's work, where whole-tensor selections would build int64 helpers as long
-    as the tensor and several temporaries as long as the kept values."""
+    One pass of ``block`` values at a time, into arrays allocated once: memory stays at the
+    results and one block's work, where whole-tensor selections would build int64 helpers
+    as long as the tensor and several temporaries as long as the kept values. The block is
+    part of the file's contents: the statistics are float sums, block by block."""
     flat, base_flat = finetuned.reshape(-1), base.reshape(-1)
     flat_mask = mask.reshape(-1).to(flat.device)
-    count = int(torch.count_nonzero(flat_mask))
+    # count_nonzero: a bool sum() would widen the whole mask to int64 first
+    count, numel = int(torch.count_nonzero(flat_mask)), flat.numel()
     kept = torch.empty(count, dtype=flat.dtype)
     changed = torch.empty(count, dtype=torch.bool)
     difference = torch.empty(count, dtype=BITS_DTYPES[flat.dtype])
     taken = changes = 0
-    for start in range(0, flat.numel(), block):
+    kept_sum = total_sum = 0.0
+    for start in range(0, numel, block):
         piece = slice(start, start + block)
+        base_piece = base_flat[piece].to(flat.device)
+        change = (flat[piece].double() - base_piece.double()).abs()
+        # numpy's pairwise sums: torch's threaded float64 sum rounds differently with the
+        # thread count, and these statistics are written into the file
+        total_sum += float(change.cpu().numpy().sum())
+        kept_sum += float(torch.masked_select(change, flat_mask[piece]).cpu().numpy().sum())
         values = torch.masked_select(flat[piece], flat_mask[piece]).cpu()
-        base_values = torch.masked_select(base_flat[piece].to(flat.device), flat_mask[piece])
-        piece_changed, piece_difference = bit_difference(values, base_values.cpu())
+        base_values = torch.masked_select(base_piece, flat_mask[piece]).cpu()
+        piece_changed, piece_difference = bit_difference(values, base_values)
         kept[taken : taken + values.numel()] = values
         changed[taken : taken + values.numel()] = piece_changed
         difference[changes : changes + piece_difference.numel()] = piece_difference
@@ -268,32 +278,11 @@ def kept_changes(
     difference = difference[:changes]
     if 2 * changes < count:  # most kept values unchanged: not K slots for C values
         difference = difference.clone()
-    return kept, changed, difference
-
-
-def delta_statistics(
-    finetuned: torch.Tensor, base: torch.Tensor, mask: torch.Tensor, *, block: int = 2**20
-) -> list[float | None]:
-    """``[mean |fine-tuned - pre-trained| over the kept positions, ... over the reset ones]``
-    (None where there are none), for tensors and bool ``mask`` of one shape; computed in
-    flat blocks of ``block`` values so that memory stays small next to the tensor."""
-    finetuned, mask = finetuned.detach().reshape(-1), mask.reshape(-1)
-    base = base.detach().reshape(-1)
-    kept = total = 0.0
-    for start in range(0, finetuned.numel(), block):
-        piece = slice(start, start + block)
-        change = (finetuned[piece].double() - base[piece].to(finetuned.device).double()).abs()
-        # numpy's pairwise sums: torch's threaded float64 sum rounds differently with the
-        # thread count, and these statistics are written into the file
-        total += float(change.cpu().numpy().sum())
-        kept_changes = torch.masked_select(change, mask[piece].to(change.device))
-        kept += float(kept_changes.cpu().numpy().sum())
-    # count_nonzero: a bool sum() would widen the whole mask to int64 first
-    count, numel = int(torch.count_nonzero(mask)), finetuned.numel()
-    return [
-        kept / count if count else None,
-        (total - kept) / (numel - count) if numel > count else None,
+    delta = [
+        kept_sum / count if count else None,
+        (total_sum - kept_sum) / (numel - count) if numel > count else None,
     ]
+    return kept, changed, difference, delta
 
 
 def rebuild_into(tensor: torch.Tensor, base: torch.Tensor, record: TensorRecord) -> None:
