@@ -78,10 +78,11 @@ class InPlacePrune:
     ) -> None:
         self._team = team if team is not None else Team.current()
         self._tensors = tensors_of(model)
+        self._specs = specs_of(self._tensors)
         self._pretrained = pretrained
         self._progress = progress
         self.plans = plan_tensors(
-            specs_of(self._tensors),
+            self._specs,
             base_specs,
             config,
             new_tensors=new_tensors,
@@ -126,7 +127,7 @@ class InPlacePrune:
             for record in shared_records(
                 self.plans,
                 process,
-                specs_of(self._tensors),
+                self._specs,
                 team=team,
                 every_rank_receives=True,
                 budget=max(sizes.values(), default=0),
