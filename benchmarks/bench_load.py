@@ -12,6 +12,10 @@ of ``--repeats`` runs after one warm-up, files in the page cache, one torch thre
 - switch: ``KENModel.set_subnetwork`` between two loaded subnetworks (keep 25 % <-> 50 %).
 
 Ratios: load = KEN v2 keep 25 % / plain; switch = switch / KEN v2 keep 25 % reload.
+Where a KEN load's time goes, each step timed the same way and given as a ratio to plain:
+the base's ``from_pretrained`` + first forward; the same wrapped in ``KENModel`` (the
+mapped weights copied, every tensor fingerprinted); that and the subnetwork file opened
+(``KENSubnetwork.from_pretrained``: the folder's files read, the header checked).
 Prints a table and writes benchmarks/results/bench_load.json.
 
     python benchmarks/bench_load.py [--models minilm smollm2] [--dtypes float32 bfloat16]
@@ -104,12 +108,27 @@ def bench(label: str, dtype: torch.dtype, work: Path, repeats: int) -> dict:
             ),
             repeats,
         )
-    model = KENModel(load_model(model_source(TASKS[label]), dtype))
+    base_path = model_source(TASKS[label])
+    result["steps"] = {
+        "base + forward": timed(lambda: load_model(base_path, dtype)(**PROBE), repeats),
+        "base in KENModel + forward": timed(
+            lambda: KENModel(load_model(base_path, dtype))(**PROBE), repeats
+        ),
+        "base in KENModel, subnetwork opened": timed(
+            lambda: (
+                KENModel(load_model(base_path, dtype)),
+                KENSubnetwork.from_pretrained(folders["v2-0.25"]),
+            ),
+            repeats,
+        ),
+    }
+    model = KENModel(load_model(base_path, dtype))
     for keep in (0.25, 0.5):
         model.load_subnetwork(folders[f"v2-{keep}"], str(keep))
     names = iter(["0.25", "0.5"] * (repeats + 1))
     result["switch"] = timed(lambda: model.set_subnetwork(next(names)), 2 * repeats - 1)
-    result["load_ratio"] = result["v2-0.25"]["median"] / result["plain"]["median"]
+    plain = result["plain"]["median"]
+    result["load_ratio"] = result["v2-0.25"]["median"] / plain
     result["switch_ratio"] = result["switch"]["median"] / result["v2-0.25"]["median"]
     result["v2_of_v1"] = {
         str(keep): result[f"v2-{keep}"]["median"] / result[f"v1-{keep}"]["median"]
@@ -123,6 +142,8 @@ def bench(label: str, dtype: torch.dtype, work: Path, repeats: int) -> dict:
         f"switch {result['switch']['median'] * 1000:.0f} ms ({result['switch_ratio']:.2f}x)",
         flush=True,
     )
+    for step, times in result["steps"].items():
+        print(f"    {step}: {times['median']:.3f} s ({times['median'] / plain:.2f}x plain)")
     return result
 
 
