@@ -345,8 +345,7 @@ class KENCallback(TrainerCallback):
 
                 def prune(ratio: float) -> None:
                     config = dataclasses.replace(self.config, k=None, keep_ratio=ratio)
-                    for _ in self._in_place(model, pretrained, specs, config, False).records():
-                        pass
+                    self._in_place(model, pretrained, specs, config, progress=False).run()
 
                 ratio, self.auto_k_curve = self.auto_k.run(trainer, model, before, prune)
                 self.config = dataclasses.replace(self.config, k=None, keep_ratio=ratio)
@@ -367,12 +366,10 @@ class KENCallback(TrainerCallback):
                 )
                 return subnetwork.config, subnetwork.model_config
             pruning = self._in_place(model, pretrained, specs, self.config, progress)
-            records = pruning.records()
             if save is not None:
-                save.write_tensors(records)
+                save.write_tensors(pruning.records())
             else:
-                for _ in records:  # rebuilt on this rank, written by the main process
-                    pass
+                pruning.run()  # rebuilt on this rank, written by the main process
             return pruning.config, pruning.model_config
 
     def _in_place(
