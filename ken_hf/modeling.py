@@ -850,122 +850,38 @@ class KENModel(PreTrainedModel):
 
 
 class KENModelForSequenceClassification(KENModel):
-    """A ``KENModel`` of a text classification model (``AutoModelForSequenceClassification``).
-
-    ``KENModel(model)`` returns one for a model of a class that
-    ``transformers.AutoModelForSequenceClassification`` builds for its config. Its ``forward``
-    names the task's label argument, ``labels``, which ``Trainer`` looks up on the class;
-    its arguments are those of ``KENModel``.
-
-    Args:
-        model: the base text classification model.
-        save_merged: make ``save_pretrained`` save the merged model.
-
-    Example:
-        ```python
-        from transformers import AutoModelForSequenceClassification
-        from ken_hf import KENModel
-
-        base = AutoModelForSequenceClassification.from_pretrained("bert-base-uncased")
-        model = KENModel(base)
-        type(model).__name__  # "KENModelForSequenceClassification"
-        ```
+    """The ``KENModel`` of a text classification model (``AutoModelForSequenceClassification``),
+    which ``KENModel(model)`` returns for one; arguments as ``KENModel``. ``forward`` names
+    the task's label argument, ``labels``.
     """
 
 
 class KENModelForTokenClassification(KENModel):
-    """A ``KENModel`` of a token classification model (``AutoModelForTokenClassification``).
-
-    ``KENModel(model)`` returns one for a model of a class that
-    ``transformers.AutoModelForTokenClassification`` builds for its config. Its ``forward``
-    names the task's label argument, ``labels``; its arguments are those of ``KENModel``.
-
-    Args:
-        model: the base token classification model.
-        save_merged: make ``save_pretrained`` save the merged model.
-
-    Example:
-        ```python
-        from transformers import AutoModelForTokenClassification
-        from ken_hf import KENModel
-
-        base = AutoModelForTokenClassification.from_pretrained("bert-base-cased")
-        model = KENModel.from_pretrained(base, "me/bert-ner-ken")
-        type(model).__name__  # "KENModelForTokenClassification"
-        ```
+    """The ``KENModel`` of a token classification model (``AutoModelForTokenClassification``),
+    which ``KENModel(model)`` returns for one; arguments as ``KENModel``. ``forward`` names
+    the task's label argument, ``labels``.
     """
 
 
 class KENModelForCausalLM(KENModel):
-    """A ``KENModel`` of a causal language model (``AutoModelForCausalLM``).
-
-    ``KENModel(model)`` returns one for a model of a class that
-    ``transformers.AutoModelForCausalLM`` builds for its config. Its ``forward`` names the
-    task's label argument, ``labels``; ``generate`` is the wrapped model's. Its arguments
-    are those of ``KENModel``.
-
-    Args:
-        model: the base causal language model.
-        save_merged: make ``save_pretrained`` save the merged model.
-
-    Example:
-        ```python
-        from transformers import AutoModelForCausalLM
-        from ken_hf import KENModel
-
-        base = AutoModelForCausalLM.from_pretrained("HuggingFaceTB/SmolLM2-135M")
-        model = KENModel.from_pretrained(base, "me/smollm2-ken")
-        type(model).__name__  # "KENModelForCausalLM"
-        ```
+    """The ``KENModel`` of a causal language model (``AutoModelForCausalLM``), which
+    ``KENModel(model)`` returns for one; arguments as ``KENModel``. ``forward`` names the
+    task's label argument, ``labels``; ``generate`` is the wrapped model's.
     """
 
 
 class KENModelForSeq2SeqLM(KENModel):
-    """A ``KENModel`` of an encoder-decoder model (``AutoModelForSeq2SeqLM``).
-
-    ``KENModel(model)`` returns one for a model of a class that
-    ``transformers.AutoModelForSeq2SeqLM`` builds for its config. Its ``forward`` names the
-    task's label argument, ``labels``; ``generate`` is the wrapped model's. Its arguments
-    are those of ``KENModel``.
-
-    Args:
-        model: the base sequence-to-sequence model.
-        save_merged: make ``save_pretrained`` save the merged model.
-
-    Example:
-        ```python
-        from transformers import AutoModelForSeq2SeqLM
-        from ken_hf import KENModel
-
-        base = AutoModelForSeq2SeqLM.from_pretrained("google-t5/t5-small")
-        model = KENModel.from_pretrained(base, "me/t5-small-ken")
-        type(model).__name__  # "KENModelForSeq2SeqLM"
-        ```
+    """The ``KENModel`` of an encoder-decoder model (``AutoModelForSeq2SeqLM``), which
+    ``KENModel(model)`` returns for one; arguments as ``KENModel``. ``forward`` names the
+    task's label argument, ``labels``; ``generate`` is the wrapped model's.
     """
 
 
 class KENModelForQuestionAnswering(KENModel):
-    """A ``KENModel`` of a question-answering model (``AutoModelForQuestionAnswering``).
-
-    Its ``forward`` names the answer span arguments, which ``Trainer`` looks up on the class
-    as this task's labels. ``KENModel(model)`` returns one for a model of a class that
-    ``transformers.AutoModelForQuestionAnswering`` builds for its config, or, for a model no
-    Auto class knows, whose labels ``Trainer`` finds to be the answer span; its arguments
-    are those of ``KENModel``.
-
-    Args:
-        model: the base question-answering model.
-        save_merged: make ``save_pretrained`` save the merged model.
-
-    Example:
-        ```python
-        from transformers import AutoModelForQuestionAnswering
-        from ken_hf import KENModel
-
-        base = AutoModelForQuestionAnswering.from_pretrained("bert-base-uncased")
-        model = KENModel.from_pretrained(base, "me/bert-squad-ken")
-        type(model).__name__  # "KENModelForQuestionAnswering"
-        ```
+    """The ``KENModel`` of a question-answering model (``AutoModelForQuestionAnswering``),
+    which ``KENModel(model)`` returns for such a model, or for a model no Auto class knows
+    whose labels ``Trainer`` finds to be the answer span; arguments as ``KENModel``.
+    ``forward`` names the answer span arguments, ``Trainer``'s labels for this task.
     """
 
     @_signature_of_wrapped_model
@@ -1105,9 +1021,11 @@ class AutoKENModel:
     """Load a subnetwork together with the base model it names, in one call.
 
     ``from_pretrained`` loads the base named in a subnetwork's ``ken_config.json``, through
-    the transformers class recorded there (or the Auto class of the ``AutoKENModelFor*``
-    subclass), at the recorded revision and in the recorded dtype, and applies the
-    subnetwork. Call ``from_pretrained`` on the class; it returns a ``KENModel``.
+    the Auto class of the ``AutoKENModelFor*`` subclass it is called on (on ``AutoKENModel``
+    itself, the transformers class recorded there), at the recorded revision and in the
+    recorded dtype, and applies the subnetwork. Call ``from_pretrained`` on the class; it
+    returns a ``KENModel`` (of the class of the model's task, e.g.
+    ``KENModelForQuestionAnswering``).
 
     What a subnetwork's files may choose is bounded (see SECURITY.md): a subnetwork from the
     Hub names its base by Hub id only (a local base needs ``base_model_name_or_path=``), its
@@ -1329,106 +1247,43 @@ def _check_sizes(values: dict, base_values: dict, source: str, prefix: str) -> N
 
 
 class AutoKENModelForSequenceClassification(AutoKENModel):
-    """Load a text classification subnetwork and its base (``AutoModelForSequenceClassification``).
-
-    For text classification (sentiment, topic, entailment): the base named in the
-    subnetwork's ``ken_config.json`` is loaded with
-    ``transformers.AutoModelForSequenceClassification`` (whatever class the subnetwork
-    recorded), at the recorded revision and in the recorded dtype, and the subnetwork is
-    applied. Arguments: as ``AutoKENModel.from_pretrained``.
-
-    Example:
-        ```python
-        from ken_hf import AutoKENModelForSequenceClassification
-
-        model = AutoKENModelForSequenceClassification.from_pretrained(
-            "me/minilm-sentiment", subfolder="ken"
-        )
-        logits = model(**tokenizer("a fine film", return_tensors="pt")).logits
-        ```
+    """``AutoKENModel`` for text classification (sentiment, topic, entailment): the base is loaded
+    with ``transformers.AutoModelForSequenceClassification``, whatever class the subnetwork
+    records.
     """
 
     auto_class = "AutoModelForSequenceClassification"
 
 
 class AutoKENModelForCausalLM(AutoKENModel):
-    """Load a causal language model subnetwork and its base (``AutoModelForCausalLM``).
-
-    For text generation with a decoder-only model: the base named in the subnetwork's
-    ``ken_config.json`` is loaded with ``transformers.AutoModelForCausalLM`` (whatever class
-    the subnetwork recorded), at the recorded revision and in the recorded dtype, and the
-    subnetwork is applied. Arguments: as ``AutoKENModel.from_pretrained``.
-
-    Example:
-        ```python
-        from ken_hf import AutoKENModelForCausalLM
-
-        model = AutoKENModelForCausalLM.from_pretrained("me/smollm2-ken")
-        output_ids = model.generate(**tokenizer("Once upon", return_tensors="pt"))
-        ```
+    """``AutoKENModel`` for text generation with a decoder-only model: the base is loaded with
+    ``transformers.AutoModelForCausalLM``, whatever class the subnetwork records.
     """
 
     auto_class = "AutoModelForCausalLM"
 
 
 class AutoKENModelForTokenClassification(AutoKENModel):
-    """Load a token classification subnetwork and its base (``AutoModelForTokenClassification``).
-
-    For a label per token (named entities, parts of speech): the base named in the
-    subnetwork's ``ken_config.json`` is loaded with
-    ``transformers.AutoModelForTokenClassification`` (whatever class the subnetwork
-    recorded), at the recorded revision and in the recorded dtype, and the subnetwork is
-    applied. Arguments: as ``AutoKENModel.from_pretrained``.
-
-    Example:
-        ```python
-        from ken_hf import AutoKENModelForTokenClassification
-
-        model = AutoKENModelForTokenClassification.from_pretrained("output_dir/ken")
-        logits = model(**tokenizer("Paris is in France", return_tensors="pt")).logits
-        ```
+    """``AutoKENModel`` for a label per token (named entities, parts of speech): the base is loaded
+    with ``transformers.AutoModelForTokenClassification``, whatever class the subnetwork
+    records.
     """
 
     auto_class = "AutoModelForTokenClassification"
 
 
 class AutoKENModelForQuestionAnswering(AutoKENModel):
-    """Load a question-answering subnetwork and its base (``AutoModelForQuestionAnswering``).
-
-    For extractive question answering: the base named in the subnetwork's
-    ``ken_config.json`` is loaded with ``transformers.AutoModelForQuestionAnswering``
-    (whatever class the subnetwork recorded), at the recorded revision and in the recorded
-    dtype, and the subnetwork is applied; the result is a ``KENModelForQuestionAnswering``.
-    Arguments: as ``AutoKENModel.from_pretrained``.
-
-    Example:
-        ```python
-        from transformers import pipeline
-        from ken_hf import AutoKENModelForQuestionAnswering
-
-        model = AutoKENModelForQuestionAnswering.from_pretrained("me/bert-squad-ken")
-        qa = pipeline("question-answering", model=model.base_model, tokenizer=tokenizer)
-        ```
+    """``AutoKENModel`` for extractive question answering: the base is loaded with
+    ``transformers.AutoModelForQuestionAnswering``, whatever class the subnetwork records.
+    The result is a ``KENModelForQuestionAnswering``.
     """
 
     auto_class = "AutoModelForQuestionAnswering"
 
 
 class AutoKENModelForSeq2SeqLM(AutoKENModel):
-    """Load a sequence-to-sequence subnetwork and its base (``AutoModelForSeq2SeqLM``).
-
-    For encoder-decoder models (translation, summarisation): the base named in the
-    subnetwork's ``ken_config.json`` is loaded with ``transformers.AutoModelForSeq2SeqLM``
-    (whatever class the subnetwork recorded), at the recorded revision and in the recorded
-    dtype, and the subnetwork is applied. Arguments: as ``AutoKENModel.from_pretrained``.
-
-    Example:
-        ```python
-        from ken_hf import AutoKENModelForSeq2SeqLM
-
-        model = AutoKENModelForSeq2SeqLM.from_pretrained("me/t5-small-ken")
-        output_ids = model.generate(**tokenizer("translate: hello", return_tensors="pt"))
-        ```
+    """``AutoKENModel`` for encoder-decoder models (translation, summarisation): the base is loaded
+    with ``transformers.AutoModelForSeq2SeqLM``, whatever class the subnetwork records.
     """
 
     auto_class = "AutoModelForSeq2SeqLM"
