@@ -458,24 +458,6 @@ class KENSubnetwork:
                     f"(another model, revision, dtype or a changed value)"
                 )
 
-    def base_rows(self, name: str) -> int | None:
-        """The base's rows of tensor ``name`` when it grew (a vocabulary that gained tokens).
-
-        Read from the header for a subnetwork read from a file, without decoding.
-
-        Args:
-            name: a tensor name.
-
-        Returns:
-            The number of rows the base has, or None when ``name`` is not a pruned tensor
-            or did not grow.
-        """
-        if name not in self.pruned:
-            return None
-        if isinstance(self.pruned, DecodedOnAccess):
-            return self.pruned.entry(name).get("rows")
-        return self.pruned[name].base_rows
-
     def declared(self) -> dict[str, tuple[torch.Size, torch.dtype]]:
         """Shape and dtype of every tensor the subnetwork writes, without decoding any.
 
@@ -502,13 +484,13 @@ class KENSubnetwork:
             BaseMismatchError: naming the first tensor that ``parameters`` lacks or holds
                 with another shape or dtype (a grown tensor is compared on its base's rows).
         """
-        for name, (shape, dtype) in self.declared().items():
+        for name, entry in self.entries().items():
             if name not in parameters:
                 raise BaseMismatchError(f"tensor {name!r} is not a parameter of the model")
-            parameter = parameters[name]
-            rows = self.base_rows(name)
-            if rows is not None:  # a grown tensor (at most twofold) lands on the base's rows
-                shape = torch.Size((rows, *shape[1:]))
+            parameter, shape, dtype = parameters[name], entry["shape"], VALUE_DTYPES[entry["dtype"]]
+            if "rows" in entry:  # a grown tensor (at most twofold) lands on the base's rows
+                shape = [entry["rows"], *shape[1:]]
+            shape = torch.Size(shape)
             if parameter.shape != shape or parameter.dtype != dtype:
                 raise BaseMismatchError(
                     f"tensor {name!r}: model has {parameter.dtype} {tuple(parameter.shape)}, "
