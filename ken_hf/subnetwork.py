@@ -458,18 +458,6 @@ class KENSubnetwork:
                     f"(another model, revision, dtype or a changed value)"
                 )
 
-    def declared(self) -> dict[str, tuple[torch.Size, torch.dtype]]:
-        """Shape and dtype of every tensor the subnetwork writes, without decoding any.
-
-        Returns:
-            ``{name: (shape, dtype)}`` of the pruned and whole tensors (a grown tensor with
-            its grown shape), as declared in the file header for one read from a file.
-        """
-        return {
-            name: (torch.Size(entry["shape"]), VALUE_DTYPES[entry["dtype"]])
-            for name, entry in self.entries().items()
-        }
-
     def check_fits(self, parameters: Mapping[str, torch.Tensor]) -> None:
         """Check that a model has every tensor the subnetwork writes, in shape and dtype.
 
