@@ -37,7 +37,7 @@ from .making.plan import (
 from .storage.checkpoints import read_model_config, tensors_of
 from .storage.delta_codec import DEFAULT_LEVEL, DEFAULT_THREADS, bits_of
 from .storage.folder import SUBNETWORK_FILES, open_saved, travelling_base, write_folder
-from .storage.format import VALUE_DTYPES, positions_of
+from .storage.format import VALUE_DTYPES, dtype_name, positions_of
 from .storage.subnetwork_file import (
     DecodedOnAccess,
     PrunedTensor,
@@ -80,7 +80,7 @@ def fingerprints_of(weights: Weights) -> dict[str, str]:
 
 def _entry_of(tensor: PrunedTensor | torch.Tensor) -> dict:
     """The header entry fields ``KENSubnetwork.entries`` gives for a tensor in memory."""
-    entry = {"shape": list(tensor.shape), "dtype": str(tensor.dtype).removeprefix("torch.")}
+    entry = {"shape": list(tensor.shape), "dtype": dtype_name(tensor.dtype)}
     if not isinstance(tensor, PrunedTensor):
         return {"kind": "whole", **entry}
     rows = {} if tensor.base_rows is None else {"rows": tensor.base_rows}

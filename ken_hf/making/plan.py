@@ -31,6 +31,7 @@ from ..selection import select_by_rule
 from ..selection.rows import DEFAULT_MAX_MEMORY
 from ..storage.checkpoints import LazyTensors, match_names
 from ..storage.delta_codec import BITS_DTYPES, bit_difference
+from ..storage.format import dtype_name
 from ..storage.safetensors_io import FLOAT_DTYPES
 from ..utils.fingerprint import tensor_fingerprint
 
@@ -159,7 +160,7 @@ def dominant_dtype(specs: Iterable[TensorSpec]) -> str | None:
     counts: dict[torch.dtype, int] = {}
     for shape, dtype in specs:
         counts[dtype] = counts.get(dtype, 0) + math.prod(shape)
-    return str(max(counts, key=counts.get)).removeprefix("torch.") if counts else None
+    return dtype_name(max(counts, key=counts.get)) if counts else None
 
 
 def specs_of(tensors: Mapping[str, torch.Tensor]) -> dict[str, TensorSpec]:

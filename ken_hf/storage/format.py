@@ -19,7 +19,14 @@ from .safetensors_io import FLOAT_DTYPES
 FORMAT = "ken-hf-subnetwork"
 SUBNETWORK_NAME = "ken_subnetwork.safetensors"
 _INDEX_DTYPES = (torch.uint8, torch.uint16, torch.uint32, torch.int64)
-VALUE_DTYPES = {str(dtype).removeprefix("torch."): dtype for dtype in FLOAT_DTYPES}
+
+
+def dtype_name(dtype: torch.dtype) -> str:
+    """A dtype as file headers and configs name it: ``"float32"``, ``"bfloat16"``, ..."""
+    return str(dtype).removeprefix("torch.")
+
+
+VALUE_DTYPES = {dtype_name(dtype): dtype for dtype in FLOAT_DTYPES}
 
 
 class KENFormatError(KENError):

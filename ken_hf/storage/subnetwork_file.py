@@ -67,6 +67,7 @@ from .format import (
     PrunedTensor,
     StoredSubnetwork,
     checksum,
+    dtype_name,
     index_dtype,
     positions_of,
     smaller_encoding,
@@ -247,7 +248,7 @@ class SubnetworkWriter:
         self._entries[name] = {
             "kind": "pruned",
             "shape": list(shape),
-            "dtype": str(dtype).removeprefix("torch."),
+            "dtype": dtype_name(dtype),
             "count": count,
             "changed": int(difference.numel()),
             "encoding": encoding,
@@ -270,7 +271,7 @@ class SubnetworkWriter:
         self._entries[name] = {
             "kind": "whole",
             "shape": list(tensor.shape),
-            "dtype": str(tensor.dtype).removeprefix("torch."),
+            "dtype": dtype_name(tensor.dtype),
             "codec": codec,
             "checksums": [checksum(stored, list(tensor.shape))],
         }
